@@ -1,0 +1,5 @@
+import sys
+
+from dreamguide.cli import main
+
+sys.exit(main())
