@@ -112,10 +112,13 @@ def normalize_consistency_p(k: torch.Tensor, pr: ParallelRescaling) -> torch.Ten
         return torch.zeros_like(k)
     if pr.normalization == "clip-negative":
         return k.clamp(min=0) * pr.rescale
+    # Mean and spread in float64 (k is one value per location: cheap), so a constant k gives
+    # exactly zero instead of float32 rounding noise amplified by 1 / eps.
     spatial = tuple(range(2, k.ndim))
-    mean = k.mean(dim=spatial, keepdim=True)
-    std = k.std(dim=spatial, keepdim=True, correction=0)
-    return (k - mean) / (std + pr.eps) * pr.rescale
+    wide = k.to(torch.float64 if k.device.type != "mps" else torch.float32)
+    mean = wide.mean(dim=spatial, keepdim=True)
+    std = wide.std(dim=spatial, keepdim=True, correction=0)
+    return ((wide - mean) / (std + pr.eps) * pr.rescale).to(k.dtype)
 
 
 def parallel_rescaled(
