@@ -1,0 +1,174 @@
+"""Writing sampled images: PNGs that carry their settings, labelled comparison grids, JSON records.
+
+Every PNG gets two text chunks:
+
+* ``dreamguide``: the sampling settings as JSON (prompt, base prompt, negative prompt, mode,
+  weights, parallel-rescaling switches, seed, steps, scheduler, model, adapter, size), read
+  back with :func:`read_png_metadata`;
+* ``parameters``: the same settings as one A1111-style text block, which common image viewers
+  and web UIs display.
+
+All writes are atomic: the file is written beside its target under a temporary name and then
+moved into place, so a crash never leaves a half-written image or record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator
+
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+METADATA_KEY = "dreamguide"
+PARAMETERS_KEY = "parameters"
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data: object) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_open(path, "w") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+    return Path(path)
+
+
+def a1111_parameters(metadata: dict) -> str:
+    """The settings as an A1111-style ``parameters`` block: prompt, negative prompt, ``key: value`` line."""
+    fields = {
+        "Steps": metadata.get("steps"),
+        "Sampler": metadata.get("scheduler"),
+        "CFG scale": metadata.get("w_text"),
+        "Seed": metadata.get("seed"),
+        "Size": f"{metadata['width']}x{metadata['height']}" if "width" in metadata else None,
+        "Model": metadata.get("model"),
+        "Guidance": metadata.get("mode"),
+        "Consistency scale": metadata.get("w_cons"),
+        "Base prompt": metadata.get("base_prompt"),
+        "Token": metadata.get("token"),
+        "LoRA": metadata.get("lora"),
+        "Embeddings": metadata.get("embeddings"),
+        "Personalized UNet": metadata.get("personalized_unet"),
+    }
+    pr = metadata.get("pr") or {}
+    if metadata.get("mode") == "parallel-rescaled":
+        fields.update(
+            {
+                "PR granularity": pr.get("granularity"),
+                "PR normalization": pr.get("normalization"),
+                "PR rescale": pr.get("rescale"),
+                "PR eps": pr.get("eps"),
+            }
+        )
+
+    def show(value: object) -> str:
+        text = str(value)
+        return json.dumps(text) if any(c in text for c in ',:"\n') else text
+
+    settings = ", ".join(f"{key}: {show(value)}" for key, value in fields.items() if value not in (None, ""))
+    lines = [metadata.get("prompt", "")]
+    if metadata.get("negative_prompt"):
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    lines.append(settings)
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Save ``image`` as PNG with ``metadata`` in a ``dreamguide`` JSON chunk and A1111 ``parameters``."""
+    info = PngInfo()
+    if metadata is not None:
+        info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
+        info.add_text(PARAMETERS_KEY, a1111_parameters(metadata))
+    with atomic_open(path, "wb") as handle:
+        image.save(handle, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict:
+    """The ``dreamguide`` settings stored in a PNG written by :func:`save_png`."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}) or {}
+    if METADATA_KEY not in text:
+        raise ValueError(f"{path} has no {METADATA_KEY!r} metadata chunk; it was not written by dreamguide")
+    return json.loads(text[METADATA_KEY])
+
+
+def read_png_parameters(path: str | os.PathLike) -> str:
+    """The A1111-style ``parameters`` text of a PNG (empty if absent)."""
+    with Image.open(path) as image:
+        return (getattr(image, "text", {}) or {}).get(PARAMETERS_KEY, "")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def image_grid(
+    rows: Sequence[Sequence[Image.Image]],
+    column_labels: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    padding: int = 4,
+) -> Image.Image:
+    """Lay images out in a labelled grid (``rows[r][c]``); labels are drawn with Pillow's default font.
+
+    Columns are at least as wide as their label, images are centred in their cell, and the
+    labels sit in a header row (columns) and a left margin (rows).
+    """
+    if not rows or not rows[0]:
+        raise ValueError("image_grid needs at least one image")
+    n_cols = len(rows[0])
+    if any(len(row) != n_cols for row in rows):
+        raise ValueError(f"every grid row needs {n_cols} images, got rows of {[len(r) for r in rows]}")
+    if column_labels and len(column_labels) != n_cols:
+        raise ValueError(f"{len(column_labels)} column labels for {n_cols} columns")
+    if row_labels and len(row_labels) != len(rows):
+        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows")
+    cell_w = max(im.width for row in rows for im in row)
+    cell_h = max(im.height for row in rows for im in row)
+    font = _font(max(12, min(32, cell_h // 20)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    col_w = max([cell_w, *(text_size(t)[0] for t in column_labels)]) + padding
+    header_h = (max(text_size(t)[1] for t in column_labels) + 2 * padding) if column_labels else 0
+    margin_w = (max(text_size(t)[0] for t in row_labels) + 2 * padding) if row_labels else 0
+    row_h = cell_h + padding
+    grid = Image.new("RGB", (margin_w + n_cols * col_w + padding, header_h + len(rows) * row_h + padding), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(column_labels):
+        w, _ = text_size(label)
+        draw.text((margin_w + c * col_w + padding + (col_w - padding - w) // 2, padding), label, fill="black", font=font)
+    for r, row in enumerate(rows):
+        top = header_h + r * row_h + padding
+        if row_labels:
+            _, h = text_size(row_labels[r])
+            draw.text((padding, top + (cell_h - h) // 2), row_labels[r], fill="black", font=font)
+        for c, image in enumerate(row):
+            left = margin_w + c * col_w + padding + (col_w - padding - image.width) // 2
+            grid.paste(image.convert("RGB"), (left, top + (cell_h - image.height) // 2))
+    return grid
