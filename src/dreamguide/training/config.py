@@ -1,0 +1,375 @@
+"""The run configuration: one TOML file, typed and validated, with ``--set key=value`` overrides.
+
+A config is a :class:`TrainConfig` made of small sections (``[model]``, ``[data]``, ``[train]``,
+``[lora]``, ``[ti]``, ``[dco]``, ``[output]``, ``[sample]``). Every key has a type; an unknown key
+or a value of the wrong type is a :class:`ConfigError` that names the key and the file. The
+resolved config (defaults filled in, overrides applied) is written beside the outputs as
+``config.toml`` and reads back to the same object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METHODS: tuple[str, ...] = ("dreambooth", "dreambooth-ti", "dco")
+LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the file."""
+
+
+@dataclass
+class ModelConfig:
+    #: Hub id or local folder of a diffusers pipeline (safetensors weights).
+    pretrained: str = ""
+    #: Hub revision (branch, tag or commit) or "" for the default.
+    revision: str = ""
+    #: Weight variant such as "fp16", or "" for the default files.
+    variant: str = ""
+
+
+@dataclass
+class DataConfig:
+    #: Folder of subject images; a same-name .txt beside an image is its caption.
+    instance_dir: str = ""
+    #: Identifier token learned for the subject; every caption must contain it.
+    token: str = "<sks>"
+    #: The subject's class ("dog"): base captions replace the token with it; TI starts from it.
+    class_word: str = ""
+    #: Caption for images without a .txt; ``{token}`` and ``{class_word}`` are filled in.
+    instance_prompt: str = "a photo of {token} {class_word}"
+    #: Square training size in pixels; 0 picks the model's own (SDXL 1024, SD 512).
+    resolution: int = 0
+    #: Crop the centre (true) or a seeded random window (false) after the aspect-preserving resize.
+    center_crop: bool = True
+    #: Allow images whose shorter side is under half the training size (they are upscaled).
+    allow_upscale: bool = False
+    #: Encode every image with the VAE once, before training, instead of at every step.
+    cache_latents: bool = True
+    #: Prior preservation: folder of class images (dreambooth methods only); "" turns it off.
+    class_dir: str = ""
+    #: Caption for class images without a .txt; ``{class_word}`` is filled in.
+    class_prompt: str = "a photo of a {class_word}"
+    #: Weight of the class-image loss.
+    prior_loss_weight: float = 1.0
+
+
+@dataclass
+class TrainSettings:
+    method: Literal["dreambooth", "dreambooth-ti", "dco"] = "dreambooth"
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    #: Learning rate of the LoRA weights.
+    lr: float = 5e-5
+    #: Any diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-4
+    #: Gradient-norm clipping; 0 turns it off.
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 32
+    alpha: float = 32.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class TextualInversionConfig:
+    #: Learn the token embedding (pivotal tuning). Implied by ``dreambooth-ti``; optional for ``dco``.
+    enabled: bool = False
+    lr: float = 5e-6
+    #: After every step, rescale each new embedding to the norm it started with.
+    renormalize: bool = True
+    #: Train the embeddings for this fraction of the steps, then freeze them.
+    train_fraction: float = 1.0
+
+
+@dataclass
+class DCOConfig:
+    beta: float = 1000.0
+    #: "batch": each MSE averaged over the whole batch before the sigmoid (the reference code);
+    #: "sample": one sigmoid term per sample, then the mean.
+    average: Literal["batch", "sample"] = "batch"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/run"
+    #: Save ``checkpoint-<step>/`` every this many steps; 0 turns checkpoints off.
+    checkpoint_every: int = 250
+    #: Keep only the newest this many checkpoints.
+    keep_checkpoints: int = 3
+    #: Log loss and learning rate for TensorBoard under ``<dir>/logs``.
+    tensorboard: bool = False
+
+
+@dataclass
+class SampleConfig:
+    #: Write sample images every this many steps (and at the end); 0 turns samples off.
+    every: int = 0
+    #: Token prompts; ``{token}`` and ``{class_word}`` are filled in.
+    prompts: list[str] = field(default_factory=lambda: ["a photo of {token} {class_word}"])
+    #: Guidance modes (SPEC section 2), one image per prompt, mode and seed.
+    modes: list[str] = field(default_factory=lambda: ["dreambooth", "parallel-rescaled"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 25
+    w_text: float = 7.5
+    w_cons: float = 3.0
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ti: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    dco: DCOConfig = field(default_factory=DCOConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def uses_ti(self) -> bool:
+        """Whether the token embeddings are trained."""
+        return self.train.method == "dreambooth-ti" or (self.train.method == "dco" and self.ti.enabled)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "<config>") -> "TrainConfig":
+        """Check values that types alone cannot; raise :class:`ConfigError` naming the key and ``source``."""
+
+        def fail(key: str, why: str) -> typing.NoReturn:
+            raise ConfigError(f"{source}: {key} {why}")
+
+        if not self.model.pretrained:
+            fail("model.pretrained", "is required: a hub id or a local diffusers folder")
+        if not self.data.instance_dir:
+            fail("data.instance_dir", "is required: the folder of subject images")
+        if not self.data.token.strip() or any(c.isspace() for c in self.data.token):
+            fail("data.token", f"must be one word without spaces, got {self.data.token!r}")
+        if not self.data.class_word.strip():
+            fail("data.class_word", "is required: the subject's class, e.g. 'dog'")
+        if self.data.resolution < 0 or self.data.resolution % 8:
+            fail("data.resolution", f"must be 0 (model default) or a positive multiple of 8, got {self.data.resolution}")
+        positive = {
+            "train.steps": self.train.steps,
+            "train.batch_size": self.train.batch_size,
+            "train.gradient_accumulation_steps": self.train.gradient_accumulation_steps,
+            "lora.rank": self.lora.rank,
+            "output.keep_checkpoints": self.output.keep_checkpoints,
+            "sample.steps": self.sample.steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                fail(key, f"must be at least 1, got {value}")
+        non_negative = {
+            "train.lr": self.train.lr,
+            "ti.lr": self.ti.lr,
+            "train.lr_warmup_steps": self.train.lr_warmup_steps,
+            "train.weight_decay": self.train.weight_decay,
+            "train.max_grad_norm": self.train.max_grad_norm,
+            "output.checkpoint_every": self.output.checkpoint_every,
+            "sample.every": self.sample.every,
+            "data.prior_loss_weight": self.data.prior_loss_weight,
+            "dco.beta": self.dco.beta,
+        }
+        for key, value in non_negative.items():
+            if not value >= 0 or (isinstance(value, float) and not math.isfinite(value)):
+                fail(key, f"must be a finite number >= 0, got {value}")
+        if self.lora.alpha <= 0:
+            fail("lora.alpha", f"must be positive, got {self.lora.alpha}")
+        if not self.lora.target_modules:
+            fail("lora.target_modules", "must name at least one module, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0']")
+        if not 0.0 <= self.ti.train_fraction <= 1.0:
+            fail("ti.train_fraction", f"must be between 0 and 1, got {self.ti.train_fraction}")
+        if self.ti.enabled and self.train.method == "dreambooth":
+            fail("ti.enabled", "is set with method 'dreambooth'; use train.method = 'dreambooth-ti' for pivotal tuning")
+        if self.data.class_dir and self.train.method == "dco":
+            fail("data.class_dir", "(prior preservation) is for the dreambooth methods; DCO regularises through its reference model")
+        if "{token}" in self.data.class_prompt:
+            fail("data.class_prompt", "must not contain the token: class images show the class, not the subject")
+        if self.sample.every:
+            from dreamguide.guidance import get_mode
+
+            for mode in self.sample.modes:
+                try:
+                    get_mode(mode)
+                except (KeyError, ValueError) as error:
+                    fail("sample.modes", f"has an unknown mode {mode!r}: {error}")
+            if not self.sample.prompts or not self.sample.seeds:
+                fail("sample.prompts", "and sample.seeds must be non-empty when sample.every > 0")
+        return self
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check ``value`` against ``annotation``; ints are accepted where a float is expected."""
+    origin = typing.get_origin(annotation)
+    ok = False
+    if origin is Literal:
+        ok = value in typing.get_args(annotation) and isinstance(value, str)
+    elif origin is list:
+        if isinstance(value, list):
+            inner = typing.get_args(annotation)[0]
+            return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    elif annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_type_name(annotation)}, got {value!r}")
+    return value
+
+
+def _unknown(key: str, choices: list[str], source: str, what: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known {what}: {', '.join(choices)}"
+    return ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>", validate: bool = True) -> TrainConfig:
+    """Build a :class:`TrainConfig` from nested dicts (as TOML reads them), checking every key and type."""
+    sections: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            raise _unknown(name, list(SECTIONS), source, "sections")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {name} must be a table ([{name}]), got {values!r}")
+        section_cls = SECTIONS[name]
+        types_ = _section_types(section_cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in types_:
+                raise _unknown(f"{name}.{key}", list(types_), source, f"keys in [{name}]")
+            kwargs[key] = _coerce(value, types_[key], f"{name}.{key}", source)
+        sections[name] = section_cls(**kwargs)
+    config = TrainConfig(**sections)
+    return config.validate(source) if validate else config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.steps=10"`` -> ``("train.steps", 10)``; the value is read as TOML, else as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: write it as section.key=value, e.g. train.steps=500")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if key.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.steps")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the nested ``data`` with each ``section.key=value`` override applied."""
+    merged = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        section, name = key.split(".")
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS), f"--set {text!r}", "sections")
+        # Fit a plain-string reading of a value to a string-typed key ("--set data.token=<sks>").
+        types_ = _section_types(SECTIONS[section])
+        if name in types_ and types_[name] is str and not isinstance(value, str):
+            value = text.split("=", 1)[1].strip()
+        merged.setdefault(section, {})[name] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a TOML run config, apply ``--set`` overrides and validate; errors name the key and file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    source = str(path) + (" (with --set overrides)" if overrides else "")
+    return config_from_dict(apply_overrides(data, list(overrides)), source=source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def config_to_toml(config: TrainConfig) -> str:
+    """The config as TOML text that :func:`load_config` reads back to an equal object."""
+    lines: list[str] = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as TOML, atomically."""
+    from dreamguide.images import atomic_open
+
+    with atomic_open(path, "w") as handle:
+        handle.write(config_to_toml(config))
+    return Path(path)
+

@@ -1,0 +1,50 @@
+"""Sample images during training: fixed prompts and seeds in several guidance modes, so a run
+shows identity vs prompt adherence as it goes (``samples/step-<step>/prompt-<i>/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dreamguide.training.config import TrainConfig
+
+
+def write_samples(config: TrainConfig, model, step: int, adapter_name: str = "subject") -> list[Path]:
+    """Sample every ``config.sample`` prompt x mode x seed with the current weights; return the folders."""
+    from dreamguide.sampling import Sampler, SampleSettings, save_results
+
+    s, d = config.sample, config.data
+    sampler = Sampler(model, adapter_name=adapter_name, sources={"lora": f"training step {step}"})
+    vae_device = None
+    if model.vae is not None and model.vae.device != model.unet.device:
+        vae_device = model.vae.device
+        model.vae.to(model.unet.device)
+    was_training = model.unet.training
+    model.unet.eval()
+    folders = []
+    try:
+        for i, template in enumerate(s.prompts):
+            prompt = template.replace("{token}", d.token).replace("{class_word}", d.class_word)
+            settings = SampleSettings(
+                prompt=prompt,
+                token=d.token,
+                class_word=d.class_word,
+                modes=tuple(s.modes),
+                seeds=tuple(s.seeds),
+                steps=s.steps,
+                w_text=s.w_text,
+                w_cons=s.w_cons,
+                height=d.resolution,
+                width=d.resolution,
+            )
+            with torch.no_grad():
+                results = sampler.sample(settings, progress=False)
+            folder = Path(config.output.dir) / "samples" / f"step-{step:06d}" / f"prompt-{i}"
+            save_results(results, folder, settings, sampler)
+            folders.append(folder)
+    finally:
+        model.unet.train(was_training)
+        if vae_device is not None:
+            model.vae.to(vae_device)
+    return folders
