@@ -1,0 +1,269 @@
+"""The benchmark runner: jobs -> shards -> generate + score -> manifest -> merged results.
+
+Output folder layout:
+
+    run.json                    world description + plan; a resumed run must match it
+    manifest/rank-<r>.jsonl     one line per finished group: its result rows (written last)
+    images/<subject>/*.png      one image per job
+    traces/<subject>/*.json     Consistency_p per step, when the world traces
+    results.csv                 one row per image, every metric (results.parquet if pyarrow is present)
+    tables/, figures/           written by ``bench.report`` once every group is done
+
+Resuming: a group counts as done when its manifest line is complete; images are written
+(atomically) before that line, so a run killed anywhere leaves either a finished group or
+one that is redone from scratch. With several processes each takes every n-th group of the
+canonical group list and appends only to its own manifest file; the merge reads all of them,
+so the merged rows do not depend on the number of processes or on interruptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dreamguide.bench.world import Job, Plan, World
+
+ROW_FIELDS_TAIL = ("image", "trace")
+
+
+class RunMismatch(ValueError):
+    """The output folder holds a different run."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_image_atomic(image, path: str | Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def build_jobs(world: World, plan: Plan) -> list[Job]:
+    """Every job of the run, in canonical order (case, setting, seed)."""
+    return [Job(case, setting, seed) for case in world.cases() for setting in plan.settings() for seed in plan.seeds]
+
+
+def group_jobs(jobs: Sequence[Job]) -> list[list[Job]]:
+    groups: OrderedDict[tuple, list[Job]] = OrderedDict()
+    for job in jobs:
+        groups.setdefault(job.group, []).append(job)
+    return list(groups.values())
+
+
+def shard(groups: Sequence[list[Job]], process_index: int, num_processes: int) -> list[list[Job]]:
+    """This process's groups: every ``num_processes``-th, starting at ``process_index``."""
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process index {process_index} is outside 0..{num_processes - 1}")
+    return list(groups[process_index::num_processes])
+
+
+def group_id(group: Sequence[Job]) -> str:
+    return "|".join(job.key for job in group)
+
+
+def _read_manifest(path: Path) -> tuple[list[dict], int]:
+    """Complete records of one manifest file and the byte length they span (a torn tail is dropped)."""
+    records, good = [], 0
+    data = path.read_bytes()
+    position = 0
+    for line in data.splitlines(keepends=True):
+        position += len(line)
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good = position
+    return records, good
+
+
+def read_manifests(output: Path) -> dict[str, dict]:
+    """group id -> record, over every process's manifest file."""
+    done: dict[str, dict] = {}
+    for path in sorted((output / "manifest").glob("rank-*.jsonl")):
+        records, _ = _read_manifest(path)
+        for record in records:
+            done[record["group"]] = record
+    return done
+
+
+def _repair_manifest(path: Path) -> None:
+    """Cut a line torn by a kill so that new records start on a fresh line."""
+    if path.exists():
+        _, good = _read_manifest(path)
+        if good != path.stat().st_size:
+            atomic_write_bytes(path, path.read_bytes()[:good])
+
+
+def _append_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as handle:
+        handle.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _check_run_file(output: Path, description: dict) -> None:
+    path = output / "run.json"
+    text = json.dumps(description, indent=2, sort_keys=True) + "\n"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != json.loads(text):
+            changed = sorted(k for k in set(existing) | set(description) if existing.get(k) != description.get(k))
+            raise RunMismatch(
+                f"{output} holds a different run (changed: {', '.join(changed)}); "
+                f"resume with the same settings or choose a new output folder"
+            )
+    else:
+        atomic_write_text(path, text)
+
+
+def process_info() -> tuple[int, int, Callable[[], None]]:
+    """(process index, number of processes, barrier) from accelerate; (0, 1, no-op) when not launched."""
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.wait_for_everyone
+    except Exception:  # accelerate missing or not configured: one process
+        return 0, 1, lambda: None
+
+
+def ordered_rows(jobs: Sequence[Job], done: dict[str, dict]) -> list[dict]:
+    """Rows of every finished job in canonical job order (one row per job, never duplicated)."""
+    by_key = {}
+    for record in done.values():
+        for row in record["rows"]:
+            by_key[row["key"]] = row
+    return [by_key[job.key] for job in jobs if job.key in by_key]
+
+
+def run_shard(
+    world: World,
+    plan: Plan,
+    output: str | Path,
+    process_index: int = 0,
+    num_processes: int = 1,
+    stop_after_groups: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Generate and score this process's pending groups; returns counts. ``world.prepare()`` runs first."""
+    output = Path(output)
+    world.prepare()  # every input check and every backbone load happens before generation
+    description = {"world": world.name, "world_config": world.describe(), "plan": plan.to_dict()}
+    output.mkdir(parents=True, exist_ok=True)
+    if process_index == 0:
+        _check_run_file(output, description)
+    jobs = build_jobs(world, plan)
+    groups = shard(group_jobs(jobs), process_index, num_processes)
+    manifest = output / "manifest" / f"rank-{process_index}.jsonl"
+    _repair_manifest(manifest)
+    done = read_manifests(output)
+    pending = [g for g in groups if group_id(g) not in done]
+    log(f"[rank {process_index}/{num_processes}] {len(groups)} groups in this shard, "
+        f"{len(groups) - len(pending)} already done, {len(pending)} to run")
+    finished, started = 0, time.perf_counter()
+    for group in pending:
+        if stop_after_groups is not None and finished >= stop_after_groups:
+            raise KeyboardInterrupt(f"stopped after {finished} groups (stop_after_groups)")
+        generated = world.generate(group)
+        if len(generated) != len(group):
+            raise RuntimeError(f"world {world.name!r} returned {len(generated)} images for {len(group)} jobs")
+        scores = world.score(group, [g.image for g in generated])
+        rows = []
+        for job, item, values in zip(group, generated, scores):
+            subject = job.case.subject
+            image_path = Path("images") / subject / f"{job.file_stem}.png"
+            save_image_atomic(item.image, output / image_path)
+            trace_path = None
+            if item.trace is not None:
+                trace_path = str(Path("traces") / subject / f"{job.file_stem}.json")
+                atomic_write_text(output / trace_path, json.dumps(item.trace))
+            rows.append({"key": job.key, "world": world.name, **job.row(), **values,
+                         "image": str(image_path), "trace": trace_path})
+        _append_record(manifest, {"group": group_id(group), "rank": process_index, "rows": rows})
+        finished += 1
+        elapsed = time.perf_counter() - started
+        log(f"[rank {process_index}] {finished}/{len(pending)} groups ({len(group)} images, "
+            f"{elapsed / finished:.1f} s/group)")
+    return {"groups": len(groups), "ran": finished, "images": sum(len(g) for g in pending[:finished]),
+            "seconds": time.perf_counter() - started}
+
+
+def merge_results(world: World, plan: Plan, output: str | Path) -> tuple[list[dict], int]:
+    """All rows in canonical order and the number of jobs still missing; writes results.csv when complete."""
+    from dreamguide.bench.report import write_rows
+
+    output = Path(output)
+    jobs = build_jobs(world, plan)
+    rows = ordered_rows(jobs, read_manifests(output))
+    missing = len(jobs) - len(rows)
+    if not missing:
+        write_rows(rows, output, metrics=list(world.metric_backbones()))
+    return rows, missing
+
+
+def run_benchmark(
+    world: World,
+    plan: Plan,
+    output: str | Path,
+    report: "ReportSettings | None" = None,  # noqa: F821 (bench.report)
+    process_index: int | None = None,
+    num_processes: int | None = None,
+    stop_after_groups: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict] | None:
+    """Run this process's shard, then (main process, all shards done) merge and write tables and figures.
+
+    Without explicit ``process_index``/``num_processes`` they come from accelerate (``accelerate
+    launch``); a plain ``python`` process is a single shard. Returns the merged rows, or None
+    when other shards are still missing.
+    """
+    from dreamguide.bench.report import ReportSettings, write_report
+
+    barrier = lambda: None  # noqa: E731
+    if process_index is None or num_processes is None:
+        process_index, num_processes, barrier = process_info()
+    run_shard(world, plan, output, process_index, num_processes, stop_after_groups, log)
+    barrier()
+    if process_index != 0:
+        return None
+    rows, missing = merge_results(world, plan, output)
+    if missing:
+        log(f"{missing} images of other shards are not done yet; run again (or finish the other "
+            f"processes) to merge results")
+        return None
+    write_report(rows, world, plan, Path(output), report or ReportSettings(), log=log)
+    return rows
+
+
+__all__ = [
+    "RunMismatch", "atomic_write_bytes", "atomic_write_text", "build_jobs", "group_jobs", "shard",
+    "read_manifests", "run_shard", "merge_results", "run_benchmark", "process_info", "asdict",
+]

@@ -1,0 +1,214 @@
+"""The benchmark runner on a cheap in-code world: resume after a kill, sharding, tables, figures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamguide.bench.dreambench import STYLIZED_PROMPTS, load_dreambench, parse_prompts_and_classes
+from dreamguide.bench.report import NO_DIFFERENCE, ReportSettings, bootstrap_interval, comparisons, read_rows
+from dreamguide.bench.runner import RunMismatch, build_jobs, group_jobs, run_benchmark, shard
+from dreamguide.bench.world import Generated, Plan, PromptCase, World
+
+DREAMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "dreambench"
+needs_dreambench = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/dreambench is not present")
+
+
+class CountingWorld:
+    """Images are a pure function of the job; metrics are pixel statistics; pr scores higher text alignment."""
+
+    name = "counting"
+
+    def __init__(self, subjects=("s1", "s2", "s3"), prompts=3):
+        self.subjects, self.prompts = subjects, prompts
+        self.generated: list[str] = []
+        self.prepared = 0
+
+    def prepare(self):
+        self.prepared += 1
+
+    def cases(self):
+        return [PromptCase(s, "toy", ps, i, f"a sks toy {ps} {i}", f"a toy {ps} {i}")
+                for s in self.subjects for ps in ("dreambench", "stylized") for i in range(self.prompts)]
+
+    def metric_backbones(self):
+        return {"ident": "pixel-mean", "text": "pixel-std"}
+
+    def metric_kinds(self):
+        return {"ident": "identity", "text": "text"}
+
+    def describe(self):
+        return {"subjects": list(self.subjects), "prompts": self.prompts}
+
+    def generate(self, jobs):
+        out = []
+        for job in jobs:
+            self.generated.append(job.key)
+            seed = int(hashlib.sha256(job.key.encode()).hexdigest()[:8], 16)
+            rng = np.random.default_rng(seed)
+            pixels = (rng.random((8, 8, 3)) * 255).astype("uint8")
+            trace = None
+            if job.setting.w_cons is not None:
+                trace = [{"step": i, "timestep": 900 - 100 * i, "mean": float(rng.normal(-0.1 * i)),
+                          "quantiles": {"0.05": -1.0, "0.25": -0.5, "0.5": 0.0, "0.75": 0.5, "0.95": 1.0},
+                          "fraction_negative": 0.1 * i} for i in range(4)]
+            out.append(Generated(Image.fromarray(pixels), trace))
+        return out
+
+    def score(self, jobs, images):
+        rows = []
+        for job, image in zip(jobs, images):
+            a = np.asarray(image, dtype=np.float64) / 255
+            bonus = 0.3 if job.setting.mode == "parallel-rescaled" else 0.0
+            rows.append({"ident": float(a.mean()), "text": float(a.std()) + bonus})
+        return rows
+
+
+PLAN = Plan(modes=("cfg", "consistency", "pr"), w_text=(7.5,), w_cons=(1.0, 3.0), seeds=(0, 1))
+QUIET = dict(log=lambda message: None)
+
+
+def _csv(output):
+    return (Path(output) / "results.csv").read_text()
+
+
+def test_world_protocol_and_job_list():
+    world = CountingWorld()
+    assert isinstance(world, World)
+    jobs = build_jobs(world, PLAN)
+    # per case: cfg once (no w_cons) + 2 modes x 2 w_cons, each with 2 seeds
+    assert len(jobs) == len(world.cases()) * (1 + 2 * 2) * 2
+    assert len({j.key for j in jobs}) == len(jobs)
+    groups = group_jobs(jobs)
+    assert all(len({(j.case, j.setting.w_text, j.setting.w_cons) for j in g}) == 1 for g in groups)
+    halves = shard(groups, 0, 2) + shard(groups, 1, 2)
+    assert sorted(j.key for g in halves for j in g) == sorted(j.key for j in jobs)
+    with pytest.raises(ValueError, match="outside"):
+        shard(groups, 2, 2)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    straight = CountingWorld()
+    rows = run_benchmark(straight, PLAN, tmp_path / "straight", ReportSettings(bootstrap_samples=50),
+                         process_index=0, num_processes=1, **QUIET)
+    assert len(rows) == len(build_jobs(straight, PLAN))
+
+    world = CountingWorld()
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(world, PLAN, tmp_path / "resumed", process_index=0, num_processes=1, stop_after_groups=4,
+                      **QUIET)
+    assert not (tmp_path / "resumed" / "results.csv").exists()
+    done_before = list(world.generated)
+    # a kill in the middle of writing a manifest line leaves a torn tail
+    manifest = tmp_path / "resumed" / "manifest" / "rank-0.jsonl"
+    with open(manifest, "ab") as handle:
+        handle.write(b'{"group": "torn')
+    resumed = run_benchmark(world, PLAN, tmp_path / "resumed", ReportSettings(bootstrap_samples=50),
+                            process_index=0, num_processes=1, **QUIET)
+    # nothing generated twice, nothing lost, identical rows and images
+    assert len(world.generated) == len(set(world.generated)) == len(straight.generated)
+    assert set(done_before) < set(world.generated)
+    assert _csv(tmp_path / "resumed") == _csv(tmp_path / "straight")
+    assert resumed == rows
+    for row in rows:
+        assert (tmp_path / "resumed" / row["image"]).read_bytes() == (tmp_path / "straight" / row["image"]).read_bytes()
+    lines = manifest.read_text().splitlines()
+    assert len(lines) == len(group_jobs(build_jobs(world, PLAN))) and all(json.loads(line) for line in lines)
+    # running a finished benchmark again generates nothing
+    run_benchmark(world, PLAN, tmp_path / "resumed", ReportSettings(bootstrap_samples=50), 0, 1, **QUIET)
+    assert len(world.generated) == len(straight.generated)
+
+
+def test_two_shards_merge_to_the_single_process_result(tmp_path):
+    single = run_benchmark(CountingWorld(), PLAN, tmp_path / "one", ReportSettings(bootstrap_samples=50), 0, 1, **QUIET)
+    a, b = CountingWorld(), CountingWorld()
+    assert run_benchmark(b, PLAN, tmp_path / "two", ReportSettings(bootstrap_samples=50), 1, 2, **QUIET) is None
+    merged = run_benchmark(a, PLAN, tmp_path / "two", ReportSettings(bootstrap_samples=50), 0, 2, **QUIET)
+    assert not set(a.generated) & set(b.generated)
+    assert merged == single
+    assert _csv(tmp_path / "two") == _csv(tmp_path / "one")
+    for name in ("overall.csv", "per_subject.csv", "comparisons.csv", "summary.md"):
+        assert (tmp_path / "two" / "tables" / name).read_text() == (tmp_path / "one" / "tables" / name).read_text()
+
+
+def test_a_different_run_in_the_same_folder_is_refused(tmp_path):
+    run_benchmark(CountingWorld(prompts=1), PLAN, tmp_path, ReportSettings(bootstrap_samples=20), 0, 1, **QUIET)
+    other = Plan(modes=("pr",), w_cons=(2.0,), seeds=(0,))
+    with pytest.raises(RunMismatch, match="plan"):
+        run_benchmark(CountingWorld(prompts=1), other, tmp_path, None, 0, 1, **QUIET)
+
+
+def test_tables_and_figures(tmp_path):
+    world = CountingWorld()
+    rows = run_benchmark(world, PLAN, tmp_path, ReportSettings(bootstrap_samples=200, identity_metric="ident",
+                                                               text_metric="text"), 0, 1, **QUIET)
+    assert read_rows(tmp_path / "results.csv") == rows
+    summary = (tmp_path / "tables" / "summary.md").read_text()
+    assert "pixel-mean" in summary and "pixel-std" in summary and "base prompt" in summary
+    overall = read_rows(tmp_path / "tables" / "overall.csv")
+    # the mean is the mean over (subject, prompt) units of the seed-averaged values
+    cfg_rows = [r for r in rows if r["mode"] == "cfg" and r["prompt_set"] == "stylized"]
+    units = {}
+    for r in cfg_rows:
+        units.setdefault((r["subject"], r["prompt_index"]), []).append(r["ident"])
+    expected = np.mean([np.mean(v) for v in units.values()])
+    got = next(r for r in overall if r["mode"] == "cfg" and r["prompt_set"] == "stylized")
+    assert got["ident"] == pytest.approx(expected) and got["units"] == len(units) == 9
+    assert got["ident_low"] <= got["ident"] <= got["ident_high"]
+    compared = read_rows(tmp_path / "tables" / "comparisons.csv")
+    pr_text = [c for c in compared if c["mode"] == "parallel-rescaled" and c["metric"] == "text"]
+    assert pr_text and all(c["verdict"] == "higher" and c["difference"] == pytest.approx(0.3, abs=0.05) for c in pr_text)
+    for name in ("pareto.png", "consistency_p.png"):
+        with Image.open(tmp_path / "figures" / name) as image:
+            assert image.size[0] > 100
+
+
+def test_bootstrap_interval_and_no_measurable_difference():
+    assert bootstrap_interval(np.full(10, 0.25), 100, 0) == pytest.approx((0.25, 0.25))
+    lo, hi = bootstrap_interval(np.arange(100.0), 2000, 0)
+    assert lo < 49.5 < hi and hi - lo == pytest.approx(2 * 1.96 * np.std(np.arange(100.0)) / 10, rel=0.15)
+    rows = []
+    rng = np.random.default_rng(0)
+    for mode in ("consistency", "parallel-rescaled"):
+        for s in range(4):
+            for p in range(5):
+                rows.append({"mode": mode, "w_text": 7.5, "w_cons": 3.0, "subject": f"s{s}", "prompt_set": "stylized",
+                             "prompt_index": p, "seed": 0, "m": float(rng.normal())})
+    verdicts = {c["prompt_set"]: c["verdict"] for c in comparisons(rows, ["m"], ReportSettings(bootstrap_samples=500))}
+    assert verdicts == {"all": NO_DIFFERENCE, "stylized": NO_DIFFERENCE}
+
+
+@needs_dreambench
+def test_dreambench_folder_is_parsed():
+    classes, objects, live = parse_prompts_and_classes(DREAMBENCH / "prompts_and_classes.txt")
+    assert len(classes) == 30 and classes["bear_plushie"] == "stuffed animal"
+    assert len(objects) == len(live) == 25 and len(STYLIZED_PROMPTS) == 15
+    assert objects[0] == "a {} in the jungle" and live[14] == "a {} in a chef outfit"
+    data = load_dreambench(DREAMBENCH)
+    assert [s for s, v in data.subjects.items() if v.live] == ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6",
+                                                              "dog7", "dog8"]
+    assert data.prompts("dog", "dreambench") == live and data.prompts("can", "dreambench") == objects
+    assert all(len(s.images) >= 4 for s in data.subjects.values())
+
+
+@needs_dreambench
+def test_broken_dreambench_folders_are_named(tmp_path):
+    (tmp_path / "dog").mkdir()
+    with pytest.raises(FileNotFoundError, match="prompts_and_classes.txt"):
+        load_dreambench(tmp_path)
+    shutil.copy(DREAMBENCH / "prompts_and_classes.txt", tmp_path)
+    shutil.copy(DREAMBENCH / "dog" / "00.jpg", tmp_path / "dog")
+    assert list(load_dreambench(tmp_path, ["dog"]).subjects) == ["dog"]
+    with pytest.raises(FileNotFoundError, match="subject 'cat'.*missing"):
+        load_dreambench(tmp_path, ["dog", "cat"])
+    with pytest.raises(ValueError, match="not in"):
+        load_dreambench(tmp_path, ["dragon"])
+    (tmp_path / "cat").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        load_dreambench(tmp_path, ["cat"])
