@@ -1,0 +1,125 @@
+"""Routing: one batched UNet forward with per-row adapters equals separate forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from dreamguide.models import TextConditioning, add_lora
+from dreamguide.routing import BASE, lora_layers, predict_noise, routed_adapters
+from dreamguide.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
+
+TOLERANCE = 1e-5
+
+
+def _randomize_lora(unet, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+@pytest.fixture(scope="module", params=["sdxl", "sd"])
+def unet_and_conditioning(request):
+    """A tiny UNet with two LoRA adapters (non-zero B), and random conditioning for 4 rows."""
+    pipe = tiny_sdxl_pipeline(seed=0) if request.param == "sdxl" else tiny_sd15_pipeline(seed=0)
+    unet = pipe.unet
+    add_lora(unet, rank=4, alpha=8, adapter_name="subject")
+    add_lora(unet, rank=2, alpha=2, adapter_name="other")
+    _randomize_lora(unet, seed=1)
+    generator = torch.Generator().manual_seed(2)
+    width = unet.config.cross_attention_dim
+    embeds = torch.randn(4, 8, width, generator=generator)
+    if request.param == "sdxl":
+        pooled = torch.randn(4, pipe.text_encoder_2.config.projection_dim, generator=generator)
+        time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).expand(4, 6)
+        conditioning = TextConditioning(embeds, pooled, time_ids)
+    else:
+        conditioning = TextConditioning(embeds)
+    sample = torch.randn(4, 4, 16, 16, generator=generator)
+    return unet, conditioning, sample
+
+
+def _reference(unet, sample, timestep, conditioning) -> dict:
+    """Separate forwards of the whole batch: adapters off, then each adapter alone."""
+    kwargs = conditioning.unet_kwargs()
+    unet.disable_adapters()
+    outputs = {BASE: unet(sample, timestep, **kwargs).sample}
+    unet.enable_adapters()
+    for name in ("subject", "other"):
+        unet.set_adapters(name)
+        outputs[name] = unet(sample, timestep, **kwargs).sample
+    unet.set_adapters(["subject", "other"])
+    return outputs
+
+
+@torch.no_grad()
+def test_routed_forward_equals_separate_forwards(unet_and_conditioning):
+    unet, conditioning, sample = unet_and_conditioning
+    timestep = torch.tensor(500)
+    reference = _reference(unet, sample, timestep, conditioning)
+    # The adapters change the prediction, so the equalities below are not trivially base == base.
+    assert (reference["subject"] - reference[BASE]).abs().max() > 1e-3
+    assert (reference["other"] - reference[BASE]).abs().max() > 1e-3
+    for names in ([BASE, BASE, "subject", "subject"], ["subject", BASE, "other", BASE], [BASE] * 4):
+        routed = predict_noise(unet, sample, timestep, conditioning, row_adapters=names)
+        expected = torch.cat([reference[name][i : i + 1] for i, name in enumerate(names)])
+        torch.testing.assert_close(routed, expected, rtol=0, atol=TOLERANCE)
+    assert all(not layer._forward_pre_hooks for layer in lora_layers(unet))
+
+
+@torch.no_grad()
+def test_hooks_are_removed_when_the_block_raises(unet_and_conditioning):
+    unet, conditioning, sample = unet_and_conditioning
+    with pytest.raises(RuntimeError, match="boom"):
+        with routed_adapters(unet, [BASE, "subject"]):
+            raise RuntimeError("boom")
+    assert all(not layer._forward_pre_hooks for layer in lora_layers(unet))
+    # A forward that fails inside the UNet (3 names for 4 rows) also leaves no hooks behind.
+    with pytest.raises(ValueError):
+        with routed_adapters(unet, [BASE, BASE, "subject"]):
+            unet(sample, 10, **conditioning.unet_kwargs())
+    assert all(not layer._forward_pre_hooks for layer in lora_layers(unet))
+    unet(sample[:2], 10, **conditioning.select([0, 1]).unet_kwargs())  # plain forwards still work
+
+
+def test_unknown_merged_and_dora_adapters_are_refused():
+    unet = tiny_sd15_pipeline(seed=0).unet
+    add_lora(unet, rank=2, adapter_name="subject")
+    with pytest.raises(ValueError, match="'missing'.*not loaded"):
+        with routed_adapters(unet, [BASE, "missing"]):
+            pass
+    for layer in lora_layers(unet):
+        layer.merge(adapter_names=["subject"])
+    with pytest.raises(ValueError, match="merged.*unfuse"):
+        with routed_adapters(unet, [BASE, "subject"]):
+            pass
+    for layer in lora_layers(unet):
+        layer.unmerge()
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["to_q"]), adapter_name="dora")
+    with pytest.raises(ValueError, match="DoRA.*non-DoRA"):
+        with routed_adapters(unet, [BASE, "dora"]):
+            pass
+    with routed_adapters(unet, [BASE, "subject"]):  # a plain LoRA beside the DoRA one still routes
+        pass
+
+
+@torch.no_grad()
+def test_separate_personalized_unet_rows_come_back_in_order(unet_and_conditioning):
+    unet, conditioning, sample = unet_and_conditioning
+    personalized = tiny_sdxl_pipeline(seed=5).unet if unet.config.addition_embed_type else tiny_sd15_pipeline(seed=5).unet
+    names = ["personalized", BASE, "personalized", BASE]
+    timestep = torch.tensor([100, 200, 300, 400])
+    unet.disable_adapters()
+    try:
+        routed = predict_noise(unet, sample, timestep, conditioning, names, personalized_unet=personalized)
+        for i, name in enumerate(names):
+            model = personalized if name != BASE else unet
+            expected = model(sample[i : i + 1], timestep[i : i + 1], **conditioning.select([i]).unet_kwargs()).sample
+            torch.testing.assert_close(routed[i : i + 1], expected, rtol=0, atol=TOLERANCE)
+        only_base = predict_noise(unet, sample, timestep, conditioning, [BASE] * 4, personalized_unet=personalized)
+        torch.testing.assert_close(only_base, unet(sample, timestep, **conditioning.unet_kwargs()).sample, rtol=0, atol=TOLERANCE)
+    finally:
+        unet.enable_adapters()
