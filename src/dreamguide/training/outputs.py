@@ -7,7 +7,7 @@
 ``pytorch_lora_weights_kohya.safetensors``
     the same weights in the Kohya layout read by ComfyUI and A1111: ``lora_unet_<module with _>``
     + ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and ``.alpha`` (a scalar).
-``embeddings.safetensors`` (textual inversion, written by :func:`dreamguide.models.save_embeddings`)
+``embeddings.safetensors`` (textual inversion, float32, the layout of :func:`dreamguide.models.save_embeddings`)
     SDXL: ``clip_l`` and ``clip_g``, each [n_tokens, width]; SD 1.x and pixel models: one
     ``emb_params`` tensor; both layouts load with diffusers' ``load_textual_inversion``.
 
@@ -113,3 +113,19 @@ def save_kohya(
     if metadata is not None:
         header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
     return save_safetensors(to_kohya(state_dict, alpha), path, header)
+
+
+def save_embeddings(
+    kind: str, token: str, vectors: list[torch.Tensor], path: str | os.PathLike, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write the trained token vectors in float32, in the layout of :func:`dreamguide.models.save_embeddings`
+    (SDXL ``clip_l``/``clip_g``, otherwise ``emb_params``; token strings in the ``tokens`` header)."""
+    from dreamguide.models import SD_EMBEDDING_KEY, SDXL_EMBEDDING_KEYS
+
+    keys = SDXL_EMBEDDING_KEYS if kind == "sdxl" else (SD_EMBEDDING_KEY,)
+    if len(keys) != len(vectors):
+        raise ValueError(f"a {kind!r} model has {len(keys)} text encoder(s), got vectors for {len(vectors)}")
+    header = {"tokens": json.dumps([token]), "model_kind": kind}
+    if metadata is not None:
+        header[METADATA_KEY] = json.dumps(metadata, sort_keys=True)
+    return save_safetensors({k: v.detach().float() for k, v in zip(keys, vectors)}, path, header)

@@ -32,7 +32,15 @@ from dreamguide.training import checkpoints as ckpt
 from dreamguide.training.config import ConfigError, TrainConfig, save_config
 from dreamguide.training.data import TrainImage, check_images_readable, load_images, scan_class_folder, scan_instance_folder
 from dreamguide.training.losses import dco_loss, mse_loss, prediction_target
-from dreamguide.training.outputs import EMBEDDINGS_FILE, KOHYA_FILE, LORA_FILE, METADATA_KEY, lora_parameters, save_kohya
+from dreamguide.training.outputs import (
+    EMBEDDINGS_FILE,
+    KOHYA_FILE,
+    LORA_FILE,
+    METADATA_KEY,
+    lora_parameters,
+    save_embeddings,
+    save_kohya,
+)
 from dreamguide.training.tokens import TrainableTokenEmbedding, install, uninstall
 
 logger = logging.getLogger(__name__)
@@ -236,6 +244,7 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     ``config.data``; ``resume`` is ``"latest"`` or a checkpoint folder. Bad data or config raise
     before anything is written."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -253,6 +262,9 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     instance_entries, class_entries = _prepare_data(config)
 
     t = config.train
+    # Each run configures its own mixed precision; the process group (if any) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         log_with="tensorboard" if config.output.tensorboard else None,
@@ -272,11 +284,11 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     config = dataclasses.replace(config, data=dataclasses.replace(d, resolution=resolution))
 
     # ---- model: frozen weights in the mixed-precision dtype, the VAE in float32, trainables in float32
-    model.unet.requires_grad_(False).to(device, weight_dtype)
+    _freeze(model.unet, device, weight_dtype)
     for encoder in model.text_encoders:
-        encoder.requires_grad_(False).to(device, weight_dtype)
+        _freeze(encoder, device, weight_dtype)
     if model.vae is not None:
-        model.vae.requires_grad_(False).to(device, torch.float32)
+        _freeze(model.vae, device, torch.float32)
     torch.manual_seed(t.seed)
     dg_models.add_lora(model.unet, config.lora.rank, config.lora.alpha, ADAPTER_NAME, config.lora.target_modules)
     lora = lora_parameters(model.unet, ADAPTER_NAME)
@@ -290,7 +302,7 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     if config.uses_ti:
         ids = dg_models.add_tokens(model, [d.token], d.class_word)
         for encoder, encoder_ids in zip(model.text_encoders, ids):
-            encoder.to(device, weight_dtype)
+            _freeze(encoder, device, weight_dtype)
             token_modules.append(install(encoder, encoder_ids))
     token_params = [m.vectors for m in token_modules]
     initial_norms = [v.detach().norm(dim=-1).clone() for v in token_params]
@@ -429,6 +441,7 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     accelerator.wait_for_everyone()
     if config.output.checkpoint_every and t.steps > start_step:
         _save_checkpoint(accelerator, config, t.steps, lora, token_params, initial_norms, optimizer, lr_scheduler)
+    vectors = [param.detach().float().cpu() for param in token_params]
     for encoder in model.text_encoders:
         uninstall(encoder)
     metadata = _metadata(config, model, t.steps)
@@ -440,7 +453,7 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
         state_dict = {k: v.detach().float().cpu() for k, v in lora.items()}
         save_kohya(state_dict, kohya_path, config.lora.rank, config.lora.alpha, metadata)
         if embeddings_path is not None:
-            dg_models.save_embeddings(model, [d.token], embeddings_path, metadata=header)
+            save_embeddings(model.kind, d.token, vectors, embeddings_path, metadata)
     accelerator.wait_for_everyone()
     if config.sample.every:
         _write_samples(accelerator, config, model, t.steps)
@@ -448,6 +461,13 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     if model.vae is not None:
         model.vae.to(device)
     return TrainResult(output_dir, lora_path, kohya_path, embeddings_path, t.steps, losses, config, model, ADAPTER_NAME)
+
+
+def _freeze(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """No gradients, on ``device``, in ``dtype`` (cast only when needed: casting warns in diffusers)."""
+    module.requires_grad_(False).to(device)
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
 
 
 def _cat_kwargs(a: dict, b: dict) -> dict:
