@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -122,3 +123,201 @@ def test_image_grid_layout():
     assert (pixels < 128).all(axis=-1).any()  # labels drawn in black
     with pytest.raises(ValueError, match="every grid row needs 2 images"):
         images.image_grid([[red, green], [red]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler on tiny random models (in memory; 16 px images, 2-3 steps)
+
+TOKEN_KW = dict(prompt="a sks dog in the snow", token="sks", class_word="dog")
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image).astype(np.int16)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    """Tiny SD 1.x with a random (non-identity) LoRA "subject" and an identity LoRA "identity"."""
+    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.testing import tiny_sd15_pipeline
+
+    model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
+    add_lora(model.unet, rank=4, adapter_name="subject", init=False)
+    add_lora(model.unet, rank=4, adapter_name="identity")  # B = 0: exactly the base model
+    return model
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    model = DiffusionModel.from_pipeline(tiny_sdxl_pipeline(seed=0))
+    add_lora(model.unet, rank=4, adapter_name="subject", init=False)
+    return model
+
+
+def test_same_seed_same_image_whatever_the_batch(sd15):
+    from dreamguide.sampling import Sampler
+
+    sampler = Sampler(sd15, adapter_name="subject")
+    settings = SampleSettings(**TOKEN_KW, modes="pr", seeds="0-2", steps=2, height=16, width=16, batch_size=3)
+    batched = sampler.sample(settings, progress=False)
+    again = sampler.sample(settings, progress=False)
+    single = sampler.sample(replace(settings, batch_size=1), progress=False)
+    assert [r.seed for r in batched] == [0, 1, 2] and all(r.image.size == (16, 16) for r in batched)
+    assert all(max_diff(a, b) == 0 for a, b in zip(batched, again))  # deterministic
+    assert all(max_diff(a, b) <= 1 for a, b in zip(batched, single))  # batch size does not change an image
+    assert max_diff(batched[0], batched[1]) > 50  # different seeds, different images
+
+
+def test_stochastic_scheduler_is_reproducible_per_image(sd15):
+    from dreamguide.sampling import Sampler
+
+    sampler = Sampler(sd15, adapter_name="subject")
+    settings = SampleSettings(
+        **TOKEN_KW, modes="consistency", seeds="3-4", steps=2, height=16, width=16, scheduler="euler-a", batch_size=2
+    )
+    batched = sampler.sample(settings, progress=False)
+    single = sampler.sample(replace(settings, batch_size=1), progress=False)
+    assert all(max_diff(a, b) <= 1 for a, b in zip(batched, single))
+    assert batched[0].metadata["scheduler_class"] == "EulerAncestralDiscreteScheduler"
+
+
+def test_consistency_with_zero_weight_is_cfg_and_modes_share_noise(sd15):
+    from dreamguide.sampling import Sampler
+
+    sampler = Sampler(sd15, adapter_name="subject")
+    common = dict(**TOKEN_KW, seeds="0-1", steps=3, height=16, width=16, batch_size=2)
+    cfg, cons0, pr0 = sampler.sample(SampleSettings(**common, modes="cfg,consistency,pr", w_cons=0.0), progress=False)[::2]
+    assert max_diff(cfg, cons0) <= 1 and max_diff(cfg, pr0) <= 1
+    cfg, cons = sampler.sample(SampleSettings(**common, modes="cfg,consistency"), progress=False)[::2]
+    assert max_diff(cfg, cons) > 10  # the adapter row really goes through the LoRA
+    # An identity adapter and no token: plain dreambooth sampling is exactly cfg from the same noise.
+    identity = Sampler(sd15, adapter_name="identity")
+    cfg, dreambooth = identity.sample(
+        SampleSettings(prompt="a dog", modes="cfg,dreambooth", seeds=0, steps=3, height=16, width=16), progress=False
+    )
+    assert max_diff(cfg, dreambooth) == 0
+
+
+def test_personalized_unet_rows(sd15):
+    """dreambooth with a separate personalized UNet = cfg of a model whose UNet is that UNet."""
+    import copy
+
+    from dreamguide.sampling import Sampler
+    from dreamguide.testing import tiny_sd15_pipeline
+
+    other_unet = tiny_sd15_pipeline(seed=1).unet
+    settings = dict(prompt="a dog", seeds=0, steps=2, height=16, width=16)
+    dreambooth = Sampler(sd15, personalized_unet=other_unet).sample(
+        SampleSettings(**settings, modes="dreambooth"), progress=False
+    )[0]
+    swapped = copy.copy(sd15)
+    swapped.unet = other_unet
+    cfg = Sampler(swapped).sample(SampleSettings(**settings, modes="cfg"), progress=False)[0]
+    assert max_diff(dreambooth, cfg) == 0
+
+
+def test_sdxl_trace_and_metadata(sdxl):
+    from dreamguide.guidance import TRACE_HISTOGRAM_BINS, TRACE_QUANTILES
+    from dreamguide.sampling import Sampler
+
+    sampler = Sampler(sdxl, adapter_name="subject")
+    settings = SampleSettings(**TOKEN_KW, modes="cfg,pr", seeds="0-1", steps=2, height=16, width=24, trace=True,
+                              batch_size=2, negative_prompt="blurry")
+    results = sampler.sample(settings, progress=False)
+    assert [(r.mode, r.seed) for r in results] == [("cfg", 0), ("cfg", 1), ("parallel-rescaled", 0),
+                                                   ("parallel-rescaled", 1)]
+    assert results[0].trace == []  # cfg has no consistency term
+    trace = results[2].trace
+    timesteps = make_scheduler_timesteps(sdxl, 2)
+    assert [s["step"] for s in trace] == [0, 1] and [s["timestep"] for s in trace] == timesteps
+    for step in trace:
+        counts = step["histogram"]["counts"]
+        assert len(counts) == TRACE_HISTOGRAM_BINS and len(step["histogram"]["edges"]) == TRACE_HISTOGRAM_BINS + 1
+        assert sum(counts) == 8 * 12  # one k per latent location (16x24 px, VAE factor 2)
+        quantiles = [step["quantiles"][f"{q:g}"] for q in TRACE_QUANTILES]
+        assert quantiles == sorted(quantiles) and 0 <= step["fraction_negative"] <= 1 and step["std"] > 0
+    assert results[2].trace != results[3].trace
+    meta = results[3].metadata
+    assert meta["mode"] == "parallel-rescaled" and meta["seed"] == 1 and meta["model_kind"] == "sdxl"
+    assert (meta["height"], meta["width"], meta["steps"]) == (16, 24, 2)
+    assert meta["base_prompt"] == "a dog in the snow" and meta["negative_prompt"] == "blurry"
+    assert results[3].image.size == (24, 16)
+
+
+def make_scheduler_timesteps(model, steps):
+    from dreamguide.sampling import make_scheduler
+
+    scheduler = make_scheduler(model.scheduler)
+    scheduler.set_timesteps(steps)
+    return [float(t) for t in scheduler.timesteps]
+
+
+def test_pixel_model():
+    from dreamguide.sampling import Sampler
+    from dreamguide.testing import tiny_pixel_model
+
+    sampler = Sampler(tiny_pixel_model(seed=0))
+    assert sampler.native_size == (16, 16) and sampler.size_multiple == 2
+    settings = SampleSettings(prompt="a red cube", modes="cfg", seeds="0-1", steps=2, batch_size=2)
+    first, second = sampler.sample(settings, progress=False)
+    assert first.image.size == (16, 16) and first.image.mode == "RGB"
+    assert max_diff(first, sampler.sample(replace(settings, seeds=(0,)), progress=False)[0]) <= 1
+    assert max_diff(first, second) > 0
+    with pytest.raises(ValueError, match=r"width 17 is not divisible by 2 \(the UNet's downsampling factor"):
+        sampler.sample(replace(settings, width=17), progress=False)
+
+
+def test_errors_before_sampling(sd15):
+    from dreamguide.sampling import Sampler
+
+    plain = Sampler(sd15)
+    with pytest.raises(ValueError, match=r"mode\(s\) consistency, dreambooth need a personalized model.*--lora"):
+        plain.sample(SampleSettings(**TOKEN_KW, modes="cfg,consistency,dreambooth"), progress=False)
+    with pytest.raises(ValueError, match=r"height 15 is not divisible by 2 \(the VAE downsampling factor.*14 or 16"):
+        Sampler(sd15, adapter_name="subject").sample(SampleSettings(**TOKEN_KW, height=15), progress=False)
+    with pytest.raises(ValueError, match=r"no adapter named 'nope' \(adapters: subject, identity\)"):
+        Sampler(sd15, adapter_name="nope")
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_nonfinite_prediction_names_the_step(sd15, trace):
+    from dreamguide.sampling import NonFiniteError, Sampler
+
+    calls = []
+
+    def poison_third_call(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:
+            return (output[0] * float("nan"),) if isinstance(output, tuple) else output * float("nan")
+        return output
+
+    handle = sd15.unet.register_forward_hook(poison_third_call)
+    try:
+        settings = SampleSettings(**TOKEN_KW, modes="pr", seeds="5", steps=4, height=16, width=16, trace=trace)
+        with pytest.raises(NonFiniteError, match=r"non-finite \(NaN or inf\) at step 3/4 \(timestep \d+\) in mode "
+                                                 r"'parallel-rescaled' for seed 5"):
+            Sampler(sd15, adapter_name="subject").sample(settings, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == (3 if trace else 4)  # traced runs stop at once; untraced ones check at the end
+
+
+def test_float16_vae_decodes_in_float32(sd15):
+    import copy
+
+    import torch
+
+    from dreamguide.sampling import Sampler
+
+    half = copy.copy(sd15)
+    half.vae = copy.deepcopy(sd15.vae).half()
+    half.kind = "sdxl"  # the SDXL VAE overflows in float16
+    decoder = Sampler(half)._decoder()
+    assert decoder.dtype == torch.float32 and half.vae.dtype == torch.float16

@@ -196,6 +196,16 @@ class SampleSettings:
         return data
 
 
+def no_personalization_message(settings: SampleSettings) -> str:
+    """The error for modes that read the personalized model when none was given."""
+    needing = [m for m in settings.modes if any(ROWS[n][1] for n in guidance.get_mode(m).needs)]
+    return (
+        f"guidance mode(s) {', '.join(needing)} need a personalized model, but none was given; "
+        "pass a LoRA (--lora), token embeddings (--embeddings) or a personalized UNet "
+        "(--personalized-unet), or use --modes cfg"
+    )
+
+
 @dataclass
 class SampleResult:
     """One sampled image and everything needed to reproduce and describe it."""
@@ -346,7 +356,7 @@ class Sampler:
             models.load_embeddings(model, embeddings_path, token)
         unet = None
         if lora_path is not None:
-            _load_lora_checked(model, lora_path, adapter_name)
+            models.load_lora(model, lora_path, adapter_name)
         if unet_path is not None:
             unet = load_personalized_unet(unet_path, model, dtype=dtype, device=device)
         return cls(
@@ -415,12 +425,7 @@ class Sampler:
         from tqdm.auto import tqdm
 
         if settings.needs_personalized and not self.is_personalized(settings.token):
-            needing = [m for m in settings.modes if any(ROWS[n][1] for n in guidance.get_mode(m).needs)]
-            raise ValueError(
-                f"guidance mode(s) {', '.join(needing)} need a personalized model, but none was given; "
-                "pass a LoRA (--lora), token embeddings (--embeddings) or a personalized UNet "
-                "(--personalized-unet), or use --modes cfg"
-            )
+            raise ValueError(no_personalization_message(settings))
         height, width = self.resolve_size(settings)
         jobs = [(mode, seeds) for mode in settings.modes for seeds in _chunks(settings.seeds, settings.batch_size)]
         results: list[SampleResult] = []
@@ -473,6 +478,8 @@ class Sampler:
 
         import torch
 
+        from dreamguide import routing
+
         unet = self.model.unet
         device = self.device
         scheduler = make_scheduler(self.model.scheduler, settings.scheduler)
@@ -488,19 +495,24 @@ class Sampler:
 
         # Rows are need-major: [need_0 for every image, need_1 for every image, ...].
         n_images, needs = len(seeds), mode.needs
-        prompt_rows = torch.tensor([ROWS[n][0] for n in needs for _ in range(n_images)], device=device)
-        personal_rows = [ROWS[n][1] for n in needs for _ in range(n_images)]
-        row_conditioning = self._select_rows(conditioning, prompt_rows)
+        row_conditioning = conditioning.select([ROWS[n][0] for n in needs for _ in range(n_images)])
+        row_adapters = self._row_adapters([ROWS[n][1] for n in needs for _ in range(n_images)])
 
         first_bad = torch.full((n_images,), -1, dtype=torch.long, device=device)
         traced: list[tuple[int, float, float | None, dict]] = []
         timesteps = scheduler.timesteps
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(x, t).repeat(len(needs), 1, 1, 1)
-            output = self._predict(model_input.to(self.dtype), t, row_conditioning, personal_rows).float()
+            output = routing.predict_noise(
+                unet, model_input.to(self.dtype), t, row_conditioning, row_adapters, self.personalized_unet
+            ).float()
             output, variance = self._split_variance(output, x.shape[1])
             predictions = guidance.Predictions(**dict(zip(needs, output.chunk(len(needs)))))
             if settings.trace:
+                # Traced steps read their stats anyway: stop before NaNs reach the statistics.
+                bad = ~torch.isfinite(output).flatten(1).all(dim=1).view(len(needs), n_images).any(dim=0)
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
+                self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
                 guided, stats = guidance.guide(
                     mode, predictions, settings.w_text, settings.w_cons, settings.pr, return_stats=True
                 )
@@ -521,6 +533,19 @@ class Sampler:
         self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
         images = [self._to_image(x[j : j + 1]) for j in range(n_images)]
         return list(zip(images, _trace_records(traced, n_images)))
+
+    def _encode(self, prompts: list[str], height: int, width: int):
+        from dreamguide.models import encode_prompts
+
+        return encode_prompts(self.model, prompts, height=height, width=width)
+
+    def _row_adapters(self, personalized: list[bool]) -> list[str] | None:
+        """Per-row routing names: the adapter (or the personalized UNet) for personalized rows."""
+        if self.adapter_name is not None:
+            return [self.adapter_name if p else BASE_ROUTE for p in personalized]
+        if self.personalized_unet is not None:
+            return ["personalized" if p else BASE_ROUTE for p in personalized]
+        return None  # learned tokens only, or no personalization: one UNet for every row
 
     @staticmethod
     def _raise_if_nonfinite(first_bad, seeds, mode, timesteps, steps) -> None:
@@ -609,6 +634,39 @@ def _trace_records(traced: list[tuple[int, float, float | None, dict]], n_images
             )
             records[j].append(record)
     return records
+
+
+def load_personalized_unet(path: str | os.PathLike, model: "DiffusionModel", dtype=None, device=None):
+    """A fully fine-tuned UNet from a folder (``config.json`` + safetensors, or a model folder with ``unet/``).
+
+    Its architecture must match ``model.unet``: same input/output channels, text width and extra
+    conditioning, else a ValueError names the first difference.
+    """
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    subfolder = "unet" if (path / "unet" / "config.json").is_file() else None
+    if subfolder is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"personalized UNet folder {path} has no config.json (nor unet/config.json); "
+            "pass the folder written by unet.save_pretrained(...)"
+        )
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            path, subfolder=subfolder, torch_dtype=dtype or model.unet.dtype, use_safetensors=True
+        )
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load the personalized UNet from {path} (safetensors only): {error}") from error
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type", "block_out_channels"):
+        ours, theirs = model.unet.config.get(key), unet.config.get(key)
+        if (list(ours) if isinstance(ours, (list, tuple)) else ours) != (
+            list(theirs) if isinstance(theirs, (list, tuple)) else theirs
+        ):
+            raise ValueError(
+                f"the personalized UNet {path} does not match the model's UNet: {key} is {theirs!r}, "
+                f"the model has {ours!r}; fine-tune from the same base model"
+            )
+    return unet.to(device or model.unet.device).eval()
 
 
 def trace_document(results: Sequence[SampleResult], files: Sequence[str | os.PathLike] | None = None) -> dict:
