@@ -1,0 +1,154 @@
+"""``dreamguide sample`` end to end on saved tiny SDXL / SD 1.x / pixel models (offline)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamguide.cli import main
+from dreamguide.images import read_png_metadata, read_png_parameters
+
+
+def _personal_files(model_dir, out_dir, seed: int) -> dict[str, str]:
+    """A random LoRA and a learned "<sks>" token for the model in ``model_dir``, saved as safetensors."""
+    import torch
+
+    from dreamguide.models import add_lora, add_tokens, load_model, save_embeddings, save_lora
+
+    model = load_model(model_dir)
+    torch.manual_seed(seed)
+    add_lora(model.unet, rank=4, adapter_name="subject", init=False)
+    add_tokens(model, "<sks>", "dog")
+    for encoder, tokenizer in zip(model.text_encoders, model.tokenizers):
+        weight = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[tokenizer.convert_tokens_to_ids("<sks>")] += torch.randn(weight.shape[1])
+    lora = save_lora(model.unet, out_dir / "lora.safetensors", "subject")
+    embeddings = save_embeddings(model, "<sks>", out_dir / "embeddings.safetensors")
+    return {"lora": str(lora), "embeddings": str(embeddings)}
+
+
+@pytest.fixture(scope="module")
+def sdxl_personal(tiny_sdxl_dir, tmp_path_factory):
+    return _personal_files(tiny_sdxl_dir, tmp_path_factory.mktemp("sdxl-personal"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def sd15_personal(tiny_sd15_dir, tmp_path_factory):
+    return _personal_files(tiny_sd15_dir, tmp_path_factory.mktemp("sd15-personal"), seed=2)
+
+
+PROMPT = ["--token", "<sks>", "--class-word", "dog", "--prompt", "a <sks> dog in the snow"]
+SMALL = ["--steps", "2", "--height", "16", "--width", "16", "--no-progress"]
+
+
+def test_sdxl_end_to_end(tiny_sdxl_dir, sdxl_personal, tmp_path, capsys):
+    out = tmp_path / "samples"
+    args = ["sample", "--model", str(tiny_sdxl_dir), "--lora", sdxl_personal["lora"],
+            "--embeddings", sdxl_personal["embeddings"], *PROMPT, "--modes", "cfg,consistency,pr",
+            "--seeds", "0-1", "--batch-size", "2", "--w-cons", "2.5", "--pr-rescale", "0.5", "--trace",
+            "--output", str(out), *SMALL]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    names = ["cfg-seed0.png", "cfg-seed1.png", "consistency-seed0.png", "consistency-seed1.png",
+             "parallel-rescaled-seed0.png", "parallel-rescaled-seed1.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "grid.png", "trace.json", "settings.json"])
+    for name in [*names, "grid.png", "trace.json", "settings.json"]:
+        assert str(out / name) in printed
+
+    meta = read_png_metadata(out / "parallel-rescaled-seed1.png")
+    assert meta["prompt"] == "a <sks> dog in the snow" and meta["base_prompt"] == "a dog in the snow"
+    assert (meta["mode"], meta["seed"], meta["steps"], meta["w_text"], meta["w_cons"]) == (
+        "parallel-rescaled", 1, 2, 7.5, 2.5)
+    assert meta["pr"] == {"granularity": "location", "normalization": "standardize", "rescale": 0.5, "eps": 1e-6}
+    assert meta["model"] == str(tiny_sdxl_dir) and meta["lora"] == sdxl_personal["lora"]
+    assert meta["embeddings"] == sdxl_personal["embeddings"] and meta["scheduler_class"] == "EulerDiscreteScheduler"
+    assert (meta["height"], meta["width"], meta["model_kind"]) == (16, 16, "sdxl")
+    parameters = read_png_parameters(out / "cfg-seed0.png")
+    assert parameters.startswith("a <sks> dog in the snow\nSteps: 2, Sampler: default, CFG scale: 7.5, Seed: 0")
+
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width > 3 * 16 and grid.height > 2 * 16  # 3 mode columns, 2 seed rows, labels
+
+    trace = json.loads((out / "trace.json").read_text())
+    assert [(i["file"], i["mode"], i["seed"]) for i in trace["images"]] == [
+        (n, n.rsplit("-seed", 1)[0], int(n[-5])) for n in names]
+    assert trace["images"][0]["steps"] == []  # cfg: no consistency term
+    step = trace["images"][4]["steps"][1]
+    assert step["step"] == 1 and set(step) >= {"timestep", "mean", "std", "quantiles", "fraction_negative", "histogram"}
+    assert sum(step["histogram"]["counts"]) == 8 * 8 and len(step["histogram"]["edges"]) == trace["histogram_bins"] + 1
+
+    record = json.loads((out / "settings.json").read_text())
+    assert record["settings"]["modes"] == ["cfg", "consistency", "parallel-rescaled"] and record["files"] == names
+
+    # The same seed gives the same image in a later run, whatever the batch size.
+    again = tmp_path / "again"
+    rerun = {"--seeds": "1", "--modes": "pr", "--batch-size": "1", "--output": str(again)}
+    assert main([rerun.get(args[i - 1], a) for i, a in enumerate(args)]) == 0
+    first = np.asarray(Image.open(out / "parallel-rescaled-seed1.png")).astype(int)
+    second = np.asarray(Image.open(again / "parallel-rescaled-seed1.png")).astype(int)
+    assert np.abs(first - second).max() <= 1
+    assert read_png_metadata(again / "parallel-rescaled-seed1.png") == meta
+
+
+def test_sd15_lora_and_token_and_scheduler(tiny_sd15_dir, sd15_personal, tmp_path, capsys):
+    out = tmp_path / "sd15"
+    assert main(["sample", "--model", str(tiny_sd15_dir), "--lora", sd15_personal["lora"],
+                 "--embeddings", sd15_personal["embeddings"], *PROMPT, "--modes", "dreambooth,orthogonal",
+                 "--seeds", "4", "--scheduler", "dpm++", "--negative-prompt", "blurry", "--output", str(out),
+                 *SMALL]) == 0
+    meta = read_png_metadata(out / "orthogonal-seed4.png")
+    assert meta["scheduler_class"] == "DPMSolverMultistepScheduler" and meta["negative_prompt"] == "blurry"
+    assert meta["model_kind"] == "sd" and (out / "dreambooth-seed4.png").exists() and (out / "grid.png").exists()
+    assert not (out / "trace.json").exists()
+
+
+def test_pixel_model_and_personalized_unet(tiny_pixel_dir, tmp_path):
+    """A pixel model, personalized by a full UNet folder (here: the base UNet itself)."""
+    out = tmp_path / "pixel"
+    unet_dir = tiny_pixel_dir / "unet"
+    assert main(["sample", "--model", str(tiny_pixel_dir), "--personalized-unet", str(unet_dir),
+                 "--prompt", "a red cube", "--modes", "cfg,dreambooth", "--steps", "2", "--no-progress",
+                 "--output", str(out)]) == 0
+    cfg = np.asarray(Image.open(out / "cfg-seed0.png"))
+    dreambooth = np.asarray(Image.open(out / "dreambooth-seed0.png"))
+    assert cfg.shape == (16, 16, 3)
+    assert np.array_equal(cfg, dreambooth)  # same weights, same (null, prompt) rows, same noise
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--modes", "cfg,fancy"], "unknown guidance mode 'fancy'; choose one of cfg, dreambooth, consistency"),
+        (["--prompt", "a dog in the snow"], "the prompt 'a dog in the snow' does not contain the token '<sks>'"),
+        (["--steps", "0"], "steps must be a positive integer, got 0"),
+        (["--seeds", "a-b"], "bad seed 'a-b'"),
+        (["--lora", "missing/lora.safetensors"], "LoRA file missing/lora.safetensors does not exist"),
+        (["--height", "17"], "height 17 is not divisible by 2 (the VAE downsampling factor of this model)"),
+        (["--model", "someone/not-downloaded"], "'someone/not-downloaded' are not available offline"),
+        (["--model", "./no/such/folder"], "model folder ./no/such/folder does not exist"),
+    ],
+)
+def test_errors_name_the_value_and_the_fix(tiny_sd15_dir, sd15_personal, tmp_path, capsys, extra, message):
+    args = ["sample", "--model", str(tiny_sd15_dir), "--lora", sd15_personal["lora"], *PROMPT, "--modes", "pr",
+            "--output", str(tmp_path / "x"), *SMALL]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert any(line.startswith("error: ") and message in line for line in err.splitlines()), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapter_for_another_model_and_missing_personalization(tiny_sdxl_dir, tiny_sd15_dir, sd15_personal, tmp_path,
+                                                               capsys):
+    out = str(tmp_path / "x")
+    assert main(["sample", "--model", str(tiny_sdxl_dir), "--lora", sd15_personal["lora"], *PROMPT,
+                 "--output", out, *SMALL]) == 2
+    assert "does not match this UNet" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tiny_sd15_dir), *PROMPT, "--modes", "cfg,pr", "--output", out, *SMALL]) == 2
+    assert "mode(s) parallel-rescaled need a personalized model" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tiny_sd15_dir), "--personalized-unet", str(tiny_sdxl_dir / "unet"),
+                 *PROMPT, "--output", out, *SMALL]) == 2
+    assert "does not match the model's UNet: cross_attention_dim is 64, the model has 32" in capsys.readouterr().err
