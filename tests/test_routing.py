@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig
 
 from dreamguide.models import TextConditioning, add_lora
 from dreamguide.routing import BASE, lora_layers, predict_noise, routed_adapters
@@ -98,7 +97,7 @@ def test_unknown_merged_and_dora_adapters_are_refused():
             pass
     for layer in lora_layers(unet):
         layer.unmerge()
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, use_dora=True, target_modules=["to_q"]), adapter_name="dora")
+    add_lora(unet, rank=2, adapter_name="dora", target_modules=("to_q",), dora=True)
     with pytest.raises(ValueError, match="DoRA.*non-DoRA"):
         with routed_adapters(unet, [BASE, "dora"]):
             pass

@@ -477,10 +477,12 @@ def add_lora(
     adapter_name: str = "subject",
     target_modules: Sequence[str] = LORA_TARGET_MODULES,
     init: str | bool = "gaussian",
+    dora: bool = False,
 ):
     """Add a trainable LoRA adapter to ``unet`` (alpha defaults to rank: scale 1); returns the unet.
 
-    ``init="gaussian"`` starts B at zero, so the adapter is the identity until trained.
+    ``init="gaussian"`` starts B at zero, so the adapter is the identity until trained. ``dora``
+    makes it a DoRA adapter (weight-decomposed), which cannot be routed per row at sampling time.
     """
     from peft import LoraConfig
 
@@ -491,6 +493,7 @@ def add_lora(
         lora_alpha=rank if alpha is None else alpha,
         init_lora_weights=init,
         target_modules=list(target_modules),
+        use_dora=dora,
     )
     with warnings.catch_warnings():  # PEFT warns on every adapter after the first; several are intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
