@@ -152,3 +152,12 @@ def test_adapter_for_another_model_and_missing_personalization(tiny_sdxl_dir, ti
     assert main(["sample", "--model", str(tiny_sd15_dir), "--personalized-unet", str(tiny_sdxl_dir / "unet"),
                  *PROMPT, "--output", out, *SMALL]) == 2
     assert "does not match the model's UNet: cross_attention_dim is 64, the model has 32" in capsys.readouterr().err
+
+
+def test_help_lists_what_the_library_accepts():
+    from dreamguide import guidance, sampling
+    from dreamguide.cli import sample
+
+    assert set(sample.MODE_NAMES) == {*guidance.MODES, *guidance.ALIASES}
+    assert sample.GRANULARITIES == guidance.GRANULARITIES and sample.NORMALIZATIONS == guidance.NORMALIZATIONS
+    assert sample.SCHEDULERS == sampling.SCHEDULERS

@@ -277,6 +277,16 @@ def _check_file(flag: str, path: str | os.PathLike | None, folder: bool = False)
     return path
 
 
+def _split_variance(output, channels: int, scheduler):
+    """Models that also predict a variance (2x output channels): guide the mean, keep the variance
+    for schedulers that use it (``variance_type`` learned/learned_range), drop it for the others."""
+    if output.shape[1] != 2 * channels:
+        return output, None
+    prediction, variance = output.split(channels, dim=1)
+    learned = str(scheduler.config.get("variance_type", "")).startswith("learned")
+    return prediction, (variance if learned else None)
+
+
 def _chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -506,7 +516,7 @@ class Sampler:
             output = routing.predict_noise(
                 unet, model_input.to(self.dtype), t, row_conditioning, row_adapters, self.personalized_unet
             ).float()
-            output, variance = self._split_variance(output, x.shape[1])
+            output, variance = _split_variance(output, x.shape[1], scheduler)
             predictions = guidance.Predictions(**dict(zip(needs, output.chunk(len(needs)))))
             if settings.trace:
                 # Traced steps read their stats anyway: stop before NaNs reach the statistics.
@@ -557,15 +567,6 @@ class Sampler:
                     f"(timestep {float(timesteps[step]):g}) in mode {mode.name!r} for seed {seed}; "
                     "sample in float32 (--dtype float32) or lower the guidance weights"
                 )
-
-    def _split_variance(self, output, channels: int):
-        """Models that also predict a variance (2x output channels): guide the mean, keep the variance."""
-        if output.shape[1] == 2 * channels:
-            prediction, variance = output.split(channels, dim=1)
-            if str(self.model.scheduler.config.get("variance_type", "")).startswith("learned"):
-                return prediction, variance
-            return prediction, None
-        return output, None
 
     def _to_image(self, x) -> "Image.Image":
         """Decode one latent (or pixel) tensor to a PIL image; [-1, 1] maps to [0, 255]."""

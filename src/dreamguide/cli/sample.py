@@ -18,14 +18,18 @@ example:
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    from dreamguide.guidance import ALIASES, GRANULARITIES, MODES, NORMALIZATIONS
-    from dreamguide.sampling import SCHEDULERS
+# Spelled out here so that ``--help`` does not import torch; tests check them against the library.
+MODE_NAMES = ("cfg", "dreambooth", "consistency", "parallel-rescaled", "pr", "orthogonal")
+GRANULARITIES = ("location", "sample")
+NORMALIZATIONS = ("standardize", "none", "zero", "clip-negative")
+SCHEDULERS = ("default", "euler", "euler-a", "ddim", "dpm++", "ddpm")
 
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sample",
         help="sample images with (parallel-rescaled) consistency guidance",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        description=__doc__.replace("``", ""),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,7 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     guide.add_argument(
         "--modes",
         default="parallel-rescaled",
-        help=f"comma-separated guidance modes: {', '.join([*MODES, *ALIASES])} (default: parallel-rescaled)",
+        help=f"comma-separated guidance modes: {', '.join(MODE_NAMES)} (default: parallel-rescaled)",
     )
     guide.add_argument("--w-text", type=float, default=7.5, help="text guidance weight (default 7.5)")
     guide.add_argument("--w-cons", type=float, default=3.0, help="consistency guidance weight (default 3.0)")
