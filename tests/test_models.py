@@ -84,6 +84,9 @@ def test_load_model_scheduler_override(tiny_sd15_dir):
     model = load_model(tiny_sd15_dir, scheduler="euler")
     assert type(model.scheduler).__name__ == "EulerDiscreteScheduler"
     assert model.scheduler.config.beta_schedule == "scaled_linear"  # the model's own betas are kept
+    from diffusers import DDPMScheduler
+
+    assert type(load_model(tiny_sd15_dir, scheduler=DDPMScheduler).scheduler) is DDPMScheduler
     with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
         load_model(tiny_sd15_dir, scheduler="nope")
 

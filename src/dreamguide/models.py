@@ -269,13 +269,13 @@ def _hub_index(repo_id: str) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def _make_scheduler(spec, config_source, default):
+def _make_scheduler(spec, default):
     import diffusers
 
     if spec is None:
         return default
     if not isinstance(spec, str):
-        return type(spec).from_config(default.config) if isinstance(spec, type) else spec
+        return spec.from_config(default.config) if isinstance(spec, type) else spec
     name = SCHEDULER_ALIASES.get(spec.lower(), spec)
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "from_config"):
@@ -327,9 +327,14 @@ def load_model(
             raise FileNotFoundError(f"cannot load {sub}/ of {text} from safetensors: {error}") from error
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(root, subfolder="unet", **common).eval()
-    scheduler_class = (index.get("scheduler") or [None, "DDIMScheduler"])[1]
-    scheduler_cls = getattr(diffusers, scheduler_class, None) or diffusers.DDIMScheduler
-    default_scheduler = scheduler_cls.from_pretrained(root, subfolder="scheduler")
+    scheduler_config = diffusers.DDIMScheduler.load_config(root, subfolder="scheduler")
+    scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
+    if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+        raise ValueError(
+            f"{text}: unknown scheduler class {scheduler_config.get('_class_name')!r} in scheduler/; "
+            "pass scheduler='ddim' (or another diffusers scheduler) to load_model"
+        )
+    default_scheduler = scheduler_class.from_config(scheduler_config)
     tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")]
     text_encoders = [transformers_model("text_encoder", CLIPTextModel)]
     vae = None
@@ -341,7 +346,7 @@ def load_model(
     model = DiffusionModel(
         kind=kind,
         unet=unet,
-        scheduler=_make_scheduler(scheduler, root, default_scheduler),
+        scheduler=_make_scheduler(scheduler, default_scheduler),
         tokenizers=tokenizers,
         text_encoders=text_encoders,
         vae=vae,
