@@ -101,6 +101,49 @@ def adapters_disabled(unet) -> Iterator[None]:
         unet.enable_adapters()
 
 
+def add_trainable_lora(unet, rank: int, alpha: float, target_modules) -> dict[str, torch.nn.Parameter]:
+    """Add the adapter ``ADAPTER_NAME`` to a frozen ``unet``, its weights float32 and trainable;
+    return them under their diffusers keys."""
+    from dreamguide.models import add_lora
+
+    add_lora(unet, rank, alpha, ADAPTER_NAME, list(target_modules))
+    lora = lora_parameters(unet, ADAPTER_NAME)
+    for param in lora.values():
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    return lora
+
+
+def training_loss(
+    unet,
+    reference_unet,
+    method: str,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    target: torch.Tensor,
+    cond: dict,
+    reference_cond: dict | None = None,
+    *,
+    beta: float = 1000.0,
+    average: str = "batch",
+    instance_rows: int | None = None,
+    prior_loss_weight: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The loss of one batch. ``unet`` carries the adapter (possibly DDP-wrapped); ``reference_unet`` is
+    the same module unwrapped, run with the adapter off for DCO. Rows past ``instance_rows`` are class
+    images (prior preservation, dreambooth methods)."""
+    prediction = unet(noisy.to(dtype), timesteps, **_cast(cond, dtype), return_dict=False)[0]
+    if method == "dco":
+        with torch.no_grad(), adapters_disabled(reference_unet):
+            reference = reference_unet(noisy.to(dtype), timesteps, **_cast(reference_cond, dtype), return_dict=False)[0]
+        return dco_loss(prediction, reference, target, beta, average)
+    if instance_rows is not None and instance_rows < noisy.shape[0]:
+        n = instance_rows
+        return mse_loss(prediction[:n], target[:n]) + prior_loss_weight * mse_loss(prediction[n:], target[n:])
+    return mse_loss(prediction, target)
+
+
 class _Conditioning:
     """Text conditioning of the training images: cached when it cannot change, live when tokens train."""
 
@@ -290,11 +333,7 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     if model.vae is not None:
         _freeze(model.vae, device, torch.float32)
     torch.manual_seed(t.seed)
-    dg_models.add_lora(model.unet, config.lora.rank, config.lora.alpha, ADAPTER_NAME, config.lora.target_modules)
-    lora = lora_parameters(model.unet, ADAPTER_NAME)
-    for param in lora.values():
-        param.data = param.data.float()
-        param.requires_grad_(True)
+    lora = add_trainable_lora(model.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
     if t.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
 
@@ -377,17 +416,12 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
             c_cond = class_text.unet_kwargs(class_indices, "base_caption")
             noisy, timesteps, target = torch.cat([noisy, c_noisy]), torch.cat([timesteps, c_timesteps]), torch.cat([target, c_target])
             cond = _cat_kwargs(cond, c_cond)
-        prediction = unet(noisy.to(weight_dtype), timesteps, **_cast(cond, weight_dtype), return_dict=False)[0]
-        if t.method == "dco":
-            ref_cond = instance_text.unet_kwargs(indices, "base_caption")
-            with torch.no_grad(), adapters_disabled(base_unet):
-                reference = base_unet(noisy.to(weight_dtype), timesteps, **_cast(ref_cond, weight_dtype), return_dict=False)[0]
-            return dco_loss(prediction, reference, target, config.dco.beta, config.dco.average)
-        if class_text is not None:
-            return mse_loss(prediction[:batch], target[:batch]) + d.prior_loss_weight * mse_loss(
-                prediction[batch:], target[batch:]
-            )
-        return mse_loss(prediction, target)
+        reference_cond = instance_text.unet_kwargs(indices, "base_caption") if t.method == "dco" else None
+        return training_loss(
+            unet, base_unet, t.method, noisy, timesteps, target, cond, reference_cond,
+            beta=config.dco.beta, average=config.dco.average, instance_rows=batch,
+            prior_loss_weight=d.prior_loss_weight, dtype=weight_dtype,
+        )
 
     trainable = list(lora.values()) + token_params
     losses: list[float] = []
