@@ -41,9 +41,17 @@ def test_settings_derive_base_prompt_and_canonical_modes():
     assert SampleSettings(prompt="a dog", modes="cfg").base_prompt == "a dog"
     given = SampleSettings(prompt="a <sks> dog", token="<sks>", base_prompt="a puppy")
     assert given.base_prompt == "a puppy"
+    # replace() re-derives a derived base prompt, and keeps a given one
+    assert replace(s, prompt="a <sks> dog on the beach").base_prompt == "a dog on the beach"
+    assert replace(s, base_prompt="a puppy").base_prompt == "a puppy"
+    assert replace(given, prompt="the <sks> dog").base_prompt == "a puppy"
+    assert replace(SampleSettings(prompt="a dog"), prompt="a cat").base_prompt == "a cat"
     data = s.to_dict()
     assert data["pr"] == ParallelRescaling().to_dict() and data["modes"] == ["cfg", "parallel-rescaled"]
-    json.dumps(data)
+    assert data["base_prompt"] == "a dog in the snow" and "derived_base_prompt" not in data
+    assert SampleSettings.from_dict(json.loads(json.dumps(data))) == s
+    with pytest.raises(ValueError, match=r"unknown sample setting\(s\) \['stpes'\]; valid keys: base_prompt"):
+        SampleSettings.from_dict({**data, "stpes": 3})
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,8 @@ class SampleSettings:
     pr: ParallelRescaling = field(default_factory=ParallelRescaling)
     scheduler: str = "default"
     trace: bool = False
+    #: The base prompt as derived (not given); lets ``dataclasses.replace(s, prompt=...)`` re-derive it.
+    derived_base_prompt: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -154,9 +156,13 @@ class SampleSettings:
         set_("seeds", parse_seeds(self.seeds))
         if self.token is not None and not self.token.strip():
             set_("token", None)
+        if self.base_prompt is not None and self.base_prompt == self.derived_base_prompt:
+            set_("base_prompt", None)  # copied from a derived settings object: derive again
+        set_("derived_base_prompt", None)
         if self.base_prompt is None:
             if self.token is None:
                 set_("base_prompt", self.prompt)
+                set_("derived_base_prompt", self.prompt)
             elif not self.class_word:
                 _require_token(self.prompt, self.token, self.class_word)
                 raise ValueError(
@@ -165,6 +171,7 @@ class SampleSettings:
                 )
             else:
                 set_("base_prompt", derive_base_prompt(self.prompt, self.token, self.class_word))
+                set_("derived_base_prompt", self.base_prompt)
         elif self.token is not None:
             _require_token(self.prompt, self.token, self.class_word)
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
@@ -190,8 +197,23 @@ class SampleSettings:
         """True if any mode reads a prediction of the personalized model."""
         return any(ROWS[n][1] for m in self.modes for n in guidance.get_mode(m).needs)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "SampleSettings":
+        """Settings from ``to_dict()`` output (e.g. the ``settings`` of settings.json); unknown keys are errors."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)} - {"derived_base_prompt"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown sample setting(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+        data = dict(data)
+        if isinstance(data.get("pr"), dict):
+            data["pr"] = ParallelRescaling(**data["pr"])
+        return cls(**data)
+
     def to_dict(self) -> dict:
         data = asdict(self)
+        del data["derived_base_prompt"]
         data["modes"], data["seeds"], data["pr"] = list(self.modes), list(self.seeds), self.pr.to_dict()
         return data
 
