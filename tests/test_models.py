@@ -24,7 +24,7 @@ from dreamguide.models import (
     save_lora,
     token_embeddings,
 )
-from dreamguide.testing import tiny_clip_tokenizer, tiny_pixel_model, tiny_sd15_pipeline, tiny_sdxl_pipeline
+from dreamguide.testing import COMMON_WORDS, tiny_clip_tokenizer, tiny_pixel_model, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd": tiny_sd15_pipeline, "pixel": tiny_pixel_model}
 
@@ -49,6 +49,7 @@ def test_tiny_tokenizer_tokenizes_prompts_without_unknowns():
         assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
         assert tokenizer.unk_token_id not in ids[1:-1]
     assert tokenizer.tokenize("zzyzx dog") == ["zzyzx</w>", "dog</w>"]
+    assert all(tokenizer.tokenize(word) == [word + "</w>"] for word in COMMON_WORDS)  # known words: one token
 
 
 def test_tiny_models_are_deterministic_by_seed():

@@ -547,6 +547,7 @@ def save_lora(unet, path, adapter_name: str = "subject", metadata: dict | None =
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are written as .safetensors; got {path}")
+    _require_adapter(unet, adapter_name)
     config = unet.peft_config[adapter_name].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     packed = {f"unet.{k}": v for k, v in config.items()}

@@ -31,10 +31,10 @@ COMMON_WORDS: tuple[str, ...] = tuple(
             santa scarf shaped shiny shirt sidewalk snow street sunflowers the top tower tree water wearing
             wet wheat white with wizard wooden yellow photo picture image painting watercolor pencil sketch
             pixel art style oil van gogh render stained glass window depicting origami cartoon illustration
-            made lego bricks mosaic ukiyo neon sign marble statue comic book panel children's children s
+            made lego bricks mosaic ukiyo neon sign marble statue comic book panel children s
             backpack bear plushie stuffed animal berry bowl can candle cat clock sneaker dog toy boot sloth
             monster sunglasses poop emoji rc car robot teapot vase wolf person man woman sks zwx ohwx
-            3d by at for from is this that his her close up high quality detailed
+            by at for from is this that his her close up high quality detailed
             """.split()
         )
     )
@@ -58,32 +58,43 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: merge the lowest-ranked adjacent pair until none applies."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
 def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
     """CLIP-layout vocab (bytes, bytes + '</w>', merged pieces, then the two special tokens) and merges.
 
-    Each word gets a left-to-right merge chain ``w o -> wo``, ``wo r -> wor``, ``wor d</w> -> word</w>``,
-    so known words become one token and anything else falls back to byte symbols: nothing is unknown.
+    Each word is first encoded with the merges so far, then its pieces are merged left to right by
+    new merges ranked after all earlier ones, so every listed word becomes one token (earlier words
+    are unaffected: they are single tokens before the new merges could apply). Anything else falls
+    back to smaller pieces and byte symbols: nothing is unknown.
     """
-    byte_symbols = list(_bytes_to_unicode().values())
-    tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
-    merges: list[str] = []
-    seen_tokens = set(tokens)
-    seen_merges: set[str] = set()
     byte_map = _bytes_to_unicode()
+    byte_symbols = list(byte_map.values())
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
+    seen_tokens = set(tokens)
+    ranks: dict[tuple[str, str], int] = {}
     for word in words:
         symbols = [byte_map[b] for b in word.encode("utf-8")]
         symbols[-1] += "</w>"
-        piece = symbols[0]
-        for symbol in symbols[1:]:
-            merge = f"{piece} {symbol}"
-            piece = piece + symbol
-            if merge not in seen_merges:
-                seen_merges.add(merge)
-                merges.append(merge)
+        pieces = _bpe(symbols, ranks)
+        piece = pieces[0]
+        for nxt in pieces[1:]:
+            ranks.setdefault((piece, nxt), len(ranks))
+            piece += nxt
             if piece not in seen_tokens:
                 seen_tokens.add(piece)
                 tokens.append(piece)
     tokens += [START_TOKEN, END_TOKEN]
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
