@@ -161,3 +161,9 @@ def test_help_lists_what_the_library_accepts():
     assert set(sample.MODE_NAMES) == {*guidance.MODES, *guidance.ALIASES}
     assert sample.GRANULARITIES == guidance.GRANULARITIES and sample.NORMALIZATIONS == guidance.NORMALIZATIONS
     assert sample.SCHEDULERS == sampling.SCHEDULERS
+
+
+def test_embeddings_need_their_token(tiny_sd15_dir, sd15_personal, tmp_path, capsys):
+    assert main(["sample", "--model", str(tiny_sd15_dir), "--embeddings", sd15_personal["embeddings"],
+                 "--prompt", "a <sks> dog", "--output", str(tmp_path / "x"), *SMALL]) == 2
+    assert "need the token they were learned for; pass token='<sks>' (--token)" in capsys.readouterr().err

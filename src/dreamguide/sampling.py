@@ -380,7 +380,9 @@ class Sampler:
         if lora_path is not None and unet_path is not None:
             raise ValueError("give either a LoRA or a personalized UNet, not both")
         if embeddings_path is not None and not token:
-            raise ValueError(f"embeddings {embeddings_path} need the token they were learned for; pass token='<sks>'")
+            raise ValueError(
+                f"embeddings {embeddings_path} need the token they were learned for; pass token='<sks>' (--token)"
+            )
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _torch_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
         model = models.load_model(model_id_or_path, dtype=dtype, device=device)
