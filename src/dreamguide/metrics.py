@@ -97,13 +97,14 @@ def _load(loader, name: str, source: str, **kwargs):
     try:
         return loader.from_pretrained(str(path) if looks_local else source, **kwargs)
     except (OSError, ValueError) as error:
+        where = f"[metrics.backbones] {name} in a bench config, --{name} for eval"
         if looks_local:
             hint = f"the folder is incomplete or not a {name} checkpoint"
         elif os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             hint = (f"it is not in the local hub cache and HF_HUB_OFFLINE is set; download it once "
-                    f"(`hf download {source}`) or point [metrics.backbones] {name} at a local folder")
+                    f"(`hf download {source}`) or point it at a local folder ({where})")
         else:
-            hint = f"download it (`hf download {source}`) or point [metrics.backbones] {name} at a local folder"
+            hint = f"download it (`hf download {source}`) or point it at a local folder ({where})"
         raise BackboneUnavailable(f"cannot load metric backbone {name} = {source!r}: {hint} ({error})") from error
 
 

@@ -55,12 +55,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_image_atomic(image, path: str | Path) -> None:
-    import io
+def save_image_atomic(image, path: str | Path, metadata: dict | None = None) -> None:
+    """PNG written under a temporary name and moved into place, with dreamguide metadata when given."""
+    from dreamguide.images import save_png
 
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_png(image, path, metadata)
 
 
 def build_jobs(world: World, plan: Plan) -> list[Job]:
@@ -200,7 +200,7 @@ def run_shard(
         for job, item, values in zip(group, generated, scores):
             subject = job.case.subject
             image_path = Path("images") / subject / f"{job.file_stem}.png"
-            save_image_atomic(item.image, output / image_path)
+            save_image_atomic(item.image, output / image_path, item.metadata)
             trace_path = None
             if item.trace is not None:
                 trace_path = str(Path("traces") / subject / f"{job.file_stem}.json")

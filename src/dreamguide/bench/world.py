@@ -142,6 +142,7 @@ class Generated:
 
     image: Any  # PIL.Image
     trace: list[dict] | None = None
+    metadata: dict | None = None  # stored in the PNG (dreamguide.images.save_png)
 
 
 @runtime_checkable

@@ -1,0 +1,120 @@
+"""``dreamguide bench``: benchmark groups (``dreamguide bench dreambench CONFIG``, ...).
+
+Each benchmark is a sub-command registered in ``BENCHMARKS`` by ``@benchmark(name)``: a
+function that adds its parser to the ``bench`` sub-parsers and sets ``func``. To add one,
+write another such function in this module (or call ``benchmark(name)(fn)`` from elsewhere
+before ``add_parser`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+#: name -> function(subparsers) that adds the benchmark's parser (with ``func`` set).
+BENCHMARKS: dict[str, Callable] = {}
+
+
+def benchmark(name: str) -> Callable[[Callable], Callable]:
+    def register(add: Callable) -> Callable:
+        BENCHMARKS[name] = add
+        return add
+
+    return register
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="run a benchmark (dreambench, ...)",
+                                   description="Run a benchmark: generate, score and summarize.")
+    inner = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    for add in BENCHMARKS.values():
+        add(inner)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# dreambench
+
+DREAMBENCH_EXAMPLE = """\
+example (one GPU, or several with accelerate):
+  dreamguide bench dreambench bench.toml --output runs/dreambench
+  accelerate launch --num_processes 2 -m dreamguide bench dreambench bench.toml --output runs/dreambench
+
+A killed run resumes where it stopped when started again with the same config and output.
+The config format is in docs/EVALUATION.md.
+"""
+
+
+def _csv_list(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+
+    return parse
+
+
+@benchmark("dreambench")
+def _add_dreambench(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "dreambench",
+        help="DreamBench: 30 subjects x (25 + 15 stylized) prompts x seeds x guidance settings, scored",
+        description="Generate DreamBench images with per-subject adapters, score identity and text alignment, "
+        "and write per-image results, bootstrap tables, a Pareto plot and a Consistency_p figure.",
+        epilog=DREAMBENCH_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="benchmark config (TOML), see docs/EVALUATION.md")
+    parser.add_argument("--output", help="output folder (default: the config's 'output', else runs/dreambench)")
+    parser.add_argument("--dreambench", help="DreamBench folder (overrides the config)")
+    parser.add_argument("--subjects", type=_csv_list(str), help="comma-separated subjects (default: config / all)")
+    parser.add_argument("--prompts-per-set", type=int, help="only the first N prompts of each set (reduced runs)")
+    parser.add_argument("--modes", type=_csv_list(str), help="comma-separated guidance modes (overrides the config)")
+    parser.add_argument("--seeds", type=_csv_list(int), help="comma-separated seeds (overrides the config)")
+    parser.add_argument("--w-cons", type=_csv_list(float), help="comma-separated w_cons sweep (overrides the config)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate data, adapters and metric backbones, print the job count, generate nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only merge finished results and rewrite tables and figures")
+    parser.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill after N groups
+    parser.set_defaults(func=run_dreambench)
+    return parser
+
+
+def run_dreambench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dreamguide.bench.dreambench_world import DreamBenchWorld, load_config
+    from dreamguide.bench.report import write_report
+    from dreamguide.bench.runner import build_jobs, group_jobs, merge_results, run_benchmark
+    from dreamguide.cli import CommandError
+
+    overrides = {"dreambench": args.dreambench, "subjects": args.subjects, "prompts_per_set": args.prompts_per_set}
+    sampling = {k: v for k, v in (("modes", args.modes), ("seeds", args.seeds), ("w_cons", args.w_cons)) if v}
+    config = load_config(args.config, overrides=overrides, sampling_overrides=sampling)
+    output = Path(args.output) if args.output else (config.output or Path("runs/dreambench"))
+    world = DreamBenchWorld(config)
+    if args.report_only:
+        rows, missing = merge_results(world, config.plan, output)
+        if missing:
+            raise CommandError(f"{output}: {missing} images are not done yet; run the benchmark to finish them")
+        write_report(rows, world, config.plan, output, config.report)
+        return 0
+    if args.check:
+        world.prepare()
+        jobs = build_jobs(world, config.plan)
+        print(f"ok: {len(world.load_data().subjects)} subjects, {len({j.case for j in jobs})} prompts, "
+              f"{len(config.plan.settings())} guidance settings, {len(config.plan.seeds)} seeds: "
+              f"{len(jobs)} images in {len(group_jobs(jobs))} sampler calls")
+        for metric, backbone in world.metric_backbones().items():
+            print(f"  {metric}: {backbone}")
+        return 0
+    try:
+        run_benchmark(world, config.plan, output, config.report, stop_after_groups=args.stop_after)
+    except KeyboardInterrupt as stop:
+        print(f"interrupted ({stop}); run the same command again to resume")
+        return 130
+    return 0

@@ -1,0 +1,178 @@
+"""DreamBench end to end on tiny models: reduced benchmark, kill + resume over 2 shards, bad inputs, CLIs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamguide.bench.dreambench_world import DreamBenchWorld, config_from_dict, load_config
+from dreamguide.bench.report import ReportSettings, read_rows
+from dreamguide.bench.runner import build_jobs, group_jobs, run_benchmark
+from dreamguide.cli import main
+from dreamguide.metrics import Scorer
+
+DREAMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "dreambench"
+pytestmark = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/dreambench is not present")
+QUIET = dict(log=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_sd15_dir):
+    """Tiny SD 1.5 base, a LoRA + embeddings for it, a LoRA for tiny SDXL, tiny metric backbones."""
+    from dreamguide import models
+    from dreamguide.bench.tiny_backbones import save_tiny_backbones
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("bench-assets")
+    model = models.load_model(tiny_sd15_dir)
+    models.add_lora(model.unet, rank=2, adapter_name="subject")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    models.save_lora(model.unet, root / "lora.safetensors", "subject")
+    models.add_tokens(model, ["sks"], "dog")
+    models.save_embeddings(model, ["sks"], root / "embeddings.safetensors")
+    sdxl = models.DiffusionModel.from_pipeline(tiny_sdxl_pipeline(0))
+    models.add_lora(sdxl.unet, rank=2, adapter_name="subject")
+    models.save_lora(sdxl.unet, root / "sdxl_lora.safetensors", "subject")
+    backbones = save_tiny_backbones(root / "backbones")
+    return {"base": str(tiny_sd15_dir), "root": root, "backbones": backbones}
+
+
+def _config(assets, **changes):
+    adapters = {"subjects": {
+        "dog": {"lora": str(assets["root"] / "lora.safetensors"),
+                "embeddings": str(assets["root"] / "embeddings.safetensors")},
+        "backpack": {"lora": str(assets["root"] / "lora.safetensors")},
+    }}
+    data = {
+        "dreambench": str(DREAMBENCH), "subjects": ["dog", "backpack"], "prompts_per_set": 1,
+        "model": {"base": assets["base"]},
+        "sampling": {"modes": ["pr"], "seeds": [0], "w_cons": [3.0], "steps": 2, "batch_size": 2},
+        "adapters": adapters,
+        "metrics": {"backbones": assets["backbones"].to_dict()},
+        "report": {"bootstrap_samples": 50},
+    }
+    for key, value in changes.items():
+        data[key] = value
+    return config_from_dict(data, assets["root"], "test.toml")
+
+
+def test_reduced_dreambench_run_kill_resume_and_shards(tmp_path, assets):
+    config = _config(assets)
+    world = DreamBenchWorld(config)
+    cases = world.cases()
+    # 2 subjects x (1 DreamBench + 1 stylized prompt); the dog is live, the backpack an object
+    assert [(c.subject, c.prompt_set, c.token_prompt, c.base_prompt) for c in cases] == [
+        ("dog", "dreambench", "a sks dog in the jungle", "a dog in the jungle"),
+        ("dog", "stylized", "a watercolor painting of sks dog", "a watercolor painting of dog"),
+        ("backpack", "dreambench", "a sks backpack in the jungle", "a backpack in the jungle"),
+        ("backpack", "stylized", "a watercolor painting of sks backpack", "a watercolor painting of backpack"),
+    ]
+    straight = run_benchmark(world, config.plan, tmp_path / "straight", config.report, 0, 1, **QUIET)
+    assert len(straight) == 4
+    for row in straight:
+        assert 0 < row["siglip"] < 1 and -1 <= row["dino"] <= 1 and row["w_cons"] == 3.0
+        assert row["trace"] and (tmp_path / "straight" / row["trace"]).is_file()
+    # the scores are the Scorer's on the saved images and the base prompts
+    from PIL import Image
+
+    scorer = Scorer(assets["backbones"])
+    row = straight[0]
+    refs = [Image.open(p).convert("RGB") for p in sorted((DREAMBENCH / "dog").glob("*.jpg"))]
+    image = Image.open(tmp_path / "straight" / row["image"]).convert("RGB")
+    again = scorer.score([image], [row["base_prompt"]], scorer.embed_references(refs))[0]
+    for metric, value in again.items():
+        assert row[metric] == pytest.approx(value, abs=1e-5)
+    summary = (tmp_path / "straight" / "tables" / "summary.md").read_text()
+    assert str(assets["backbones"].siglip) in summary and "base prompt" in summary
+    assert (tmp_path / "straight" / "figures" / "consistency_p.png").is_file()
+
+    # killed after one sampler call, then finished by two processes: same rows, same images
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(DreamBenchWorld(config), config.plan, tmp_path / "resumed", config.report, 0, 1,
+                      stop_after_groups=1, **QUIET)
+    assert run_benchmark(DreamBenchWorld(config), config.plan, tmp_path / "resumed", config.report, 1, 2,
+                         **QUIET) is None
+    merged = run_benchmark(DreamBenchWorld(config), config.plan, tmp_path / "resumed", config.report, 0, 2, **QUIET)
+    assert merged == straight
+    assert (tmp_path / "resumed" / "results.csv").read_text() == (tmp_path / "straight" / "results.csv").read_text()
+    for row in straight:
+        assert (tmp_path / "resumed" / row["image"]).read_bytes() == (tmp_path / "straight" / row["image"]).read_bytes()
+
+
+def _no_generation(output: Path):
+    return not (output / "images").exists()
+
+
+def test_bad_inputs_fail_before_generation(tmp_path, assets):
+    output = tmp_path / "out"
+    root = assets["root"]
+    wrong_base = _config(assets, adapters={"subjects": {"dog": {"lora": str(root / "sdxl_lora.safetensors")},
+                                                        "backpack": {"lora": str(root / "lora.safetensors")}}})
+    with pytest.raises(ValueError, match="subject 'dog': adapter does not fit base model.*different base model"):
+        run_benchmark(DreamBenchWorld(wrong_base), wrong_base.plan, output, None, 0, 1, **QUIET)
+    missing = _config(assets, adapters={"subjects": {"dog": {"lora": str(root / "lora.safetensors")}}})
+    with pytest.raises(FileNotFoundError, match="subject 'backpack' has no adapter"):
+        run_benchmark(DreamBenchWorld(missing), missing.plan, output, None, 0, 1, **QUIET)
+    no_backbone = _config(assets, metrics={"backbones": {"dino": "nobody/missing-dino"}})
+    with pytest.raises(FileNotFoundError, match="nobody/missing-dino"):
+        run_benchmark(DreamBenchWorld(no_backbone), no_backbone.plan, output, None, 0, 1, **QUIET)
+    no_subject = _config(assets, subjects=["dog", "dragon"])
+    with pytest.raises(ValueError, match="dragon"):
+        run_benchmark(DreamBenchWorld(no_subject), no_subject.plan, output, None, 0, 1, **QUIET)
+    assert _no_generation(output)
+    with pytest.raises(ValueError, match="unknown key 'sampling.stepz'"):
+        _config(assets, sampling={"stepz": 3})
+    with pytest.raises(ValueError, match="unknown guidance mode"):
+        _config(assets, sampling={"modes": ["nope"]})
+
+
+def test_cli_check_and_eval(tmp_path, assets, capsys):
+    b = assets["backbones"]
+    config = tmp_path / "bench.toml"
+    config.write_text(f"""
+dreambench = "{DREAMBENCH}"
+subjects = ["dog"]
+prompts_per_set = 2
+[model]
+base = "{assets['base']}"
+[sampling]
+modes = ["cfg", "consistency", "pr"]
+w_cons = [1.0, 3.0]
+[adapters.subjects.dog]
+lora = "{assets['root'] / 'lora.safetensors'}"
+[metrics.backbones]
+dino = "{b.dino}"
+dinov2 = "{b.dinov2}"
+clip = "{b.clip}"
+siglip = "{b.siglip}"
+""")
+    assert main(["bench", "dreambench", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    # 4 prompts x (cfg + 2 modes x 2 w_cons) x 4 seeds; one sampler call per (prompt, weights)
+    assert "1 subjects, 4 prompts, 5 guidance settings, 4 seeds: 80 images in 12 sampler calls" in out
+    assert f"siglip: {b.siglip}" in out
+    assert load_config(config, sampling_overrides={"w_cons": [2.0]}).plan.w_cons == (2.0,)
+
+    images = sorted((DREAMBENCH / "backpack").glob("*.jpg"))[:2]
+    scores = tmp_path / "scores.csv"
+    args = ["eval", *map(str, images), "--references", str(DREAMBENCH / "dog"), "--base-prompt", "a backpack",
+            "--dino", b.dino, "--dinov2", b.dinov2, "--clip", b.clip, "--siglip", b.siglip, "--output", str(scores)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(scores.open()))
+    from PIL import Image
+
+    scorer = Scorer(b)
+    refs = scorer.embed_references([Image.open(p).convert("RGB") for p in sorted((DREAMBENCH / "dog").glob("*.jpg"))])
+    expected = scorer.score([Image.open(p).convert("RGB") for p in images], ["a backpack"] * 2, refs)
+    for row, values in zip(rows, expected):
+        for metric, value in values.items():
+            assert float(row[metric]) == pytest.approx(value, abs=1e-5)
+    assert main(["eval", str(images[0]), "--metrics", "dino"]) == 2
+    assert "--references" in capsys.readouterr().err
