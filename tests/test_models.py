@@ -115,6 +115,17 @@ def test_hub_id_offline_and_missing_path_errors(tmp_path, monkeypatch):
         load_model(missing)
 
 
+def test_pickle_weights_are_refused(tmp_path, tiny_sd15_dir):
+    import shutil
+
+    folder = shutil.copytree(tiny_sd15_dir, tmp_path / "model")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"cannot load unet/ of .*only from \.safetensors"):
+        load_model(folder)
+
+
 def test_encode_prompts_sdxl_shapes_zeroed_empty_prompt_and_diffusers_agreement():
     pipe = tiny_sdxl_pipeline(seed=0)
     model = DiffusionModel.from_pipeline(pipe)

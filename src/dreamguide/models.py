@@ -320,13 +320,17 @@ def load_model(
     if variant:
         common["variant"] = variant
 
-    def transformers_model(sub: str, cls):
+    def component(sub: str, cls, **kwargs):
         try:
-            return cls.from_pretrained(root, subfolder=sub, **common).eval()
-        except OSError as error:
-            raise FileNotFoundError(f"cannot load {sub}/ of {text} from safetensors: {error}") from error
+            loaded = cls.from_pretrained(root, subfolder=sub, **kwargs)
+        except OSError as error:  # missing folder or file, or only pickle (.bin) weights
+            raise FileNotFoundError(
+                f"cannot load {sub}/ of {text}: {str(error).rstrip('.')}. dreamguide reads weights only from .safetensors; "
+                "convert .bin weights with diffusers/transformers save_pretrained(safe_serialization=True)"
+            ) from error
+        return loaded.eval() if isinstance(loaded, torch.nn.Module) else loaded
 
-    unet = diffusers.UNet2DConditionModel.from_pretrained(root, subfolder="unet", **common).eval()
+    unet = component("unet", diffusers.UNet2DConditionModel, **common)
     scheduler_config = diffusers.DDIMScheduler.load_config(root, subfolder="scheduler")
     scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
@@ -335,14 +339,14 @@ def load_model(
             "pass scheduler='ddim' (or another diffusers scheduler) to load_model"
         )
     default_scheduler = scheduler_class.from_config(scheduler_config)
-    tokenizers = [CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")]
-    text_encoders = [transformers_model("text_encoder", CLIPTextModel)]
+    tokenizers = [component("tokenizer", CLIPTokenizer)]
+    text_encoders = [component("text_encoder", CLIPTextModel, **common)]
     vae = None
     if kind == "sdxl":
-        tokenizers.append(CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2"))
-        text_encoders.append(transformers_model("text_encoder_2", CLIPTextModelWithProjection))
+        tokenizers.append(component("tokenizer_2", CLIPTokenizer))
+        text_encoders.append(component("text_encoder_2", CLIPTextModelWithProjection, **common))
     if kind != "pixel":
-        vae = diffusers.AutoencoderKL.from_pretrained(root, subfolder="vae", **common).eval()
+        vae = component("vae", diffusers.AutoencoderKL, **common)
     model = DiffusionModel(
         kind=kind,
         unet=unet,
