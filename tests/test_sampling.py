@@ -294,10 +294,11 @@ def test_errors_before_sampling(sd15):
         Sampler(sd15, adapter_name="nope")
 
 
-@pytest.mark.parametrize("trace", [False, True])
-def test_nonfinite_prediction_names_the_step(sd15, trace):
-    from dreamguide.sampling import NonFiniteError, Sampler
+@pytest.mark.parametrize("trace, check_every, steps, calls_made", [(False, 10, 4, 4), (False, 2, 6, 4), (True, 10, 4, 3)])
+def test_nonfinite_prediction_names_the_step(sd15, monkeypatch, trace, check_every, steps, calls_made):
+    from dreamguide import sampling
 
+    monkeypatch.setattr(sampling, "NONFINITE_CHECK_EVERY", check_every)
     calls = []
 
     def poison_third_call(module, args, output):
@@ -308,13 +309,14 @@ def test_nonfinite_prediction_names_the_step(sd15, trace):
 
     handle = sd15.unet.register_forward_hook(poison_third_call)
     try:
-        settings = SampleSettings(**TOKEN_KW, modes="pr", seeds="5", steps=4, height=16, width=16, trace=trace)
-        with pytest.raises(NonFiniteError, match=r"non-finite \(NaN or inf\) at step 3/4 \(timestep \d+\) in mode "
-                                                 r"'parallel-rescaled' for seed 5"):
-            Sampler(sd15, adapter_name="subject").sample(settings, progress=False)
+        settings = SampleSettings(**TOKEN_KW, modes="pr", seeds="5", steps=steps, height=16, width=16, trace=trace)
+        with pytest.raises(sampling.NonFiniteError, match=rf"non-finite \(NaN or inf\) at step 3/{steps} "
+                                                          r"\(timestep \d+\) in mode 'parallel-rescaled' for seed 5"):
+            sampling.Sampler(sd15, adapter_name="subject").sample(settings, progress=False)
     finally:
         handle.remove()
-    assert len(calls) == (3 if trace else 4)  # traced runs stop at once; untraced ones check at the end
+    # Traced runs stop at once; untraced ones read the device-side flag every `check_every` steps and at the end.
+    assert len(calls) == calls_made
 
 
 def test_float16_vae_decodes_in_float32(sd15):
@@ -329,3 +331,17 @@ def test_float16_vae_decodes_in_float32(sd15):
     half.kind = "sdxl"  # the SDXL VAE overflows in float16
     decoder = Sampler(half)._decoder()
     assert decoder.dtype == torch.float32 and half.vae.dtype == torch.float16
+
+
+def test_learned_variance_is_kept_only_for_schedulers_that_use_it():
+    import torch
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    from dreamguide.sampling import _split_variance
+
+    output = torch.arange(2 * 6 * 2 * 2, dtype=torch.float32).view(2, 6, 2, 2)
+    prediction, variance = _split_variance(output, 3, DDPMScheduler(variance_type="learned_range"))
+    assert torch.equal(prediction, output[:, :3]) and torch.equal(variance, output[:, 3:])
+    prediction, variance = _split_variance(output, 3, EulerDiscreteScheduler())
+    assert torch.equal(prediction, output[:, :3]) and variance is None
+    assert _split_variance(output, 6, EulerDiscreteScheduler())[0] is output

@@ -552,17 +552,18 @@ class Sampler:
                 )
             else:
                 guided, stats = guidance.guide(mode, predictions, settings.w_text, settings.w_cons, settings.pr), None
-            bad = ~torch.isfinite(guided).flatten(1).all(dim=1)
-            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
             if stats is not None:
                 sigma = getattr(scheduler, "sigmas", None)
                 traced.append((i, float(t), None if sigma is None else float(sigma[i]), stats))
-            if settings.trace or (i + 1) % NONFINITE_CHECK_EVERY == 0:
-                self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
             if variance is not None:
                 guided = torch.cat([guided, variance.chunk(len(needs))[-1]], dim=1)
             step_kwargs = {"generator": generators} if step_takes_generator else {}
             x = scheduler.step(guided, t, x, return_dict=False, **step_kwargs)[0]
+            # A non-finite guided prediction (or scheduler update) shows in x: flag it on the device.
+            bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
+            if settings.trace or (i + 1) % NONFINITE_CHECK_EVERY == 0:
+                self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
             bar.update(1)
         self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
         images = [self._to_image(x[j : j + 1]) for j in range(n_images)]
@@ -587,7 +588,7 @@ class Sampler:
         for seed, step in zip(seeds, bad_steps):
             if step >= 0:
                 raise NonFiniteError(
-                    f"the guided prediction became non-finite (NaN or inf) at step {step + 1}/{steps} "
+                    f"the sample became non-finite (NaN or inf) at step {step + 1}/{steps} "
                     f"(timestep {float(timesteps[step]):g}) in mode {mode.name!r} for seed {seed}; "
                     "sample in float32 (--dtype float32) or lower the guidance weights"
                 )
