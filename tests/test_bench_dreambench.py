@@ -176,3 +176,33 @@ siglip = "{b.siglip}"
             assert float(row[metric]) == pytest.approx(value, abs=1e-5)
     assert main(["eval", str(images[0]), "--metrics", "dino"]) == 2
     assert "--references" in capsys.readouterr().err
+
+
+def test_train_section_trains_missing_subjects_once(tmp_path, assets):
+    train_toml = tmp_path / "train.toml"
+    train_toml.write_text("""
+[data]
+token = "<dog>"
+resolution = 32
+[train]
+method = "dco"
+steps = 1
+[ti]
+enabled = true
+[lora]
+rank = 2
+alpha = 2
+[output]
+checkpoint_every = 0
+""")
+    config = _config(assets, subjects=["dog"], adapters={}, prompt_sets=["stylized"],
+                     train={"config": str(train_toml), "output": str(tmp_path / "adapters")})
+    world = DreamBenchWorld(config)
+    assert world.untrained_subjects() == ["dog"]
+    assert world.cases()[0].token_prompt == "a watercolor painting of <dog> dog"
+    rows = run_benchmark(world, config.plan, tmp_path / "out", config.report, 0, 1, **QUIET)
+    adapter = world.adapter("dog")
+    assert adapter.lora == tmp_path / "adapters" / "dog" / "pytorch_lora_weights.safetensors"
+    assert adapter.lora.is_file() and adapter.embeddings.is_file() and adapter.token == "<dog>"
+    assert len(rows) == 1 and rows[0]["prompt"] == "a watercolor painting of <dog> dog"
+    assert DreamBenchWorld(config).untrained_subjects() == []

@@ -105,6 +105,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TrainAllConfig:
+    """Train every subject without a listed adapter with ``dreamguide.training`` before sampling."""
+
+    config: Path
+    output: Path
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DreamBenchConfig:
     dreambench: Path
     base_model: str
@@ -121,6 +130,7 @@ class DreamBenchConfig:
     default_token: str = "sks"
     adapter_folder: Path | None = None
     output: Path | None = None
+    train: TrainAllConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,11 +193,15 @@ def config_from_dict(data: dict, base: Path, source: str = "config", overrides: 
                        "metrics": dict, "report": dict, "train": dict}, "", source)
     if top.get("world", "dreambench") != "dreambench":
         raise ValueError(f"{source}: world {top['world']!r} is not the DreamBench world")
+    train = None
     if "train" in top:
-        raise ValueError(
-            f"{source}: [train] (training all subjects inside the benchmark) is not supported yet; "
-            f"train each subject with `dreamguide train` and list the adapters under [adapters]"
-        )
+        table = _take(top["train"], {"config": str, "output": str, "overrides": list}, "train.", source)
+        if "config" not in table:
+            raise ValueError(f"{source}: [train] needs 'config', a `dreamguide train` config used for every subject")
+        if not all(isinstance(o, str) and "=" in o for o in table.get("overrides", [])):
+            raise ValueError(f"{source}: train.overrides must be 'key=value' strings, e.g. 'train.steps=500'")
+        train = TrainAllConfig(_path(table["config"], base), _path(table.get("output", "adapters"), base),
+                               tuple(table.get("overrides", ())))
     if "dreambench" not in top:
         raise ValueError(f"{source}: missing key 'dreambench' (the DreamBench folder)")
     model = _take(top.get("model", {}), {"base": str, "dtype": str, "device": str}, "model.", source)
@@ -257,6 +271,7 @@ def config_from_dict(data: dict, base: Path, source: str = "config", overrides: 
         default_token=default_token,
         adapter_folder=_path(adapters.get("folder"), base),
         output=_path(str(top["output"]), base) if "output" in top else None,
+        train=train,
     )
 
 
@@ -303,12 +318,56 @@ class DreamBenchWorld:
         cfg = self.config
         if subject in cfg.adapters:
             return cfg.adapters[subject]
+        if cfg.train is not None:
+            return self._trained_adapter(subject)
         if cfg.adapter_folder is not None:
             folder = cfg.adapter_folder / subject
             found = {k: folder / f for k, f in ADAPTER_FILES.items() if (folder / f).is_file()}
             if found:
                 return SubjectAdapter(found.get("lora"), found.get("embeddings"), cfg.default_token)
         return SubjectAdapter(token=cfg.default_token)
+
+    # -- training every subject ([train]) -----------------------------------------------------
+
+    def _train_config(self, subject: str):
+        """The subject's `dreamguide train` config: the shared file plus its data, base model and output."""
+        from dreamguide.training import load_config as load_train_config
+
+        train = self.config.train
+        info = self.load_data().subjects[subject]
+        instance = self.config.dreambench / subject
+        overrides = [*train.overrides, f"model.pretrained={self.config.base_model}",
+                     f"data.instance_dir={instance}", f"data.class_word={info.class_word}",
+                     f"output.dir={train.output / subject}"]
+        return load_train_config(train.config, overrides=overrides)
+
+    def _trained_adapter(self, subject: str) -> SubjectAdapter:
+        from dreamguide.training.outputs import EMBEDDINGS_FILE, LORA_FILE
+
+        config = self._train_config(subject)
+        folder = Path(config.output.dir)
+        embeddings = folder / EMBEDDINGS_FILE if config.uses_ti else None
+        return SubjectAdapter(folder / LORA_FILE, embeddings, config.data.token)
+
+    def untrained_subjects(self) -> list[str]:
+        if self.config.train is None:
+            return []
+        return [s for s in self.load_data().subjects if s not in self.config.adapters
+                and not all(p is None or p.is_file() for p in (self.adapter(s).lora, self.adapter(s).embeddings))]
+
+    def train_missing(self, log=print) -> list[str]:
+        """Train (or resume training) every subject whose adapter files are not there yet."""
+        from dreamguide.training import train
+        from dreamguide.training.checkpoints import list_checkpoints
+
+        trained = []
+        for subject in self.untrained_subjects():
+            config = self._train_config(subject)
+            resume = "latest" if list_checkpoints(config.output.dir) else None
+            log(f"training {subject} -> {config.output.dir}" + (" (resuming)" if resume else ""))
+            train(config, resume=resume, progress=False)
+            trained.append(subject)
+        return trained
 
     def needs_adapters(self) -> bool:
         return any(uses_consistency(m) or m == "dreambooth" for m in self.config.plan.modes)
@@ -385,14 +444,23 @@ class DreamBenchWorld:
         """Validate data and adapters and load the metric backbones, before any generation."""
         import torch
 
+        from dreamguide.bench.runner import process_info
         from dreamguide.metrics import Scorer
 
         self.load_data()
-        self.check_adapters()
-        if self.scorer is None:
+        if self.scorer is None:  # first: a missing backbone must not wait for hours of training
             dtype = getattr(torch, self.config.metrics.dtype)
             self.scorer = Scorer(self.config.metrics.backbones, self.config.metrics.names,
                                  _device(self.config.metrics.device), dtype, self.config.metrics.batch_size)
+        missing = self.untrained_subjects()
+        if missing:
+            if process_info()[1] > 1:
+                raise RuntimeError(
+                    f"subjects {missing} are not trained yet; train them first in one process "
+                    f"(`dreamguide bench dreambench CONFIG --train-only`), then launch the benchmark"
+                )
+            self.train_missing()
+        self.check_adapters()
 
     # -- generation --------------------------------------------------------------------------
 

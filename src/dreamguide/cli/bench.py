@@ -77,6 +77,8 @@ def _add_dreambench(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--w-cons", type=_csv_list(float), help="comma-separated w_cons sweep (overrides the config)")
     parser.add_argument("--check", action="store_true",
                         help="validate data, adapters and metric backbones, print the job count, generate nothing")
+    parser.add_argument("--train-only", action="store_true",
+                        help="with [train] in the config: train (or resume) the subjects' adapters, then stop")
     parser.add_argument("--report-only", action="store_true",
                         help="only merge finished results and rewrite tables and figures")
     parser.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill after N groups
@@ -102,6 +104,12 @@ def run_dreambench(args: argparse.Namespace) -> int:
         if missing:
             raise CommandError(f"{output}: {missing} images are not done yet; run the benchmark to finish them")
         write_report(rows, world, config.plan, output, config.report)
+        return 0
+    if args.train_only:
+        if config.train is None:
+            raise CommandError(f"{args.config} has no [train] section; --train-only trains the subjects it lists")
+        trained = world.train_missing()
+        print(f"trained {len(trained)} subjects; {len(world.untrained_subjects())} left")
         return 0
     if args.check:
         world.prepare()
