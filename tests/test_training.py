@@ -214,6 +214,11 @@ def test_output_files_keys_metadata_and_diffusers_loading(model_dirs, photos, tm
         meta = read_metadata(path)
         assert (meta["token"], meta["class_word"], meta["method"], meta["steps"]) == (TOKEN, CLASS_WORD, "dco", 2)
         assert meta["base_model"] == str(model_dirs["sdxl"]) and meta["lora_rank"] == 4 and meta["dco_beta"] == 1000.0
+    # The Kohya copy loads to the same adapter (alpha 8 != rank 4, so the scale is checked too).
+    kohya_model = models.load_model(model_dirs["sdxl"])
+    models.load_embeddings(kohya_model, result.embeddings_path, TOKEN)
+    models.load_lora(kohya_model, result.kohya_path, ADAPTER_NAME)
+    torch.testing.assert_close(unet_prediction(kohya_model), unet_prediction(result.model), rtol=1e-5, atol=1e-5)
     # diffusers' own loaders rebuild the same personalized model.
     pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dirs["sdxl"]), use_safetensors=True)
     pipe.load_lora_weights(str(result.output_dir), weight_name=result.lora_path.name)
@@ -222,6 +227,45 @@ def test_output_files_keys_metadata_and_diffusers_loading(model_dirs, photos, tm
     pipe.load_textual_inversion(saved["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
     expected = unet_prediction(result.model)
     torch.testing.assert_close(unet_prediction(models.DiffusionModel.from_pipeline(pipe)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_caching_checkpointing_and_samples_leave_the_training_unchanged(model_dirs, photos, tmp_path):
+    def run(name, **sections):
+        result = train(make_config(model_dirs["sd"], photos, tmp_path / name, **sections), progress=False)
+        return result, load_file(str(result.lora_path))
+
+    baseline, weights = run("baseline")
+    # Encoding every step draws the same posterior sample as the cache; checkpointing recomputes exactly.
+    other, other_weights = run("uncached", data={"cache_latents": False}, train={"gradient_checkpointing": True})
+    assert other.losses == pytest.approx(baseline.losses, rel=1e-5)
+    # Adam divides by the root of tiny second moments, so float rounding shows at ~1e-5 (steps are 1e-2).
+    assert all(torch.allclose(other_weights[k], weights[k], atol=1e-4) for k in weights)
+    # Sampling in between steps draws nothing from the training's random streams.
+    sampled, sampled_weights = run("sampled", sample={"every": 1, "steps": 2, "modes": ["dreambooth", "consistency"]})
+    assert sampled.losses == baseline.losses
+    assert all(torch.equal(sampled_weights[k], weights[k]) for k in weights)
+    for step in (1, 2):
+        folder = tmp_path / "sampled" / "samples" / f"step-{step:06d}" / "prompt-0"
+        assert {p.name for p in folder.glob("*.png")} == {"dreambooth-seed0.png", "consistency-seed0.png", "grid.png"}
+
+
+def test_prior_preservation_adds_the_class_image_loss(model_dirs, photos, tmp_path):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(class_dir / f"c{i}.png")
+    (class_dir / "c1.txt").write_text("a dog on the grass")
+
+    def run(name, weight):
+        config = make_config(
+            model_dirs["sd"], photos, tmp_path / name, data={"class_dir": str(class_dir), "prior_loss_weight": weight}
+        )
+        return train(config, progress=False)
+
+    with_prior, without = run("prior", 1.0), run("no-prior", 0.0)
+    # Same instance rows at step 1; the difference is the class rows' MSE, which is positive.
+    assert with_prior.losses[0] > without.losses[0] + 1e-3
+    assert with_prior.losses[1] != without.losses[1]
 
 
 @pytest.mark.parametrize("case", ["empty", "corrupt", "no-token", "too-small"])
