@@ -201,7 +201,8 @@ def test_consistency_with_zero_weight_is_cfg_and_modes_share_noise(sd15):
 
     sampler = Sampler(sd15, adapter_name="subject")
     common = dict(**TOKEN_KW, seeds="0-1", steps=3, height=16, width=16, batch_size=2)
-    cfg, cons0, pr0 = sampler.sample(SampleSettings(**common, modes="cfg,consistency,pr", w_cons=0.0), progress=False)[::2]
+    zero = SampleSettings(**common, modes="cfg,consistency,pr", w_cons=0.0)
+    cfg, cons0, pr0 = sampler.sample(zero, progress=False)[::2]
     assert max_diff(cfg, cons0) <= 1 and max_diff(cfg, pr0) <= 1
     cfg, cons = sampler.sample(SampleSettings(**common, modes="cfg,consistency"), progress=False)[::2]
     assert max_diff(cfg, cons) > 10  # the adapter row really goes through the LoRA
@@ -294,7 +295,9 @@ def test_errors_before_sampling(sd15):
         Sampler(sd15, adapter_name="nope")
 
 
-@pytest.mark.parametrize("trace, check_every, steps, calls_made", [(False, 10, 4, 4), (False, 2, 6, 4), (True, 10, 4, 3)])
+@pytest.mark.parametrize(
+    "trace, check_every, steps, calls_made", [(False, 10, 4, 4), (False, 2, 6, 4), (True, 10, 4, 3)]
+)
 def test_nonfinite_prediction_names_the_step(sd15, monkeypatch, trace, check_every, steps, calls_made):
     from dreamguide import sampling
 

@@ -162,7 +162,8 @@ def image_grid(
     draw = ImageDraw.Draw(grid)
     for c, label in enumerate(column_labels):
         w, _ = text_size(label)
-        draw.text((margin_w + c * col_w + padding + (col_w - padding - w) // 2, padding), label, fill="black", font=font)
+        left = margin_w + c * col_w + padding + (col_w - padding - w) // 2
+        draw.text((left, padding), label, fill="black", font=font)
     for r, row in enumerate(rows):
         top = header_h + r * row_h + padding
         if row_labels:

@@ -273,15 +273,21 @@ def make_scheduler(model_scheduler, name: str = "default"):
 # The sampler
 
 
-def _torch_dtype(dtype):
+def _torch_dtype(dtype) -> "torch.dtype | None":
+    """A torch dtype from a dtype or a name (``float32``, ``float16``/``fp16``, ``bfloat16``/``bf16``);
+    ``None`` and ``"auto"`` give ``None`` (the caller picks)."""
     import torch
 
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype == "auto":
-        return None
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, float32, float16, bfloat16")
     return names[dtype]
@@ -468,7 +474,8 @@ class Sampler:
             conditioning = self._encode(prompts, height, width)
             with tqdm(total=len(jobs) * settings.steps, disable=not progress, desc="sampling", unit="step") as bar:
                 for mode, seeds in jobs:
-                    batch = self._sample_batch(guidance.get_mode(mode), seeds, settings, conditioning, height, width, bar)
+                    mode_ = guidance.get_mode(mode)
+                    batch = self._sample_batch(mode_, seeds, settings, conditioning, height, width, bar)
                     for seed, (image, trace) in zip(seeds, batch):
                         metadata = self.metadata(settings, mode, seed, height, width)
                         results.append(
