@@ -34,10 +34,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from dreamguide.training import load_config, train
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
+    if not PartialState().is_main_process:
+        return 0
     print(f"LoRA:        {result.lora_path}")
     print(f"Kohya LoRA:  {result.kohya_path}")
     if result.embeddings_path is not None:
