@@ -204,3 +204,9 @@ def test_bad_switches_are_rejected():
         ParallelRescaling(granularity="sample")
     with pytest.raises(ValueError, match="eps must be positive"):
         ParallelRescaling(eps=0.0)
+
+
+def test_stats_survive_non_finite_values():
+    k = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0]])
+    hist = consistency_p_stats(k)["histogram"][0]
+    assert hist.sum() == 4 and hist[0] == 1 and hist[-1] == 1

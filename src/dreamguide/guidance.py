@@ -133,7 +133,9 @@ def consistency_p_stats(k: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample statistics of Consistency_p, as tensors (no host sync): the timestep-analysis data."""
     flat = k.float().flatten(1)
     lo, hi = TRACE_HISTOGRAM_RANGE
-    bins = ((flat - lo) / (hi - lo) * TRACE_HISTOGRAM_BINS).floor().clamp(0, TRACE_HISTOGRAM_BINS - 1).long()
+    # Non-finite values would index out of range; the sampler reports them by step before this.
+    finite = flat.nan_to_num(nan=0.0, posinf=hi, neginf=lo)
+    bins = ((finite - lo) / (hi - lo) * TRACE_HISTOGRAM_BINS).floor().clamp(0, TRACE_HISTOGRAM_BINS - 1).long()
     histogram = torch.zeros(flat.shape[0], TRACE_HISTOGRAM_BINS, device=flat.device)
     histogram.scatter_add_(1, bins, torch.ones_like(flat))
     quantiles = torch.quantile(flat, torch.tensor(TRACE_QUANTILES, device=flat.device), dim=1).T
