@@ -179,6 +179,8 @@ def test_resume_is_exact(model_dirs, photos, tmp_path):
             ta, tb = load_file(str(a)), load_file(str(b))
             assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta), name
     assert [step for step, _ in list_checkpoints(tmp_path / "resumed")] == [4]  # keep_checkpoints = 1
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["loss"] for r in log] == straight.losses
 
 
 def test_latest_ignores_partial_checkpoints_and_runs_refuse_to_overwrite(model_dirs, photos, tmp_path):

@@ -37,8 +37,6 @@ class ConfigError(ValueError):
 class ModelConfig:
     #: Hub id or local folder of a diffusers pipeline (safetensors weights).
     pretrained: str = ""
-    #: Hub revision (branch, tag or commit) or "" for the default.
-    revision: str = ""
     #: Weight variant such as "fp16", or "" for the default files.
     variant: str = ""
 

@@ -16,10 +16,10 @@ def write_samples(config: TrainConfig, model, step: int, adapter_name: str = "su
 
     s, d = config.sample, config.data
     sampler = Sampler(model, adapter_name=adapter_name, sources={"lora": f"training step {step}"})
-    vae_device = None
-    if model.vae is not None and model.vae.device != model.unet.device:
-        vae_device = model.vae.device
-        model.vae.to(model.unet.device)
+    # The trainer parks modules it does not need on the CPU; sampling needs them all.
+    parked = [m for m in (model.vae, *model.text_encoders) if m is not None and m.device != model.unet.device]
+    for module in parked:
+        module.to(model.unet.device)
     was_training = model.unet.training
     model.unet.eval()
     folders = []
@@ -45,6 +45,6 @@ def write_samples(config: TrainConfig, model, step: int, adapter_name: str = "su
             folders.append(folder)
     finally:
         model.unet.train(was_training)
-        if vae_device is not None:
-            model.vae.to(vae_device)
+        for module in parked:
+            module.to("cpu")
     return folders

@@ -245,17 +245,27 @@ def _check_output_dir(output_dir: Path, resume: str | None) -> None:
         )
 
 
+def _check_optional_dependencies(config: TrainConfig) -> None:
+    import importlib.util
+
+    if config.train.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "train.optimizer = 'adamw8bit' needs bitsandbytes: pip install 'dreamguide[bnb]', "
+            "or set train.optimizer = 'adamw'"
+        )
+    if config.output.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "output.tensorboard = true needs tensorboard: pip install 'dreamguide[tensorboard]', "
+            "or set output.tensorboard = false"
+        )
+
+
 def _make_optimizer(config: TrainConfig, groups: list[dict]):
     t = config.train
     kwargs = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     if t.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError(
-                "train.optimizer = 'adamw8bit' needs bitsandbytes: pip install 'dreamguide[bnb]', "
-                "or set train.optimizer = 'adamw'"
-            ) from None
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(groups, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
 
@@ -299,6 +309,7 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
         config, model=dataclasses.replace(config.model, pretrained=config.model.pretrained or model.source)
     )
     config.validate()
+    _check_optional_dependencies(config)
     output_dir = Path(config.output.dir)
     _check_output_dir(output_dir, resume)
     checkpoint_path = ckpt.resolve_checkpoint(output_dir, resume) if resume else None
@@ -367,6 +378,11 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
         missing = set(lora) ^ set(state["adapter"])
         if missing:
             raise ValueError(f"{checkpoint_path}: its adapter does not match this config (first differing key {sorted(missing)[0]!r})")
+        if bool(token_params) != (state["embeddings"] is not None):
+            raise ValueError(
+                f"{checkpoint_path} was saved {'without' if token_params else 'with'} trained token embeddings, "
+                f"but this config {'trains' if token_params else 'does not train'} them; resume with the run's own config"
+            )
         with torch.no_grad():
             for key, param in lora.items():
                 param.copy_(state["adapter"][key])
@@ -382,14 +398,19 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / CONFIG_FILE)
+        _truncate_log(output_dir / LOG_FILE, start_step)
     accelerator.wait_for_everyone()
     with torch.no_grad(), accelerator.autocast():
         instance_text = _Conditioning(model, instance_images, resolution, live_token_captions=config.uses_ti)
         class_text = _Conditioning(model, class_images, resolution, live_token_captions=False) if class_images else None
     instance_latents = _Latents(model, instance_images, d.cache_latents, device)
     class_latents = _Latents(model, class_images, d.cache_latents, device) if class_images else None
-    if model.vae is not None and d.cache_latents:
-        model.vae.to("cpu")
+    # What the steps never use leaves the accelerator: the VAE once latents are cached, the text
+    # encoders once captions are encoded (unless the token trains through them).
+    parked = [model.vae] if model.vae is not None and d.cache_latents else []
+    parked += [] if config.uses_ti else list(model.text_encoders)
+    for module in parked:
+        module.to("cpu")
     if config.output.tensorboard:
         accelerator.init_trackers("dreamguide", config={"method": t.method, "steps": t.steps})
 
@@ -492,9 +513,19 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     if config.sample.every:
         _write_samples(accelerator, config, model, t.steps)
     accelerator.end_training()
-    if model.vae is not None:
-        model.vae.to(device)
+    for module in parked:
+        module.to(device)
     return TrainResult(output_dir, lora_path, kohya_path, embeddings_path, t.steps, losses, config, model, ADAPTER_NAME)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to ``step`` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _freeze(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
