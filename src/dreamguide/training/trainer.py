@@ -327,9 +327,8 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     device = accelerator.device
     weight_dtype = _weight_dtype(t.mixed_precision)
     if model is None:
-        model = dg_models.load_model(
-            config.model.pretrained, dtype=weight_dtype, device=device, variant=config.model.variant or None
-        )
+        # Loaded in float32 on the CPU: the VAE stays float32, the rest is cast down before moving.
+        model = dg_models.load_model(config.model.pretrained, dtype=torch.float32, variant=config.model.variant or None)
     resolution = config.data.resolution or model.default_size
     d = config.data
     instance_images = load_images(instance_entries, resolution, d.center_crop, d.allow_upscale, t.seed)
@@ -529,10 +528,11 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _freeze(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
-    """No gradients, on ``device``, in ``dtype`` (cast only when needed: casting warns in diffusers)."""
-    module.requires_grad_(False).to(device)
+    """No gradients, in ``dtype``, on ``device`` (cast only when needed: casting warns in diffusers)."""
+    module.requires_grad_(False)
     if any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype)
+    module.to(device)
 
 
 def _cat_kwargs(a: dict, b: dict) -> dict:
