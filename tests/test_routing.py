@@ -108,17 +108,21 @@ def test_unknown_merged_and_dora_adapters_are_refused():
 @torch.no_grad()
 def test_separate_personalized_unet_rows_come_back_in_order(unet_and_conditioning):
     unet, conditioning, sample = unet_and_conditioning
-    personalized = tiny_sdxl_pipeline(seed=5).unet if unet.config.addition_embed_type else tiny_sd15_pipeline(seed=5).unet
+    builder = tiny_sdxl_pipeline if unet.config.addition_embed_type else tiny_sd15_pipeline
+    personalized = builder(seed=5).unet
     names = ["personalized", BASE, "personalized", BASE]
     timestep = torch.tensor([100, 200, 300, 400])
+    # The base UNet still carries LoRA adapters (enabled): its rows must not use them.
+    routed = predict_noise(unet, sample, timestep, conditioning, names, personalized_unet=personalized)
     unet.disable_adapters()
     try:
-        routed = predict_noise(unet, sample, timestep, conditioning, names, personalized_unet=personalized)
-        for i, name in enumerate(names):
-            model = personalized if name != BASE else unet
-            expected = model(sample[i : i + 1], timestep[i : i + 1], **conditioning.select([i]).unet_kwargs()).sample
-            torch.testing.assert_close(routed[i : i + 1], expected, rtol=0, atol=TOLERANCE)
-        only_base = predict_noise(unet, sample, timestep, conditioning, [BASE] * 4, personalized_unet=personalized)
-        torch.testing.assert_close(only_base, unet(sample, timestep, **conditioning.unet_kwargs()).sample, rtol=0, atol=TOLERANCE)
+        base = unet(sample, timestep, **conditioning.unet_kwargs()).sample
     finally:
         unet.enable_adapters()
+    other = personalized(sample, timestep, **conditioning.unet_kwargs()).sample
+    expected = torch.cat([other[0:1], base[1:2], other[2:3], base[3:4]])
+    torch.testing.assert_close(routed, expected, rtol=0, atol=TOLERANCE)
+    only_base = predict_noise(unet, sample, timestep, conditioning, [BASE] * 4, personalized_unet=personalized)
+    torch.testing.assert_close(only_base, base, rtol=0, atol=TOLERANCE)
+    only_personalized = predict_noise(unet, sample, timestep, conditioning, ["p"] * 4, personalized_unet=personalized)
+    torch.testing.assert_close(only_personalized, other, rtol=0, atol=TOLERANCE)

@@ -110,8 +110,9 @@ def predict_noise(
 
     ``row_adapters``: one name per row; ``"__base__"`` rows use the base weights, the others the
     named LoRA adapter of ``unet`` (one batched forward), or, when ``personalized_unet`` is given,
-    that full UNet (one forward for the base rows, one for the others, put back in row order).
-    None: one plain forward with whatever adapters are active. No host-device synchronisation.
+    that full UNet (one forward for the base rows, adapters of ``unet`` off, one for the others;
+    put back in row order). None: one plain forward with whatever adapters are active.
+    No host-device synchronisation: rows are gathered by slicing, never by index tensors.
     """
     batch = sample.shape[0]
     if len(conditioning) != batch:
@@ -127,11 +128,16 @@ def predict_noise(
 
     base_rows = [i for i, name in enumerate(row_adapters) if name == BASE]
     other_rows = [i for i, name in enumerate(row_adapters) if name != BASE]
-    parts = [
-        _forward(model, take_rows(sample, rows), _rows_of(timestep, rows, batch), conditioning.select(rows))
-        for model, rows in ((unet, base_rows), (personalized_unet, other_rows))
-        if rows
-    ]
+
+    def rows_forward(model, rows):
+        return _forward(model, take_rows(sample, rows), _rows_of(timestep, rows, batch), conditioning.select(rows))
+
+    parts = []
+    if base_rows:
+        with routed_adapters(unet, [BASE] * len(base_rows)):  # adapters on the base UNet stay off
+            parts.append(rows_forward(unet, base_rows))
+    if other_rows:
+        parts.append(rows_forward(personalized_unet, other_rows))
     if len(parts) == 1:
         return parts[0]
     # Back to row order: where each original row sits in the concatenation [base rows, other rows].
