@@ -92,6 +92,20 @@ def test_load_model_scheduler_override(tiny_sd15_dir):
         load_model(tiny_sd15_dir, scheduler="nope")
 
 
+def test_load_model_dtype_and_save_model_refuses_to_overwrite(tiny_pixel_dir, tmp_path):
+    from dreamguide.models import save_model
+
+    model = load_model(tiny_pixel_dir, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.text_encoders[0].dtype == torch.bfloat16
+    target = tmp_path / "copy"
+    save_model(model, target)
+    with pytest.raises(FileExistsError, match=f"{target} exists"):
+        save_model(model, target)
+    save_model(model.to(dtype=torch.float32), target, overwrite=True)
+    assert load_model(target).dtype == torch.float32
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folders left behind
+
+
 def test_kind_detection():
     assert detect_kind({"_class_name": "StableDiffusionXLPipeline"}, {"unet", "text_encoder", "text_encoder_2"}) == "sdxl"
     assert detect_kind({"_class_name": "StableDiffusionPipeline"}, {"unet", "vae", "text_encoder"}) == "sd"
