@@ -305,6 +305,7 @@ class DreamBenchWorld:
         self._sampler = None
         self._loaded_subject: str | None = None
         self._tokens_added = False
+        self._prepared = False
         self._references: dict[str, Any] = {}
 
     # -- inputs ------------------------------------------------------------------------------
@@ -447,6 +448,8 @@ class DreamBenchWorld:
         from dreamguide.bench.runner import process_info
         from dreamguide.metrics import Scorer
 
+        if self._prepared:
+            return
         self.load_data()
         if self.scorer is None:  # first: a missing backbone must not wait for hours of training
             dtype = getattr(torch, self.config.metrics.dtype)
@@ -461,6 +464,7 @@ class DreamBenchWorld:
                 )
             self.train_missing()
         self.check_adapters()
+        self._prepared = True
 
     # -- generation --------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
-"""Tiny random metric backbones (DINO ViT, DINOv2, CLIP, SigLIP) built in code, for tests and dry runs.
+"""Random metric backbones (DINO ViT, DINOv2, CLIP, SigLIP) built in code, for tests and timing.
 
-Same architectures, processors and file layout as the real checkpoints, a few thousand
-parameters each, so ``Scorer`` runs offline on them exactly as on the real ones.
+Same architectures, processors and file layout as the real checkpoints, so ``Scorer`` runs
+offline on them exactly as on the real ones: ``size="tiny"`` (a few thousand parameters, 32 px
+inputs: tests) or ``size="base"`` (the shapes of the default checkpoints, 224 px inputs: the
+throughput benchmark, where only the cost matters).
 """
 
 from __future__ import annotations
@@ -17,8 +19,25 @@ _VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_at
 _TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
-def save_tiny_backbones(directory: str | Path, seed: int = 0) -> Backbones:
-    """Write the four tiny backbones under ``directory`` and return ``Backbones`` pointing at them."""
+def _layers(hidden: int, layers: int, heads: int, **extra) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                **extra)
+
+
+#: The shapes of facebook/dino-vits16, facebook/dinov2-small, openai/clip-vit-base-patch32 and
+#: google/siglip-base-patch16-224 (random weights).
+_BASE = {
+    "dino": _layers(384, 12, 6, image_size=224, patch_size=16),
+    "dinov2": _layers(384, 12, 6, image_size=518, patch_size=14),
+    "clip_vision": _layers(768, 12, 12, image_size=224, patch_size=32),
+    "clip_text": _layers(512, 12, 8, max_position_embeddings=77),
+    "siglip_vision": _layers(768, 12, 12, image_size=224, patch_size=16),
+    "siglip_text": _layers(768, 12, 12, max_position_embeddings=64),
+}
+
+
+def save_tiny_backbones(directory: str | Path, seed: int = 0, size: str = "tiny") -> Backbones:
+    """Write the four backbones under ``directory`` and return ``Backbones`` pointing at them."""
     from transformers import (
         CLIPConfig,
         CLIPModel,
@@ -41,23 +60,33 @@ def save_tiny_backbones(directory: str | Path, seed: int = 0) -> Backbones:
     vocab = len(tokenizer)
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    square = {"height": 32, "width": 32}
+    if size not in ("tiny", "base"):
+        raise ValueError(f"backbone size must be 'tiny' or 'base', got {size!r}")
+    if size == "tiny":
+        shapes = {"dino": _VISION, "dinov2": {**_VISION, "patch_size": 8}, "clip_vision": _VISION,
+                  "clip_text": dict(**_TEXT, max_position_embeddings=77), "siglip_vision": _VISION,
+                  "siglip_text": dict(**_TEXT, max_position_embeddings=16)}
+        side, projection = 32, 8
+    else:
+        shapes, side, projection = _BASE, 224, 512
+    square = {"height": side, "width": side}
     specs = {
-        "dino": (ViTModel(ViTConfig(**_VISION), add_pooling_layer=False), ViTImageProcessorPil(size=square), None),
+        "dino": (ViTModel(ViTConfig(**shapes["dino"]), add_pooling_layer=False), ViTImageProcessorPil(size=square),
+                 None),
         "dinov2": (
-            Dinov2Model(Dinov2Config(**{**_VISION, "patch_size": 8})),
-            BitImageProcessorPil(size={"shortest_edge": 36}, crop_size=square, do_convert_rgb=True),
+            Dinov2Model(Dinov2Config(**shapes["dinov2"])),
+            BitImageProcessorPil(size={"shortest_edge": side * 8 // 7}, crop_size=square, do_convert_rgb=True),
             None,
         ),
         "clip": (
-            CLIPModel(CLIPConfig(text_config=dict(**_TEXT, vocab_size=vocab, max_position_embeddings=77, **special),
-                                 vision_config=_VISION, projection_dim=8)),
-            CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size=square),
+            CLIPModel(CLIPConfig(text_config=dict(**shapes["clip_text"], vocab_size=vocab, **special),
+                                 vision_config=shapes["clip_vision"], projection_dim=projection)),
+            CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=square),
             tokenizer,
         ),
         "siglip": (
-            SiglipModel(SiglipConfig(text_config=dict(**_TEXT, vocab_size=vocab, max_position_embeddings=16, **special),
-                                     vision_config=_VISION)),
+            SiglipModel(SiglipConfig(text_config=dict(**shapes["siglip_text"], vocab_size=vocab, **special),
+                                     vision_config=shapes["siglip_vision"])),
             SiglipImageProcessorPil(size=square),
             tokenizer,
         ),

@@ -1,0 +1,221 @@
+"""DreamBench throughput: images per hour of generation + scoring, on one GPU or several.
+
+Runs the real benchmark path (``DreamBenchWorld`` + ``bench.runner``: shards, per-subject LoRA
+loading, ``Sampler`` in ``pr`` mode with its 3-row routed UNet forward, VAE decode, PNG +
+manifest writes, all five metrics) on models built in code with random weights, because
+timing does not depend on the weights and nothing can be downloaded:
+
+    UNet           the SDXL base architecture (2.57 B parameters), 1024 px (128x128 latents)
+    VAE            the SDXL VAE architecture (decoding 1024 px images)
+    text encoders  the SDXL shapes (CLIP ViT-L text, OpenCLIP bigG text) over a small tokenizer
+    LoRA           rank 32 on to_q/to_k/to_v/to_out.0, one file per subject
+    metrics        DINO ViT-S/16, DINOv2-small, CLIP ViT-B/32, SigLIP base/16 shapes at 224 px
+
+References are the real DreamBench photos (``--dreambench``). The clock runs from after model
+loading and one warm-up sampler call per process to the end of the last shard (all processes
+synchronized), so it measures steady-state generation + scoring + writes.
+
+    python benchmarks/bench_throughput.py --json $OUT/one.json                    # one GPU
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/bench_throughput.py --json $OUT/two.json
+    python benchmarks/bench_throughput.py --tiny                                   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the architecture; weights random).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+#: stabilityai/stable-diffusion-xl-base-1.0 vae/config.json.
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True,
+)
+#: text_encoder (CLIP ViT-L/14 text) and text_encoder_2 (OpenCLIP bigG text) shapes.
+SDXL_TEXT = (
+    dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+         projection_dim=768, hidden_act="quick_gelu"),
+    dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+         projection_dim=1280, hidden_act="gelu"),
+)
+
+
+def sdxl_model(device, dtype):
+    """A DiffusionModel with the SDXL base architecture and random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreamguide.models import DiffusionModel
+    from dreamguide.testing import tiny_clip_tokenizer
+
+    tokenizers = [tiny_clip_tokenizer(), tiny_clip_tokenizer()]
+    with torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        encoders = []
+        for tokenizer, shape, cls in zip(tokenizers, SDXL_TEXT, (CLIPTextModel, CLIPTextModelWithProjection)):
+            config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, **shape)
+            encoders.append(cls(config))
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    for module in (unet, vae, *encoders):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return DiffusionModel(kind="sdxl", unet=unet, scheduler=scheduler, tokenizers=tokenizers, text_encoders=encoders,
+                          vae=vae, source="random-sdxl", force_zeros_for_empty_prompt=True)
+
+
+def tiny_model(device, dtype):
+    from dreamguide.models import DiffusionModel
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    model = DiffusionModel.from_pipeline(tiny_sdxl_pipeline(0), source="tiny-sdxl")
+    for module in (model.unet, model.vae, *model.text_encoders):
+        module.to(device=device, dtype=dtype)
+    return model
+
+
+def save_subject_lora(model, path: Path, rank: int) -> Path:
+    """A random LoRA (B nonzero, so the adapter really runs) written like a trained one, then removed."""
+    from dreamguide import models
+
+    models.add_lora(model.unet, rank=rank, adapter_name="bench")
+    with torch.no_grad():
+        for name, parameter in model.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 1e-3)
+    models.save_lora(model.unet, path, "bench")
+    model.unet.delete_adapters("bench")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dreambench", default=str(REPO / ".." / "shared" / "dreambench"))
+    parser.add_argument("--subjects", type=int, default=4, help="first N DreamBench subjects (default 4)")
+    parser.add_argument("--prompts-per-set", type=int, default=1, help="prompts per set: DreamBench + stylized")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4, as the protocol)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4, help="images per batched forward (3 UNet rows each)")
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--output", default=str(REPO / "runs" / "bench_throughput"), help="scratch folder (wiped)")
+    parser.add_argument("--json", help="write the figures here (main process)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU, 2 steps: checks the script")
+    args = parser.parse_args()
+
+    from accelerate import PartialState
+
+    from dreamguide.bench.dreambench_world import DreamBenchWorld, config_from_dict
+    from dreamguide.bench.runner import build_jobs, group_jobs, run_shard, shard
+    from dreamguide.bench.tiny_backbones import save_tiny_backbones
+    from dreamguide.bench.world import Plan
+
+    state = PartialState(cpu=args.tiny)
+    device = torch.device("cpu") if args.tiny else state.device
+    dtype = torch.float32 if args.tiny else torch.float16
+    output = Path(args.output)
+    scratch = output / "assets"
+    if state.is_main_process:
+        shutil.rmtree(output, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        save_tiny_backbones(scratch / "backbones", size="tiny" if args.tiny else "base")
+    state.wait_for_everyone()
+
+    build = time.perf_counter()
+    model = (tiny_model if args.tiny else sdxl_model)(device, dtype)
+    subjects = sorted(p.name for p in Path(args.dreambench).iterdir() if p.is_dir())[: args.subjects]
+    if state.is_main_process:
+        save_subject_lora(model, scratch / "lora.safetensors", 2 if args.tiny else args.lora_rank)
+    state.wait_for_everyone()
+    steps = 2 if args.tiny else args.steps
+    size = None if args.tiny else args.size
+    backbones = {k: str(scratch / "backbones" / k) for k in ("dino", "dinov2", "clip", "siglip")}
+    config = config_from_dict({
+        "dreambench": args.dreambench, "subjects": subjects, "prompts_per_set": args.prompts_per_set,
+        "model": {"base": "random-sdxl"},
+        "sampling": {"modes": ["pr"], "seeds": list(range(1 if args.tiny else args.seeds)), "w_cons": [3.0],
+                     "steps": steps, "batch_size": args.batch_size, "trace": False,
+                     **({"height": size, "width": size} if size else {})},
+        "adapters": {"subjects": {s: {"lora": str(scratch / "lora.safetensors")} for s in subjects}},
+        "metrics": {"backbones": backbones, "device": str(device)},
+    }, REPO, "bench_throughput")
+    world = DreamBenchWorld(config)
+    world._model = model  # the in-memory random model stands in for loading a checkpoint
+    world.prepare()
+    plan: Plan = config.plan
+    jobs = build_jobs(world, plan)
+    mine = shard(group_jobs(jobs), state.process_index, state.num_processes)
+    warm = world.generate(mine[0])  # warm-up: kernels, allocator, reference embeddings
+    world.score(mine[0], [g.image for g in warm])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    setup_s = time.perf_counter() - build
+
+    state.wait_for_everyone()
+    start = time.perf_counter()
+    result = run_shard(world, plan, output / "run", state.process_index, state.num_processes,
+                       log=lambda message: None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    own_s = time.perf_counter() - start
+    state.wait_for_everyone()
+    wall_s = time.perf_counter() - start
+
+    if not state.is_main_process:
+        return
+    images = len(jobs)
+    record = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "processes": state.num_processes,
+        "torch": torch.__version__,
+        "images": images,
+        "subjects": len(subjects),
+        "prompts": len({j.case for j in jobs}),
+        "steps": steps,
+        "size": size or "native (tiny)",
+        "batch_size": args.batch_size,
+        "mode": "parallel-rescaled",
+        "dtype": str(dtype).removeprefix("torch."),
+        "wall_s": round(wall_s, 2),
+        "main_process_s": round(own_s, 2),
+        "main_process_images": result["images"],
+        "seconds_per_image": round(wall_s / images, 3),
+        "images_per_hour": round(images / wall_s * 3600, 1),
+        "setup_s": round(setup_s, 1),
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+        else None,
+    }
+    print(f"{record['device']} x{record['processes']}: {images} images ({record['prompts']} prompts x "
+          f"{len(plan.seeds)} seeds, pr, {steps} steps, {record['size']} px) in {wall_s:.1f} s "
+          f"-> {record['images_per_hour']} images/hour ({record['seconds_per_image']} s/image)")
+    print(json.dumps(record, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
