@@ -33,6 +33,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+@benchmark("sample")
+def _add_sample(subparsers) -> argparse.ArgumentParser:
+    from dreamguide.sampling_speed import add_parser as add_sample_parser  # stdlib-only at import
+
+    return add_sample_parser(subparsers)
+
+
 # ---------------------------------------------------------------------------------------------
 # dreambench
 

@@ -1,0 +1,766 @@
+"""Sampling speed benchmark: milliseconds per guided denoising step (``dreamguide bench sample``).
+
+Times one denoising step (scheduler input scaling, the UNet forward over every row a guidance
+mode needs, the guidance math, the scheduler step) for ``cfg``, ``dreambooth``, ``consistency``
+and ``pr`` at several batch sizes, on the SDXL base UNet architecture built from its config
+with random weights (timing does not depend on the weights; nothing is downloaded) and a
+random rank-32 LoRA on to_q, to_k, to_v, to_out.0. Text encoders are not run: the prompt
+embeddings are random tensors of SDXL's shapes ([77, 2048] tokens, [1280] pooled, 6 time ids).
+
+Ways of getting the predictions (``--variants``):
+
+    peft       one routed forward, PEFT ``adapter_names`` per row (dreamguide.routing)
+    fast       one routed forward, dreamguide.fast.fast_routing (no indexing, no host sync)
+    graph      ``fast`` captured in a CUDA graph and replayed (no compile time)
+    compiled   ``fast`` under torch.compile (``--compile``; persistent cache)
+    dco        the DCO reference ordering: per image a base call of 2 rows (adapter off),
+               then an adapter call of 1 row
+    two-call   the DCO ordering batched over images: one base call, one adapter call
+
+Model FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward
+(base rows and adapter rows counted separately) and compared with a bf16 matmul timed in
+the same run. ``--tiny`` runs a miniature SDXL-shaped UNet (CPU is fine) to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections import Counter
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Callable
+
+#: The SDXL base 1.0 UNet (``unet/config.json``), written out so nothing is downloaded.
+SDXL_UNET_CONFIG: dict = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    only_cross_attention=False,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    dual_cross_attention=False,
+    use_linear_projection=True,
+    upcast_attention=False,
+    resnet_time_scale_shift="default",
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    time_embedding_type="positional",
+    conv_in_kernel=3,
+    conv_out_kernel=3,
+)
+#: SDXL's pooled text embedding width (text_encoder_2 projection) and sequence length.
+SDXL_POOLED_DIM = 1280
+SDXL_TOKENS = 77
+
+#: A miniature of the same architecture (3 levels, text_time conditioning) for ``--tiny``.
+TINY_UNET_CONFIG: dict = {
+    **SDXL_UNET_CONFIG,
+    "sample_size": 16,
+    "block_out_channels": (32, 64, 64),
+    "transformer_layers_per_block": (1, 1, 2),
+    "attention_head_dim": (2, 2, 4),
+    "norm_num_groups": 8,
+    "cross_attention_dim": 64,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+}
+TINY_POOLED_DIM = 32
+TINY_TOKENS = 8
+
+MODES: tuple[str, ...] = ("cfg", "dreambooth", "consistency", "pr")
+VARIANTS: tuple[str, ...] = ("peft", "fast", "graph", "compiled", "dco", "two-call")
+#: Variants that only make sense for the 3-prediction modes (base rows + adapter rows).
+SPLIT_VARIANTS: tuple[str, ...] = ("dco", "two-call")
+ADAPTER = "subject"
+BASE = "__base__"
+#: Prompt kinds per prediction (0 null, 1 base prompt, 2 token prompt) and whether the adapter is on.
+ROWS: dict[str, tuple[int, bool]] = {
+    "uncond": (0, False),
+    "base": (1, False),
+    "personalized": (2, True),
+    "personalized_uncond": (0, True),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", default="1,4", help="images per step, comma-separated (default 1,4)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"guidance modes (default {','.join(MODES)})")
+    parser.add_argument(
+        "--variants",
+        default="peft,fast,graph,dco,two-call",
+        help=f"ways to get the predictions, of {','.join(VARIANTS)} (default: all but compiled; --compile adds it)",
+    )
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the fast path")
+    parser.add_argument(
+        "--compile-configs",
+        default="pr:4",
+        help="MODE:BATCH pairs to compile, comma-separated (default pr:4; each takes minutes cold)",
+    )
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    parser.add_argument(
+        "--compile-cache", default=None, help="compile cache folder (default $DREAMGUIDE_COMPILE_CACHE or ~/.cache/dreamguide/torch-compile)"
+    )
+    parser.add_argument("--no-channels-last", action="store_true", help="compile without channels-last weights")
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
+    parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (default 1024; 128 with --tiny)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement (default 3)")
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per measurement; the median is reported")
+    parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--tiny", action="store_true", help="a miniature SDXL-shaped UNet: checks the script on CPU")
+    parser.add_argument("--matmul-size", type=int, default=None, help="square bf16 matmul size (default 8192; 256 tiny)")
+    parser.add_argument("--json", default="bench-sample.json", help="where to write the results (default bench-sample.json)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _csv(text: str, valid: tuple[str, ...] | None, what: str) -> list[str]:
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if valid is not None:
+        bad = [item for item in items if item not in valid]
+        if bad:
+            raise ValueError(f"unknown {what} {bad}; choose from {', '.join(valid)}")
+    return items
+
+
+def _mode_needs(mode: str) -> tuple[str, ...]:
+    from dreamguide.guidance import get_mode
+
+    return get_mode(mode).needs
+
+
+def _write_json(path: Path, document: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + f".tmp{os.getpid()}")
+    temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+class Bench:
+    """The model, inputs and timers of one benchmark run."""
+
+    def __init__(self, args) -> None:
+        import torch
+
+        self.torch = torch
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cuda = self.device.type == "cuda"
+        default_dtype = "bfloat16" if self.cuda else "float32"
+        self.dtype = getattr(torch, args.dtype or default_dtype)
+        self.config = TINY_UNET_CONFIG if args.tiny else SDXL_UNET_CONFIG
+        self.pooled_dim = TINY_POOLED_DIM if args.tiny else SDXL_POOLED_DIM
+        self.tokens = TINY_TOKENS if args.tiny else SDXL_TOKENS
+        self.resolution = args.resolution or (128 if args.tiny else 1024)
+        self.latent = self.resolution // 8
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+        self.unet = self._build_unet()
+        self.scheduler = self._scheduler()
+        self.generator = torch.Generator(self.device).manual_seed(args.seed)
+
+    # -- model and inputs ---------------------------------------------------------------------
+
+    def _build_unet(self):
+        from diffusers import UNet2DConditionModel
+
+        from dreamguide.models import add_lora
+
+        torch = self.torch
+        torch.manual_seed(self.args.seed)
+        with torch.device(self.device):  # initialise on the device: seconds instead of minutes for SDXL
+            unet = UNet2DConditionModel(**self.config)
+        # init=False: random A and B, so the adapter changes the output (B = 0 would hide routing bugs).
+        add_lora(unet, rank=self.args.rank, adapter_name=ADAPTER, init=False)
+        unet.to(self.device, self.dtype).eval().requires_grad_(False)
+        return unet
+
+    def _scheduler(self):
+        from diffusers import EulerDiscreteScheduler
+
+        return EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+            prediction_type="epsilon",
+        )
+
+    def randn(self, *shape, dtype=None):
+        return self.torch.randn(*shape, generator=self.generator, device=self.device, dtype=dtype or self.dtype)
+
+    def conditioning(self, batch: int, needs: tuple[str, ...]) -> dict:
+        """UNet keyword arguments for the rows ``[need_0 x batch, need_1 x batch, ...]``."""
+        torch = self.torch
+        prompts = [
+            (
+                self.randn(batch, self.tokens, self.config["cross_attention_dim"]),
+                self.randn(batch, self.pooled_dim),
+            )
+            for _ in range(3)
+        ]
+        size = float(self.resolution)
+        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device, dtype=self.dtype)
+        hidden = torch.cat([prompts[ROWS[need][0]][0] for need in needs])
+        pooled = torch.cat([prompts[ROWS[need][0]][1] for need in needs])
+        return {
+            "encoder_hidden_states": hidden,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(len(hidden), 6).contiguous()},
+        }
+
+    @staticmethod
+    def row_names(batch: int, needs: tuple[str, ...]) -> list[str]:
+        return [ADAPTER if ROWS[need][1] else BASE for need in needs for _ in range(batch)]
+
+    # -- ways to get the predictions ----------------------------------------------------------
+
+    def unet_call(self, sample, timestep, kwargs):
+        return self.unet(sample, timestep, return_dict=False, **kwargs)[0]
+
+    def forward_and_context(self, variant: str, batch: int, needs: tuple[str, ...], compiled=None):
+        """(context manager to hold around the steps, forward(sample_rows, t, kwargs) -> rows)."""
+        from dreamguide.fast import GraphedForward, fast_routing
+        from dreamguide.routing import routed_adapters
+
+        names = self.row_names(batch, needs)
+        if variant == "peft":
+            return routed_adapters(self.unet, names), self.unet_call
+        if variant == "fast":
+            return fast_routing(self.unet, names), self.unet_call
+        if variant == "compiled":
+            return fast_routing(self.unet, names), lambda s, t, kw: compiled(s, t, return_dict=False, **kw)[0]
+        if variant == "graph":
+            graphed: dict = {}
+
+            def forward(sample, timestep, kwargs):
+                if "fn" not in graphed:
+                    graphed["fn"] = GraphedForward(self.unet_call, sample, timestep, kwargs)
+                return graphed["fn"](sample, timestep, kwargs)
+
+            return fast_routing(self.unet, names), forward
+        if variant in SPLIT_VARIANTS:
+            return nullcontext(), self._split_forward(batch, needs, per_image=variant == "dco")
+        raise ValueError(f"unknown variant {variant!r}")
+
+    def _split_forward(self, batch: int, needs: tuple[str, ...], per_image: bool) -> Callable:
+        """Base rows with the adapter off, then adapter rows with it on: separate UNet calls."""
+        from dreamguide.models import take_rows
+
+        torch = self.torch
+        names = self.row_names(batch, needs)
+        base_rows = [i for i, n in enumerate(names) if n == BASE]
+        adapter_rows = [i for i, n in enumerate(names) if n != BASE]
+        if per_image:
+            groups = [([r for r in base_rows if r % batch == j], [r for r in adapter_rows if r % batch == j]) for j in range(batch)]
+        else:
+            groups = [(base_rows, adapter_rows)]
+        order = [r for group in groups for rows in group for r in rows]
+        back = [order.index(i) for i in range(len(names))]
+
+        def select(kwargs, rows):
+            return {
+                "encoder_hidden_states": take_rows(kwargs["encoder_hidden_states"], rows),
+                "added_cond_kwargs": {k: take_rows(v, rows) for k, v in kwargs["added_cond_kwargs"].items()},
+            }
+
+        def forward(sample, timestep, kwargs):
+            parts = []
+            for base, adapter in groups:
+                for rows, enabled in ((base, False), (adapter, True)):
+                    if not rows:
+                        continue
+                    (self.unet.enable_adapters if enabled else self.unet.disable_adapters)()
+                    parts.append(self.unet_call(take_rows(sample, rows), timestep, select(kwargs, rows)))
+            self.unet.enable_adapters()
+            return take_rows(torch.cat(parts), back)
+
+        return forward
+
+    # -- timing -------------------------------------------------------------------------------
+
+    def run_steps(self, mode: str, batch: int, forward: Callable, kwargs: dict, steps: int, timed: bool):
+        """Run ``steps`` denoising steps from fresh noise; returns (milliseconds per step, final latents)."""
+        from dreamguide.guidance import Predictions, guide
+
+        torch = self.torch
+        needs = _mode_needs(mode)
+        scheduler = self.scheduler
+        scheduler.set_timesteps(50, device=self.device)
+        scheduler.set_begin_index(0)  # no timestep search (a host sync) on the first step
+        x = self.randn(batch, 4, self.latent, self.latent, dtype=torch.float32) * scheduler.init_noise_sigma
+        times, marks = [], []
+        for i in range(steps):
+            t = scheduler.timesteps[i]
+            start = time.perf_counter()
+            if timed and self.cuda:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+            model_input = scheduler.scale_model_input(x, t)
+            rows = model_input.repeat(len(needs), 1, 1, 1).to(self.dtype)
+            out = forward(rows, t, kwargs).float()
+            predictions = Predictions(**dict(zip(needs, out.chunk(len(needs)))))
+            guided = guide(mode, predictions, 7.5, 3.0)
+            x = scheduler.step(guided, t, x, return_dict=False)[0]
+            if timed and not self.cuda:
+                times.append((time.perf_counter() - start) * 1e3)
+        if timed and self.cuda:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+            torch.cuda.synchronize()
+            times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        return times, x
+
+    def time_config(self, variant: str, mode: str, batch: int, compiled=None) -> dict:
+        needs = _mode_needs(mode)
+        kwargs = self.conditioning(batch, needs)
+        context, forward = self.forward_and_context(variant, batch, needs, compiled)
+        with context:
+            self.run_steps(mode, batch, forward, kwargs, self.args.warmup, timed=False)
+            times, _ = self.run_steps(mode, batch, forward, kwargs, self.args.iters, timed=True)
+            self.sync_sites = []
+            syncs = self.count_syncs(mode, batch, forward, kwargs)
+        forward = None
+        self.release()
+        return {
+            "variant": variant,
+            "mode": mode,
+            "batch": batch,
+            "rows": batch * len(needs),
+            "adapter_rows": sum(n != BASE for n in self.row_names(batch, needs)),
+            "ms": statistics.median(times),
+            "ms_min": min(times),
+            "ms_max": max(times),
+            "host_syncs_per_step": syncs,
+            "host_sync_sites": self.sync_sites,
+        }
+
+    def count_syncs(self, mode, batch, forward, kwargs) -> int | None:
+        """Host-device synchronisations during one step (CUDA's sync debug mode), None on CPU."""
+        torch = self.torch
+        if not self.cuda:
+            return None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                self.run_steps(mode, batch, forward, kwargs, 1, timed=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        self.sync_sites = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs).most_common(3)
+        return len(syncs)
+
+    def release(self) -> None:
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+
+    def elapsed_ms(self, fn: Callable, repeats: int) -> float:
+        """Median milliseconds of ``fn()`` (device events on CUDA)."""
+        torch = self.torch
+        fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    # -- reference figures --------------------------------------------------------------------
+
+    def matmul_tflops(self) -> dict:
+        torch = self.torch
+        n = self.args.matmul_size or (256 if self.args.tiny else 8192)
+        a, b = (self.randn(n, n) for _ in range(2))
+        ms = self.elapsed_ms(lambda: a @ b, 10)
+        del a, b
+        self.release()
+        return {"size": n, "dtype": str(self.dtype).removeprefix("torch."), "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
+
+    def count_flops(self) -> dict:
+        """FLOPs of one forward per row: adapter off (base) and adapter on (personalized)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        torch = self.torch
+        kwargs = self.conditioning(1, ("uncond",))
+        sample = self.randn(1, 4, self.latent, self.latent)
+        t = torch.tensor(500.0, device=self.device)
+        counts = {}
+        for name, enabled in (("base", False), ("personalized", True)):
+            (self.unet.enable_adapters if enabled else self.unet.disable_adapters)()
+            counter = FlopCounterMode(display=False)
+            with torch.no_grad(), counter:
+                self.unet_call(sample, t, kwargs)
+            counts[name] = counter.get_total_flops()
+        self.unet.enable_adapters()
+        return {"base_row": counts["base"], "adapter_row": counts["personalized"]}
+
+    def check_outputs(self, compiled=None, compiled_config: tuple[str, int] | None = None) -> dict:
+        """Relative errors ||a - b|| / ||b|| of the fast paths against PEFT routing and separate calls."""
+        torch = self.torch
+        needs = _mode_needs("pr")
+        batch = 1
+        kwargs = self.conditioning(batch, needs)
+        sample = self.randn(len(needs) * batch, 4, self.latent, self.latent)
+        t = torch.tensor(500.0, device=self.device)
+
+        def run(variant, b=batch, kw=kwargs, s=sample):
+            context, forward = self.forward_and_context(variant, b, needs, compiled)
+            with context, torch.no_grad():
+                return forward(s, t, kw).float().clone()
+
+        def rel(a, b):
+            return float((a - b).norm() / b.norm())
+
+        reference = run("peft")
+        fast = run("fast")
+        result = {
+            "fast_vs_peft": rel(fast, reference),
+            "fast_base_rows_max_abs_diff": float((fast[:2] - reference[:2]).abs().max()),
+            "separate_calls_vs_peft": rel(run("two-call"), reference),
+            # How much the adapter changes its rows: a routing bug would show up as ~0 here.
+            "adapter_effect": rel(fast[2:], self._forward_once("two-call", batch, ("uncond",) * 3, sample, t, kwargs)[2:]),
+            "finite": bool(torch.isfinite(fast).all()),
+        }
+        if self.cuda:
+            result["graph_vs_fast"] = rel(run("graph"), fast)
+        if compiled is not None and compiled_config is not None:
+            mode, b = compiled_config
+            cneeds = _mode_needs(mode)
+            ckw = self.conditioning(b, cneeds)
+            csample = self.randn(len(cneeds) * b, 4, self.latent, self.latent)
+            eager = self._forward_once("fast", b, cneeds, csample, t, ckw)
+            result["compiled_vs_fast"] = rel(self._forward_once("compiled", b, cneeds, csample, t, ckw, compiled), eager)
+        self.release()
+        return result
+
+    def _forward_once(self, variant, batch, needs, sample, t, kwargs, compiled=None):
+        context, forward = self.forward_and_context(variant, batch, needs, compiled)
+        with context, self.torch.no_grad():
+            return forward(sample, t, kwargs).float().clone()
+
+    def guidance_ms(self, mode: str, batch: int) -> float:
+        from dreamguide.guidance import Predictions, guide
+
+        preds = Predictions(*(self.randn(batch, 4, self.latent, self.latent, dtype=self.torch.float32) for _ in range(4)))
+        return self.elapsed_ms(lambda: guide(mode, preds, 7.5, 3.0), 50)
+
+
+def _versions() -> dict:
+    import diffusers
+    import peft
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _find(results: list[dict], variant: str, mode: str, batch: int) -> dict | None:
+    for r in results:
+        if r["variant"] == variant and r["mode"] == mode and r["batch"] == batch and "ms" in r:
+            return r
+    return None
+
+
+def _attempt(bench: Bench, fn: Callable, record: dict) -> dict:
+    """``fn()``, or ``record`` with the error when it fails (one broken variant must not end the run)."""
+    import traceback
+
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - recorded in the JSON and printed, the run goes on
+        traceback.print_exc()
+        bench.release()
+        return {**record, "error": f"{type(error).__name__}: {error}"}
+
+
+def summarize(document: dict) -> dict:
+    """Ratios, utilisation and the issue's targets from the measured rows."""
+    results = document["results"]
+    flops = document.get("flops")
+    matmul = document.get("matmul")
+    for r in results:
+        if flops and matmul and "ms" in r:
+            base_rows = r["rows"] - r["adapter_rows"]
+            model_flops = base_rows * flops["base_row"] + r["adapter_rows"] * flops["adapter_row"]
+            r["model_tflop"] = model_flops / 1e12
+            r["tflops"] = model_flops / (r["ms"] / 1e3) / 1e12
+            r["mfu"] = r["tflops"] / matmul["tflops"]
+    summary: dict = {"pr_over_cfg": {}, "dco_over_pr": {}, "targets": []}
+    batches = sorted({r["batch"] for r in results})
+    for variant in ("peft", "fast", "graph", "compiled"):
+        for b in batches:
+            pr, cfg = _find(results, variant, "pr", b), _find(results, variant, "cfg", b)
+            if pr and cfg:
+                summary["pr_over_cfg"][f"{variant}@{b}"] = pr["ms"] / cfg["ms"]
+            dco = _find(results, "dco", "pr", b)
+            if pr and dco:
+                summary["dco_over_pr"][f"{variant}@{b}"] = dco["ms"] / pr["ms"]
+    targets = summary["targets"]
+    fast4_pr, fast4_cfg = _find(results, "fast", "pr", 4), _find(results, "fast", "cfg", 4)
+    if fast4_pr and fast4_cfg:
+        ratio = fast4_pr["ms"] / fast4_cfg["ms"]
+        floor = fast4_pr["rows"] / fast4_cfg["rows"]
+        targets.append(
+            {"target": "pr step <= 1.10x cfg step at batch 4 (fast, eager)", "value": ratio, "goal": 1.10,
+             "met": ratio <= 1.10, "note": f"rows {fast4_pr['rows']} vs {fast4_cfg['rows']}: FLOP ratio {floor:.2f}"}
+        )
+    comp = _find(results, "compiled", "pr", 4)
+    if comp and "mfu" in comp:
+        targets.append(
+            {"target": "compiled pr batch 4 MFU >= 55% of measured matmul", "value": comp["mfu"], "goal": 0.55,
+             "met": comp["mfu"] >= 0.55}
+        )
+    for b, goal in ((1, 1.6), (4, 1.0)):
+        pr, dco = _find(results, "fast", "pr", b), _find(results, "dco", "pr", b)
+        if pr and dco:
+            speedup = dco["ms"] / pr["ms"]
+            targets.append(
+                {"target": f"eager pr >= {goal}x faster than DCO ordering at batch {b}", "value": speedup,
+                 "goal": goal, "met": speedup >= goal}
+            )
+    return summary
+
+
+def format_table(document: dict) -> str:
+    results = document["results"]
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
+    keys = sorted({(r["batch"], MODES.index(r["mode"])) for r in results})
+    lines = [f"{'batch':>5} {'mode':<12} {'rows':>4} " + " ".join(f"{v:>10}" for v in variants) + "   (ms per step)"]
+    for b, m in keys:
+        mode = MODES[m]
+        cells, rows = [], ""
+        for v in variants:
+            r = _find(results, v, mode, b)
+            cells.append(f"{r['ms']:>10.2f}" if r else f"{'-':>10}")
+            if r and v not in SPLIT_VARIANTS:
+                rows = r["rows"]
+        lines.append(f"{b:>5} {mode:<12} {rows:>4} " + " ".join(cells))
+    if document.get("matmul"):
+        mm = document["matmul"]
+        lines.append(f"matmul {mm['size']}^3 {mm['dtype']}: {mm['tflops']:.1f} TFLOP/s")
+    if document.get("flops"):
+        f = document["flops"]
+        lines.append(f"model: {f['base_row'] / 1e12:.3f} TFLOP per base row, {f['adapter_row'] / 1e12:.3f} per adapter row")
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['variant']} {r['mode']} batch {r['batch']} failed: {r['error']}")
+    util = [r for r in results if "mfu" in r and r["mode"] == "pr" and r["variant"] not in SPLIT_VARIANTS]
+    for r in util:
+        lines.append(f"pr batch {r['batch']} {r['variant']}: {r['tflops']:.1f} TFLOP/s = {100 * r['mfu']:.1f}% of matmul")
+    summary = document.get("summary", {})
+    for key, value in summary.get("pr_over_cfg", {}).items():
+        lines.append(f"pr/cfg {key}: {value:.3f}")
+    for key, value in summary.get("dco_over_pr", {}).items():
+        lines.append(f"DCO ordering / pr {key}: {value:.2f}x")
+    for key, value in document.get("guidance_ms", {}).items():
+        lines.append(f"guidance math {key}: {value:.3f} ms")
+    for target in summary.get("targets", []):
+        state = "met" if target["met"] else "MISSED"
+        lines.append(f"target {target['target']}: {target['value']:.3f} (goal {target['goal']}) {state}")
+    if document.get("compile"):
+        c = document["compile"]
+        lines.append(f"compile: {json.dumps(c)}")
+    if document.get("checks"):
+        lines.append(f"checks: {json.dumps(document['checks'])}")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    """Run the benchmark described by ``args`` (see ``add_arguments``); returns the JSON document."""
+    batches = [int(b) for b in _csv(args.batches, None, "batch")]
+    modes = [{"parallel-rescaled": "pr"}.get(m, m) for m in _csv(args.modes, MODES + ("parallel-rescaled",), "mode")]
+    variants = _csv(args.variants, VARIANTS, "variant")
+    if args.compile and "compiled" not in variants:
+        variants.append("compiled")
+    compile_configs = []
+    if "compiled" in variants:
+        for item in _csv(args.compile_configs, None, "compile config"):
+            mode, _, batch = item.partition(":")
+            if mode not in MODES or not batch.isdigit():
+                raise ValueError(f"--compile-configs item {item!r} must be MODE:BATCH with MODE in {', '.join(MODES)}")
+            compile_configs.append((mode, int(batch)))
+
+    import torch
+
+    out_path = Path(args.json)
+    started = time.perf_counter()
+    bench = Bench(args)
+    if "graph" in variants and not bench.cuda:
+        variants.remove("graph")
+    document: dict = {
+        "benchmark": "dreamguide bench sample",
+        "device": torch.cuda.get_device_name(bench.device) if bench.cuda else platform.processor() or "cpu",
+        "versions": _versions(),
+        "model": "tiny SDXL-shaped UNet" if args.tiny else "SDXL base UNet architecture, random weights",
+        "resolution": bench.resolution,
+        "dtype": str(bench.dtype).removeprefix("torch."),
+        "lora": {"rank": args.rank, "targets": ["to_q", "to_k", "to_v", "to_out.0"]},
+        "prompt_embeddings": "random tensors of the encoders' output shapes (text encoders not timed)",
+        "steps": {"warmup": args.warmup, "timed": args.iters, "statistic": "median"},
+        "results": [],
+    }
+
+    def save():
+        document["summary"] = summarize(document)
+        document["elapsed_s"] = time.perf_counter() - started
+        _write_json(out_path, document)
+
+    document["matmul"] = bench.matmul_tflops()
+    document["flops"] = bench.count_flops()
+    with torch.no_grad():
+        document["checks"] = _attempt(bench, bench.check_outputs, {})
+    save()
+    print(f"  setup, matmul, FLOP count and output checks done [{time.perf_counter() - started:.0f} s]", flush=True)
+    with torch.no_grad():
+        for batch in batches:
+            for mode in modes:
+                for variant in variants:
+                    # The split orderings cost the same for consistency and pr: time them once, for pr.
+                    if variant == "compiled" or (variant in SPLIT_VARIANTS and mode != "pr"):
+                        continue
+                    row = _attempt(bench, lambda: bench.time_config(variant, mode, batch),
+                                   {"variant": variant, "mode": mode, "batch": batch})
+                    document["results"].append(row)
+                    if "ms" in row:
+                        print(f"  {variant:>9} {mode:<12} batch {batch}: {row['ms']:8.2f} ms/step, "
+                              f"{row['host_syncs_per_step']} host syncs  [{time.perf_counter() - started:.0f} s]",
+                              flush=True)
+                    save()
+        document["guidance_ms"] = {f"{m}@{b}": bench.guidance_ms(m, b) for b in batches for m in ("cfg", "pr")}
+        save()
+        if compile_configs:
+            document["compile"] = _attempt(
+                bench, lambda: compile_and_time(bench, compile_configs, args, document, save), {}
+            )
+    save()
+    return document
+
+
+def compile_and_time(bench: Bench, configs, args, document: dict, save: Callable) -> dict:
+    """Compile the fast path for each (mode, batch), time it, and record compile cost and payoff."""
+    import torch
+
+    from dreamguide.fast import compile_unet, fast_routing, save_compile_cache, use_compile_cache
+
+    cache = use_compile_cache(args.compile_cache)
+    warm = (cache / "artifacts.bin").is_file()
+    compiled = compile_unet(bench.unet, mode=args.compile_mode, channels_last=not args.no_channels_last)
+    info: dict = {"cache": str(cache), "cache_was_warm": warm, "mode": args.compile_mode or "default",
+                  "channels_last": not args.no_channels_last, "configs": []}
+    t = torch.tensor(500.0, device=bench.device)
+    for mode, batch in configs:
+        needs = _mode_needs(mode)
+        kwargs = bench.conditioning(batch, needs)
+        sample = bench.randn(len(needs) * batch, 4, bench.latent, bench.latent)
+        with fast_routing(bench.unet, bench.row_names(batch, needs)):
+            start = time.perf_counter()
+            compiled(sample, t, return_dict=False, **kwargs)
+            if bench.cuda:
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+        print(f"  compiled {mode} batch {batch} in {compile_s:.1f} s (cache {'warm' if warm else 'cold'})", flush=True)
+        row = _attempt(bench, lambda: bench.time_config("compiled", mode, batch, compiled),
+                       {"variant": "compiled", "mode": mode, "batch": batch})
+        document["results"].append(row)
+        if "ms" not in row:
+            continue
+        entry = {"mode": mode, "batch": batch, "compile_s": compile_s, "ms": row["ms"]}
+        eager = _find(document["results"], "fast", mode, batch)
+        if eager and eager["ms"] > row["ms"]:
+            saved_per_image_s = (eager["ms"] - row["ms"]) * 50 / batch / 1e3
+            entry["saving_per_image_s_at_50_steps"] = saved_per_image_s
+            entry["pays_off_after_images"] = compile_s / saved_per_image_s
+        info["configs"].append(entry)
+        document["compile"] = info
+        save()
+    saved = save_compile_cache(cache)
+    info["artifacts"] = None if saved is None else {"path": str(saved), "bytes": saved.stat().st_size}
+    with torch.no_grad():
+        mode, batch = configs[0]
+        document["checks"].update(_attempt(bench, lambda: bench.check_outputs(compiled, (mode, batch)), {}))
+    return info
+
+
+EXAMPLE = """\
+examples:
+  dreamguide bench sample --json bench-sample.json             # eager variants, batch 1 and 4
+  dreamguide bench sample --compile --json bench-sample.json   # + torch.compile of pr at batch 4
+  dreamguide bench sample --tiny --iters 2                     # miniature UNet: checks the script on CPU
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``sample`` benchmark of ``dreamguide bench``."""
+    parser = subparsers.add_parser(
+        "sample",
+        help="milliseconds per guided denoising step (SDXL UNet architecture, LoRA routing, compile)",
+        description=__doc__.split("\n")[0],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_and_print)
+    return parser
+
+
+def run_and_print(args) -> int:
+    document = run(args)
+    print(format_table(document))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sample_bench", description=__doc__.split("\n")[0], epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run_and_print(parser.parse_args(argv))

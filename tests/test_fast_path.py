@@ -1,0 +1,194 @@
+"""The fast routing path computes what PEFT's per-row routing computes (dreamguide.fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreamguide.fast import (
+    BASE,
+    fast_routing,
+    fast_routing_unsupported,
+    install_fast_routing,
+    plan_rows,
+    uninstall_fast_routing,
+    use_compile_cache,
+)
+from dreamguide.routing import routed_adapters
+
+ROWS_PER_PROMPT = 2
+
+
+def _tiny_unet(seed: int = 0, **lora):
+    from dreamguide.models import add_lora
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    unet = tiny_sdxl_pipeline(seed).unet
+    add_lora(unet, rank=4, adapter_name="subject", init=False, **lora)
+    add_lora(unet, rank=2, alpha=3.0, adapter_name="other", init=False)
+    unet.set_adapter("subject")
+    return unet.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return _tiny_unet()
+
+
+def _inputs(rows: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(rows, 4, 16, 16, generator=g),
+        torch.tensor(400.0),
+        {
+            "encoder_hidden_states": torch.randn(rows, 77, 64, generator=g),
+            "added_cond_kwargs": {"text_embeds": torch.randn(rows, 32, generator=g), "time_ids": torch.randn(rows, 6, generator=g)},
+        },
+    )
+
+
+def _forward(unet, inputs, context=None):
+    sample, t, kwargs = inputs
+    with torch.no_grad(), (context if context is not None else torch.enable_grad()):
+        return unet(sample, t, return_dict=False, **kwargs)[0]
+
+
+def _close(a, b):
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), float((a - b).abs().max())
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        [BASE] * 4 + ["subject"] * 2,  # the sampler's layout: one block of adapter rows (static slice)
+        ["subject", BASE, "subject", BASE],  # scattered rows: per-row 0/1 scale
+        [BASE, "other", "subject", "subject", BASE],  # two adapters with different ranks and scaling
+        ["subject"] * 3,  # dreambooth: every row personalized
+    ],
+)
+def test_fast_routing_matches_peft_routing(unet, names):
+    inputs = _inputs(len(names))
+    reference = _forward(unet, inputs, routed_adapters(unet, names))
+    fast = _forward(unet, inputs, fast_routing(unet, names))
+    _close(fast, reference)
+    base_rows = [i for i, name in enumerate(names) if name == BASE]
+    # Rows without an adapter never see a LoRA term: bit for bit the base layers' output.
+    assert torch.equal(fast[base_rows], reference[base_rows])
+
+
+def test_fast_routing_matches_separate_forwards(unet):
+    names = [BASE] * ROWS_PER_PROMPT * 2 + ["subject"] * ROWS_PER_PROMPT
+    inputs = _inputs(len(names))
+    fast = _forward(unet, inputs, fast_routing(unet, names))
+    sample, t, kwargs = inputs
+    unet.disable_adapters()
+    try:
+        base_only = _forward(unet, inputs)
+    finally:
+        unet.enable_adapters()
+    personalized = _forward(unet, inputs)  # plain PEFT forward, "subject" active on every row
+    _close(fast[:4], base_only[:4])
+    _close(fast[4:], personalized[4:])
+    # and the adapter matters, so the comparison above can fail
+    assert (fast[4:] - base_only[4:]).abs().max() > 1e-2
+
+
+def test_all_base_rows_skip_the_adapters_exactly(unet):
+    names = [BASE] * 3
+    inputs = _inputs(3)
+    fast = _forward(unet, inputs, fast_routing(unet, names))
+    unet.disable_adapters()
+    try:
+        assert torch.equal(fast, _forward(unet, inputs))
+    finally:
+        unet.enable_adapters()
+
+
+def test_outside_the_block_layers_behave_as_peft_and_uninstall_restores():
+    unet = _tiny_unet(seed=3)
+    inputs = _inputs(2)
+    before = _forward(unet, inputs)
+    install_fast_routing(unet)
+    with fast_routing(unet, [BASE, "subject"]):
+        pass
+    assert torch.equal(_forward(unet, inputs), before)
+    uninstall_fast_routing(unet)
+    assert not any("forward" in vars(m) for m in unet.modules())
+    assert torch.equal(_forward(unet, inputs), before)
+
+
+def test_plan_is_cached_per_layout(unet):
+    state = install_fast_routing(unet)
+    with fast_routing(unet, [BASE, "subject"]):
+        first = state.plan
+    with fast_routing(unet, [BASE, "subject"]):
+        assert state.plan is first  # stable object: no new device tensors, stable compile guards
+    assert state.plan is None
+
+
+def test_plan_rows_blocks_and_scales():
+    plan = plan_rows([BASE, BASE, "a", "a", "b", BASE, "b"])
+    assert plan.rows == 7
+    a, b = plan.routes
+    assert (a.adapter, a.start, a.stop, a.row_scale) == ("a", 2, 4, None)
+    assert b.adapter == "b" and (b.start, b.stop) == (0, 7)
+    assert b.row_scale.tolist() == [0, 0, 0, 0, 1, 0, 1]
+    assert plan_rows([BASE, BASE]).routes == ()
+
+
+def test_wrong_row_count_is_an_error(unet):
+    inputs = _inputs(3)
+    with pytest.raises(ValueError, match="2 adapter names but a LoRA layer got a batch of 3"):
+        _forward(unet, inputs, fast_routing(unet, [BASE, "subject"]))
+
+
+def test_unknown_adapter_is_an_error(unet):
+    with pytest.raises(ValueError, match="not loaded"):
+        with fast_routing(unet, [BASE, "nobody"]):
+            pass
+
+
+def test_unsupported_adapters_are_reported():
+    from peft import LoraConfig
+
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    unet = tiny_sdxl_pipeline(5).unet
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True), adapter_name="dora")
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_k"], lora_dropout=0.1), adapter_name="dropout")
+    unet.eval()
+    assert "DoRA" in fast_routing_unsupported(unet, [BASE, "dora"])
+    assert fast_routing_unsupported(unet, [BASE, "dropout"]) is None  # eval: dropout is the identity
+    unet.train()
+    assert "dropout" in fast_routing_unsupported(unet, [BASE, "dropout"])
+    assert fast_routing_unsupported(unet, [BASE, BASE]) is None
+    with pytest.raises(ValueError, match="active dropout.*routed_adapters"):
+        with fast_routing(unet, [BASE, "dropout"]):
+            pass
+
+
+def test_fast_routing_traces_into_one_graph(unet):
+    """No graph break and the same numbers under torch.compile (one transformer block, CPU)."""
+    torch._dynamo.reset()
+    block = unet.down_blocks[1].attentions[0]
+    names = [BASE, BASE, "subject"]
+    g = torch.Generator().manual_seed(2)
+    hidden, context = torch.randn(3, 64, 8, 8, generator=g), torch.randn(3, 77, 64, generator=g)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), fast_routing(unet, names):
+        eager = block(hidden, encoder_hidden_states=context, return_dict=False)[0]
+        traced = compiled(hidden, encoder_hidden_states=context, return_dict=False)[0]
+    with torch.no_grad(), routed_adapters(unet, names):
+        reference = block(hidden, encoder_hidden_states=context, return_dict=False)[0]
+    _close(traced, eager)
+    _close(eager, reference)
+    torch._dynamo.reset()
+
+
+def test_compile_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unchanged")
+    folder = use_compile_cache(tmp_path / "cache")
+    assert folder == tmp_path / "cache" and folder.is_dir()
+    import os
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
