@@ -221,6 +221,17 @@ def test_output_files_keys_metadata_and_diffusers_loading(model_dirs, photos, tm
     models.load_embeddings(kohya_model, result.embeddings_path, TOKEN)
     models.load_lora(kohya_model, result.kohya_path, ADAPTER_NAME)
     torch.testing.assert_close(unet_prediction(kohya_model), unet_prediction(result.model), rtol=1e-5, atol=1e-5)
+    # The sampler loads the files, and the adapter changes what it draws.
+    from dreamguide.sampling import Sampler, SampleSettings
+
+    settings = SampleSettings(prompt=PROMPT, token=TOKEN, class_word=CLASS_WORD, modes=("dreambooth",), steps=2)
+
+    def draw(**files):
+        sampler = Sampler.from_pretrained(model_dirs["sdxl"], token=TOKEN, dtype=torch.float32, device="cpu", **files)
+        return np.asarray(sampler.sample(settings, progress=False)[0].image)
+
+    with_lora = draw(lora=result.lora_path, embeddings=result.embeddings_path)
+    assert not np.array_equal(with_lora, draw(embeddings=result.embeddings_path))
     # diffusers' own loaders rebuild the same personalized model.
     pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dirs["sdxl"]), use_safetensors=True)
     pipe.load_lora_weights(str(result.output_dir), weight_name=result.lora_path.name)
@@ -289,6 +300,7 @@ def test_bad_data_fails_before_training_and_writes_nothing(case, model_dirs, tmp
 
 def test_cli_trains_and_reports_config_errors(model_dirs, photos, tmp_path, capsys):
     from dreamguide.cli import main
+    from dreamguide.training import config as cfg_module
 
     path = tmp_path / "run.toml"
     path.write_text(
@@ -296,9 +308,12 @@ def test_cli_trains_and_reports_config_errors(model_dirs, photos, tmp_path, caps
         f'[output]\ndir = "{tmp_path / "out"}"\ncheckpoint_every = 0\n',
         encoding="utf-8",
     )
-    assert main(["train", "--config", str(path), "--set", "train.steps=1", "--set", "lora.rank=2", "--no-progress"]) == 0
-    saved = (tmp_path / "out" / "config.toml").read_text()
-    assert "steps = 1" in saved and "rank = 2" in saved and "resolution = 16" in saved
+    args = ["train", "--config", str(path), "--set", "train.steps=1", "--set", "lora.rank=2", "--no-progress"]
+    assert main(args + ["--set", "data.resolution=128"]) == 2  # 40x48 photos, far smaller than 128
+    assert "far smaller than the training size 128" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(args + ["--set", "data.resolution=128", "--allow-upscale"]) == 0
+    saved = cfg_module.load_config(tmp_path / "out" / "config.toml")
+    assert (saved.train.steps, saved.lora.rank, saved.data.resolution, saved.data.allow_upscale) == (1, 2, 128, True)
     assert main(["train", "--config", str(path), "--set", "lora.rnak=2"]) == 2
     assert "run.toml" in capsys.readouterr().err
     path.write_text(path.read_text() + "[train]\nsteps = 1.5\n", encoding="utf-8")

@@ -29,6 +29,11 @@ def add_parser(subparsers) -> None:
         metavar="latest|PATH",
         help="continue from the newest checkpoint in output.dir ('latest') or from a checkpoint-<step>/ folder",
     )
+    parser.add_argument(
+        "--allow-upscale",
+        action="store_true",
+        help="accept images smaller than half the training size (same as --set data.allow_upscale=true)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     parser.set_defaults(func=run)
 
@@ -38,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dreamguide.training import load_config, train
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["data.allow_upscale=true"] if args.allow_upscale else [])
+    config = load_config(args.config, overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if not PartialState().is_main_process:
         return 0

@@ -161,7 +161,7 @@ def load_images(
         if min(width, height) < MIN_SIZE_FRACTION * size and not allow_upscale:
             raise DataError(
                 f"image {entry.path} is {width}x{height}, far smaller than the training size {size}; "
-                f"use a larger photo, lower data.resolution, or set data.allow_upscale = true"
+                f"use a larger photo, lower data.resolution, or set data.allow_upscale = true (--allow-upscale)"
             )
         cropped, top_left = resize_and_crop(image, size, center_crop, rng)
         images.append(
