@@ -89,6 +89,10 @@ def test_validation_names_the_key(tmp_path):
         cfg.load_config(path, ["ti.train_fraction=1.5"])
     with pytest.raises(cfg.ConfigError, match="data.resolution"):
         cfg.load_config(path, ["data.resolution=30"])
+    with pytest.raises(cfg.ConfigError, match="sample.prompts.*'a dog' without the token"):
+        cfg.load_config(path, ["sample.every=10", "sample.prompts=['a {token} dog', 'a dog']"])
+    with pytest.raises(cfg.ConfigError, match="sample.modes.*'prr'"):
+        cfg.load_config(path, ["sample.every=10", "sample.modes=['cfg', 'prr']"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,6 +223,12 @@ class TrainConfig:
                     fail("sample.modes", f"has an unknown mode {mode!r}: {error}")
             if not self.sample.prompts or not self.sample.seeds:
                 fail("sample.prompts", "and sample.seeds must be non-empty when sample.every > 0")
+            from dreamguide.prompts import contains_token
+
+            for prompt in self.sample.prompts:
+                filled = prompt.replace("{token}", self.data.token).replace("{class_word}", self.data.class_word)
+                if not contains_token(filled, self.data.token):
+                    fail("sample.prompts", f"has {prompt!r} without the token; write {{token}} into it")
         return self
 
 
