@@ -281,6 +281,23 @@ def test_prior_preservation_adds_the_class_image_loss(model_dirs, photos, tmp_pa
     assert with_prior.losses[1] != without.losses[1]
 
 
+def test_train_takes_an_in_memory_pixel_model(photos, tmp_path):
+    from dreamguide.testing import tiny_pixel_model
+
+    model = tiny_pixel_model(seed=0)
+    config = config_from_dict(
+        {"data": {"instance_dir": str(photos), "class_word": CLASS_WORD}, "train": {"steps": 2, "lr": 1e-2},
+         "lora": {"rank": 2}, "output": {"dir": str(tmp_path / "out"), "checkpoint_every": 0}}
+    )
+    before = unet_prediction(model, "a photo of <sks> dog")
+    result = train(config, model=model, progress=False)
+    assert result.model is model and result.config.model.pretrained == model.source
+    assert result.config.data.resolution == 16
+    assert (unet_prediction(model, "a photo of <sks> dog") - before).abs().max() > 1e-4
+    with adapters_disabled(model.unet):
+        torch.testing.assert_close(unet_prediction(model, "a photo of <sks> dog"), before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("case", ["empty", "corrupt", "no-token", "too-small"])
 def test_bad_data_fails_before_training_and_writes_nothing(case, model_dirs, tmp_path):
     folder = tmp_path / "photos"

@@ -81,6 +81,8 @@ def test_overrides_are_typed(tmp_path):
 
 def test_validation_names_the_key(tmp_path):
     path = write(tmp_path / "run.toml", MINIMAL)
+    with pytest.raises(cfg.ConfigError, match=r"run\.toml.*model\.pretrained is required"):
+        cfg.load_config(path, ["model.pretrained=''"])
     with pytest.raises(cfg.ConfigError, match="ti.enabled.*dreambooth-ti"):
         cfg.load_config(path, ["ti.enabled=true"])
     with pytest.raises(cfg.ConfigError, match="data.class_dir"):

@@ -161,13 +161,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self, source: str = "<config>") -> "TrainConfig":
-        """Check values that types alone cannot; raise :class:`ConfigError` naming the key and ``source``."""
+        """Check values that types alone cannot; raise :class:`ConfigError` naming the key and ``source``.
+
+        ``model.pretrained`` may be empty here: ``train(config, model=...)`` takes an in-memory model.
+        """
 
         def fail(key: str, why: str) -> typing.NoReturn:
             raise ConfigError(f"{source}: {key} {why}")
 
-        if not self.model.pretrained:
-            fail("model.pretrained", "is required: a hub id or a local diffusers folder")
         if not self.data.instance_dir:
             fail("data.instance_dir", "is required: the folder of subject images")
         if not self.data.token.strip() or any(c.isspace() for c in self.data.token):
@@ -338,7 +339,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     source = str(path) + (" (with --set overrides)" if overrides else "")
-    return config_from_dict(apply_overrides(data, list(overrides)), source=source)
+    config = config_from_dict(apply_overrides(data, list(overrides)), source=source)
+    if not config.model.pretrained:
+        raise ConfigError(f"{source}: model.pretrained is required: a hub id or a local diffusers folder")
+    return config
 
 
 def _toml_value(value: Any) -> str:
