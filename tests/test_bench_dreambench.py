@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from dreamguide.bench.dreambench_world import DreamBenchWorld, config_from_dict, load_config
-from dreamguide.bench.report import ReportSettings, read_rows
-from dreamguide.bench.runner import build_jobs, group_jobs, run_benchmark
+from dreamguide.bench.runner import run_benchmark
 from dreamguide.cli import main
 from dreamguide.metrics import Scorer
 

@@ -23,14 +23,10 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dreamguide.bench.world import Job, Plan, World
-
-ROW_FIELDS_TAIL = ("image", "trace")
-
 
 class RunMismatch(ValueError):
     """The output folder holds a different run."""
@@ -145,14 +141,26 @@ def _check_run_file(output: Path, description: dict) -> None:
 
 
 def process_info() -> tuple[int, int, Callable[[], None]]:
-    """(process index, number of processes, barrier) from accelerate; (0, 1, no-op) when not launched."""
+    """(process index, number of processes, barrier) from accelerate; (0, 1, no-op) when not launched.
+
+    Works under ``accelerate launch`` and ``torchrun`` (on CPU-only machines too, over gloo).
+    """
+    import torch
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         from accelerate import PartialState
-
-        state = PartialState()
-        return state.process_index, state.num_processes, state.wait_for_everyone
-    except Exception:  # accelerate missing or not configured: one process
+    except ImportError:
+        if launched > 1:
+            raise RuntimeError("launched as several processes, but accelerate is not installed")
         return 0, 1, lambda: None
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if launched > 1 and state.num_processes != launched:
+        raise RuntimeError(
+            f"launched as {launched} processes but accelerate sees {state.num_processes}; every process "
+            f"would run the whole benchmark. Launch with `accelerate launch` or `torchrun`"
+        )
+    return state.process_index, state.num_processes, state.wait_for_everyone
 
 
 def ordered_rows(jobs: Sequence[Job], done: dict[str, dict]) -> list[dict]:
@@ -262,8 +270,3 @@ def run_benchmark(
     write_report(rows, world, plan, Path(output), report or ReportSettings(), log=log)
     return rows
 
-
-__all__ = [
-    "RunMismatch", "atomic_write_bytes", "atomic_write_text", "build_jobs", "group_jobs", "shard",
-    "read_manifests", "run_shard", "merge_results", "run_benchmark", "process_info", "asdict",
-]
