@@ -369,7 +369,7 @@ class Sampler:
         token: str | None = None,
         dtype: "torch.dtype | str | None" = None,
         device: "torch.device | str | None" = None,
-        adapter_name: str = "personalized",
+        adapter_name: str = "subject",
     ) -> "Sampler":
         """Load a model and its personalized weights: a LoRA, token embeddings and/or a full UNet folder.
 
