@@ -160,10 +160,11 @@ def test_tables_and_figures(tmp_path):
     expected = np.mean([np.mean(v) for v in units.values()])
     got = next(r for r in overall if r["mode"] == "cfg" and r["prompt_set"] == "stylized")
     assert got["ident"] == pytest.approx(expected) and got["units"] == len(units) == 9
-    assert got["ident_low"] <= got["ident"] <= got["ident_high"]
+    assert got["ident_low"] <= got["ident"] <= got["ident_high"] and got["ident_backbone"] == "pixel-mean"
     compared = read_rows(tmp_path / "tables" / "comparisons.csv")
     pr_text = [c for c in compared if c["mode"] == "parallel-rescaled" and c["metric"] == "text"]
-    assert pr_text and all(c["verdict"] == "higher" and c["difference"] == pytest.approx(0.3, abs=0.05) for c in pr_text)
+    assert pr_text
+    assert all(c["verdict"] == "higher" and c["difference"] == pytest.approx(0.3, abs=0.05) for c in pr_text)
     for name in ("pareto.png", "consistency_p.png"):
         with Image.open(tmp_path / "figures" / name) as image:
             assert image.size[0] > 100

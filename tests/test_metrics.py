@@ -77,14 +77,18 @@ def test_dinov2_and_clip_i_match_model_outputs(backbones, scorer):
     proc = AutoImageProcessor.from_pretrained(backbones.dinov2, backend="pil")
     dinov2 = Dinov2Model.from_pretrained(backbones.dinov2).eval()
     with torch.no_grad():
-        emb = lambda imgs: dinov2(**proc(images=imgs, return_tensors="pt")).pooler_output.numpy()  # noqa: E731
+        def emb(imgs):  # DINOv2's pooler output is the CLS token after the final layer norm
+            return dinov2(**proc(images=imgs, return_tensors="pt")).pooler_output.numpy()
+
         expected = _np_cos(emb(images), emb(refs)).mean(axis=1)
     np.testing.assert_allclose([r["dinov2"] for r in rows], expected, rtol=1e-4, atol=1e-5)
 
     proc = AutoImageProcessor.from_pretrained(backbones.clip, backend="pil")
     clip = CLIPModel.from_pretrained(backbones.clip).eval()
     with torch.no_grad():
-        emb = lambda imgs: clip.get_image_features(**proc(images=imgs, return_tensors="pt")).pooler_output.numpy()  # noqa: E731
+        def emb(imgs):  # noqa: F811 (CLIP's projected image embeddings)
+            return clip.get_image_features(**proc(images=imgs, return_tensors="pt")).pooler_output.numpy()
+
         expected = _np_cos(emb(images), emb(refs)).mean(axis=1)
     np.testing.assert_allclose([r["clip_i"] for r in rows], expected, rtol=1e-4, atol=1e-5)
 

@@ -291,5 +291,8 @@ class Scorer:
             encoder = self.encoders[backbone]
             texts = self._batched(encoder.embed_texts, base_prompts)
             cosine = paired_cosine(embed(backbone), texts)
-            values[metric] = cosine if metric == "clip_t" else siglip_probability(cosine, *encoder.logit_scale_and_bias())
+            if metric == "clip_t":
+                values[metric] = cosine
+            else:
+                values[metric] = siglip_probability(cosine, *encoder.logit_scale_and_bias())
         return [{m: float(values[m][i]) for m in self.metrics} for i in range(len(images))]

@@ -211,7 +211,8 @@ def comparisons(rows: Sequence[dict], metrics: Sequence[str], settings: ReportSe
                 else:
                     verdict = "higher" if mean > 0 else "lower"
                 out.append({"mode": mode, "baseline": baseline, "w_text": w_text, "w_cons": w_cons,
-                            "prompt_set": scope, "metric": metric, "baseline_mean": float(np.mean([b[u] for u in units])),
+                            "prompt_set": scope, "metric": metric,
+                            "baseline_mean": float(np.mean([b[u] for u in units])),
                             "mean": float(np.mean([a[u] for u in units])), "difference": mean,
                             "difference_low": lo, "difference_high": hi, "units": len(units), "verdict": verdict})
     return out
@@ -291,7 +292,9 @@ def _pyplot():
     return plt
 
 
-def pareto_plot(overall: Sequence[dict], identity: str, text: str, backbones: dict[str, str], path: Path) -> Path | None:
+def pareto_plot(
+    overall: Sequence[dict], identity: str, text: str, backbones: dict[str, str], path: Path
+) -> Path | None:
     """Identity (y) against text alignment (x), one line per mode across its w_cons values."""
     from dreamguide.bench.runner import atomic_write_bytes
 
@@ -404,7 +407,12 @@ def write_report(rows: Sequence[dict], world: World, plan: Plan, output: Path, s
     overall, per_subject = summary_tables(rows, metrics, settings)
     compared = comparisons(rows, metrics, settings)
     tables = output / "tables"
-    ci_fields = [f for m in metrics for f in (m, f"{m}_low", f"{m}_high")]
+    # Every table names the backbone of each metric (and text metrics score the base prompt).
+    for row in [*overall, *per_subject]:
+        row.update({f"{m}_backbone": backbones[m] for m in metrics})
+    for row in compared:
+        row["backbone"] = backbones[row["metric"]]
+    ci_fields = [f for m in metrics for f in (m, f"{m}_low", f"{m}_high", f"{m}_backbone")]
     head = ["mode", "w_text", "w_cons", "prompt_set", "units"]
     written = {
         "overall": tables / "overall.csv",
@@ -416,8 +424,8 @@ def write_report(rows: Sequence[dict], world: World, plan: Plan, output: Path, s
     atomic_write_text(written["overall"], rows_to_csv(overall, [*head, *ci_fields]))
     atomic_write_text(written["per_subject"], rows_to_csv(per_subject, ["subject", *head, *ci_fields]))
     atomic_write_text(written["comparisons"], rows_to_csv(compared, [
-        "mode", "baseline", "w_text", "w_cons", "prompt_set", "metric", "baseline_mean", "mean", "difference",
-        "difference_low", "difference_high", "units", "verdict"]))
+        "mode", "baseline", "w_text", "w_cons", "prompt_set", "metric", "backbone", "baseline_mean", "mean",
+        "difference", "difference_low", "difference_high", "units", "verdict"]))
     atomic_write_text(written["backbones"], rows_to_csv(
         [{"metric": m, "kind": kinds.get(m, ""), "backbone": b,
           "prompt": "base prompt" if kinds.get(m) == "text" else "reference photos"} for m, b in backbones.items()],
