@@ -213,3 +213,22 @@ def test_broken_dreambench_folders_are_named(tmp_path):
     (tmp_path / "cat").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         load_dreambench(tmp_path, ["cat"])
+
+
+def test_bench_subcommands_are_a_registry(capsys):
+    from dreamguide.cli import main
+    from dreamguide.cli.bench import BENCHMARKS, benchmark
+
+    @benchmark("counting")
+    def _add(subparsers):
+        parser = subparsers.add_parser("counting")
+        parser.add_argument("--prompts", type=int, default=1)
+        parser.set_defaults(func=lambda args: print(f"counting {args.prompts}") or 0)
+        return parser
+
+    try:
+        assert main(["bench", "counting", "--prompts", "3"]) == 0
+        assert capsys.readouterr().out == "counting 3\n"
+        assert "dreambench" in BENCHMARKS
+    finally:
+        BENCHMARKS.pop("counting")

@@ -28,7 +28,6 @@ import numpy as np
 
 from dreamguide.bench.world import Plan, World
 
-SCOPES = ("all", "dreambench", "stylized")
 BASE_FIELDS = ("key", "world", "subject", "class_word", "prompt_set", "prompt_index", "prompt", "base_prompt",
                "seed", "mode", "w_text", "w_cons")
 NO_DIFFERENCE = "no measurable difference"
@@ -143,6 +142,11 @@ def unit_means(rows: Sequence[dict], metric: str) -> dict[tuple, dict[tuple, flo
     return {s: {u: float(np.mean(v)) for u, v in units.items()} for s, units in acc.items()}
 
 
+def prompt_scopes(rows: Sequence[dict]) -> list[str]:
+    """"all" and then every prompt set of the rows, in order of appearance (each world names its own)."""
+    return ["all", *dict.fromkeys(r["prompt_set"] for r in rows)]
+
+
 def _in_scope(unit: tuple, scope: str) -> bool:
     return scope == "all" or unit[1] == scope
 
@@ -155,7 +159,7 @@ def summary_tables(rows: Sequence[dict], metrics: Sequence[str], settings: Repor
     """(overall rows, per-subject rows): mean, low, high for every metric, setting and prompt set."""
     per_metric = {m: unit_means(rows, m) for m in metrics}
     setting_order = list(dict.fromkeys(setting_key(r) for r in rows))
-    scopes = [s for s in SCOPES if s == "all" or any(r["prompt_set"] == s for r in rows)]
+    scopes = prompt_scopes(rows)
     subjects = list(dict.fromkeys(r["subject"] for r in rows))
     overall, per_subject = [], []
     for setting in setting_order:
@@ -189,7 +193,7 @@ def comparisons(rows: Sequence[dict], metrics: Sequence[str], settings: ReportSe
     baseline = get_mode(settings.baseline_mode).name
     per_metric = {m: unit_means(rows, m) for m in metrics}
     setting_order = list(dict.fromkeys(setting_key(r) for r in rows))
-    scopes = [s for s in SCOPES if s == "all" or any(r["prompt_set"] == s for r in rows)]
+    scopes = prompt_scopes(rows)
     out = []
     for setting in setting_order:
         mode, w_text, w_cons = setting

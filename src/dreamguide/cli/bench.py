@@ -1,9 +1,10 @@
-"""``dreamguide bench``: benchmark groups (``dreamguide bench dreambench CONFIG``, ...).
+"""``dreamguide bench``: benchmarks as sub-commands (``dreamguide bench dreambench CONFIG``, ...).
 
-Each benchmark is a sub-command registered in ``BENCHMARKS`` by ``@benchmark(name)``: a
-function that adds its parser to the ``bench`` sub-parsers and sets ``func``. To add one,
-write another such function in this module (or call ``benchmark(name)(fn)`` from elsewhere
-before ``add_parser`` runs).
+Each benchmark is a function that adds its parser to the ``bench`` sub-parsers and sets
+``func``, registered in ``BENCHMARKS`` by ``@benchmark(name)``. To add one, either write such
+a function here, or put a module ``dreamguide/cli/_bench_<name>.py`` that defines
+``add_bench_parser(subparsers)``: it is found and registered automatically (the leading
+underscore keeps it out of the top-level command list).
 """
 
 from __future__ import annotations
@@ -23,7 +24,20 @@ def benchmark(name: str) -> Callable[[Callable], Callable]:
     return register
 
 
+def _discover() -> None:
+    import importlib
+    import pkgutil
+
+    import dreamguide.cli as cli
+
+    for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
+        if info.name.startswith("_bench_"):
+            module = importlib.import_module(f"{cli.__name__}.{info.name}")
+            BENCHMARKS.setdefault(info.name.removeprefix("_bench_"), module.add_bench_parser)
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    _discover()
     parser = subparsers.add_parser("bench", help="run a benchmark (dreambench, ...)",
                                    description="Run a benchmark: generate, score and summarize.")
     inner = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
