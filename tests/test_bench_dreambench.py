@@ -205,3 +205,16 @@ checkpoint_every = 0
     assert adapter.lora.is_file() and adapter.embeddings.is_file() and adapter.token == "<dog>"
     assert len(rows) == 1 and rows[0]["prompt"] == "a watercolor painting of <dog> dog"
     assert DreamBenchWorld(config).untrained_subjects() == []
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model": {"base": "x", "dtype": "fp8"}}, "model.dtype 'fp8'"),
+    ({"sampling": {"scheduler": "heun"}}, "sampling.scheduler 'heun'"),
+    ({"sampling": {"seeds": [-1]}}, "non-negative"),
+    ({"sampling": {"steps": "10"}}, "sampling.steps must be int"),
+    ({"prompt_sets": ["weird"]}, "prompt_sets"),
+    ({"train": {"output": "x"}}, r"\[train\] needs 'config'"),
+])
+def test_config_errors_name_the_key(assets, changes, message):
+    with pytest.raises(ValueError, match=message):
+        _config(assets, **changes)

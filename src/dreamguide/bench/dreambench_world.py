@@ -74,6 +74,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ADAPTER_FILES = {"lora": "lora.safetensors", "embeddings": "embeddings.safetensors"}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,11 @@ def config_from_dict(data: dict, base: Path, source: str = "config", overrides: 
     sampling_config = SamplingConfig(**sampling, pr=pr)
     if sampling_config.steps < 1 or sampling_config.batch_size < 1:
         raise ValueError(f"{source}: sampling.steps and sampling.batch_size must be >= 1")
+    from dreamguide.sampling import SCHEDULERS
+
+    if sampling_config.scheduler not in SCHEDULERS:
+        raise ValueError(f"{source}: sampling.scheduler {sampling_config.scheduler!r}: choose from "
+                         f"{', '.join(SCHEDULERS)}")
 
     metrics = dict(_take(top.get("metrics", {}), {"names": list, "backbones": dict, "batch_size": int,
                                                    "dtype": str, "device": str}, "metrics.", source))
@@ -234,6 +240,10 @@ def config_from_dict(data: dict, base: Path, source: str = "config", overrides: 
     if "names" in metrics:
         metrics["names"] = check_metrics(tuple(metrics["names"]))
     metrics_config = MetricsConfig(**metrics, backbones=backbones)
+    for key, value, choices in (("model.dtype", model.get("dtype", "auto"), ("auto", *DTYPES)),
+                                ("metrics.dtype", metrics_config.dtype, DTYPES)):
+        if value not in choices:
+            raise ValueError(f"{source}: {key} {value!r}: choose from {', '.join(choices)}")
 
     report_table = _take(top.get("report", {}), {f.name: (int, float, str) for f in fields(ReportSettings)},
                          "report.", source)

@@ -82,6 +82,8 @@ class Plan:
                 raise ValueError(f"{name} lists a value twice: {list(values)}")
             if name != "seeds" and not all(math.isfinite(float(v)) for v in values):
                 raise ValueError(f"{name} values must be finite numbers, got {list(values)}")
+            if name == "seeds" and not all(isinstance(v, int) and v >= 0 for v in values):
+                raise ValueError(f"seeds must be non-negative integers, got {list(values)}")
             object.__setattr__(self, name, tuple(int(v) if name == "seeds" else float(v) for v in values))
 
     def settings(self) -> list[Setting]:
