@@ -125,7 +125,8 @@ def _append_record(path: Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def _check_run_file(output: Path, description: dict) -> None:
+def _check_run_file(output: Path, description: dict, write: bool) -> None:
+    """Refuse an output folder that holds another run; the main process writes run.json for a new one."""
     path = output / "run.json"
     text = json.dumps(description, indent=2, sort_keys=True) + "\n"
     if path.exists():
@@ -136,7 +137,7 @@ def _check_run_file(output: Path, description: dict) -> None:
                 f"{output} holds a different run (changed: {', '.join(changed)}); "
                 f"resume with the same settings or choose a new output folder"
             )
-    else:
+    elif write:
         atomic_write_text(path, text)
 
 
@@ -186,8 +187,7 @@ def run_shard(
     world.prepare()  # every input check and every backbone load happens before generation
     description = {"world": world.name, "world_config": world.describe(), "plan": plan.to_dict()}
     output.mkdir(parents=True, exist_ok=True)
-    if process_index == 0:
-        _check_run_file(output, description)
+    _check_run_file(output, description, write=process_index == 0)
     jobs = build_jobs(world, plan)
     groups = shard(group_jobs(jobs), process_index, num_processes)
     manifest = output / "manifest" / f"rank-{process_index}.jsonl"
