@@ -67,16 +67,21 @@ def sdxl_model(device, dtype):
     from dreamguide.testing import tiny_clip_tokenizer
 
     tokenizers = [tiny_clip_tokenizer(), tiny_clip_tokenizer()]
-    with torch.device(device):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        vae = AutoencoderKL(**SDXL_VAE)
-        encoders = []
-        for tokenizer, shape, cls in zip(tokenizers, SDXL_TEXT, (CLIPTextModel, CLIPTextModelWithProjection)):
-            config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
-                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, **shape)
-            encoders.append(cls(config))
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built directly in the run dtype: half the peak memory
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            vae = AutoencoderKL(**SDXL_VAE)
+            encoders = []
+            for tokenizer, shape, cls in zip(tokenizers, SDXL_TEXT, (CLIPTextModel, CLIPTextModelWithProjection)):
+                config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
+                                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                        pad_token_id=tokenizer.pad_token_id, **shape)
+                encoders.append(cls(config))
+    finally:
+        torch.set_default_dtype(default_dtype)
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
     for module in (unet, vae, *encoders):
@@ -120,7 +125,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=4, help="images per batched forward (3 UNet rows each)")
     parser.add_argument("--lora-rank", type=int, default=32)
-    parser.add_argument("--output", default=str(REPO / "runs" / "bench_throughput"), help="scratch folder (wiped)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"),
+                        help="model dtype (default bfloat16: its wide range keeps random activations finite)")
+    parser.add_argument("--output", default="/tmp/dreamguide-bench-throughput", help="scratch folder (wiped)")
     parser.add_argument("--json", help="write the figures here (main process)")
     parser.add_argument("--tiny", action="store_true", help="tiny models on CPU, 2 steps: checks the script")
     args = parser.parse_args()
@@ -134,7 +141,7 @@ def main() -> None:
 
     state = PartialState(cpu=args.tiny)
     device = torch.device("cpu") if args.tiny else state.device
-    dtype = torch.float32 if args.tiny else torch.float16
+    dtype = torch.float32 if args.tiny else getattr(torch, args.dtype)
     output = Path(args.output)
     scratch = output / "assets"
     if state.is_main_process:
