@@ -145,7 +145,7 @@ def test_text_metrics_only_need_no_references(backbones):
 
 def test_every_metric_names_its_backbone():
     ids = metric_backbones(Backbones())
-    assert ids == {"dino": "facebook/dino-vits16", "dinov2": "facebook/dinov2-small",
+    assert ids == {"dino": "facebook/dino-vits16@refs/pr/1", "dinov2": "facebook/dinov2-small",
                    "clip_i": "openai/clip-vit-base-patch32", "clip_t": "openai/clip-vit-base-patch32",
                    "siglip": "google/siglip-base-patch16-224"}
 
@@ -162,3 +162,13 @@ def test_unloadable_backbones_fail_with_the_id_and_the_fix(tmp_path, backbones, 
         Scorer(backbones, metrics=("fid",))
     with pytest.raises(ValueError, match="unknown metric backbone 'dinov3'"):
         Backbones.from_dict({"dinov3": "x"})
+
+
+def test_hub_ids_may_pin_a_revision(tmp_path):
+    from dreamguide.metrics import split_revision
+
+    assert split_revision("facebook/dino-vits16@refs/pr/1") == ("facebook/dino-vits16", "refs/pr/1")
+    assert split_revision("facebook/dinov2-small") == ("facebook/dinov2-small", None)
+    folder = tmp_path / "odd@name"
+    folder.mkdir()
+    assert split_revision(str(folder)) == (str(folder), None)

@@ -42,9 +42,13 @@ TEXT_METRICS: tuple[str, ...] = tuple(m for m, (kind, _, _) in METRICS.items() i
 
 @dataclass(frozen=True)
 class Backbones:
-    """Hub ids or local folders of the metric backbones (CLIP serves both CLIP-I and CLIP-T)."""
+    """Hub ids (``owner/name`` or ``owner/name@revision``) or local folders of the metric backbones.
 
-    dino: str = "facebook/dino-vits16"
+    CLIP serves both CLIP-I and CLIP-T.
+    """
+
+    #: The main branch of facebook/dino-vits16 holds only pickle weights; refs/pr/1 adds model.safetensors.
+    dino: str = "facebook/dino-vits16@refs/pr/1"
     dinov2: str = "facebook/dinov2-small"
     clip: str = "openai/clip-vit-base-patch32"
     siglip: str = "google/siglip-base-patch16-224"
@@ -85,6 +89,14 @@ def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     return tuple(metrics)
 
 
+def split_revision(source: str) -> tuple[str, str | None]:
+    """"owner/name@revision" -> ("owner/name", "revision"); a plain id or a folder has no revision."""
+    if "@" in source and not source.startswith((".", "/", "~")) and not Path(source).exists():
+        repo, revision = source.split("@", 1)
+        return repo, revision or None
+    return source, None
+
+
 def _load(loader, name: str, source: str, **kwargs):
     """``loader.from_pretrained(source)`` with a message that says how to fix a missing backbone."""
     path = Path(source).expanduser()
@@ -94,17 +106,25 @@ def _load(loader, name: str, source: str, **kwargs):
             f"metric backbone {name}: {source!r} is not a model folder (no config.json there); "
             f"pass a hub id or a folder saved with save_pretrained"
         )
+    repo, revision = (str(path), None) if looks_local else split_revision(source)
+    if revision:
+        kwargs["revision"] = revision
     try:
-        return loader.from_pretrained(str(path) if looks_local else source, **kwargs)
+        return loader.from_pretrained(repo, **kwargs)
     except (OSError, ValueError) as error:
         where = f"[metrics.backbones] {name} in a bench config, --{name} for eval"
+        download = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
         if looks_local:
             hint = f"the folder is incomplete or not a {name} checkpoint"
+        elif "safetensors" in str(error).lower():
+            hint = (f"it has no safetensors weights at this revision (weights are read only from safetensors); "
+                    f"pass a revision that has them, e.g. the hub's converted branch '{repo}@refs/pr/<n>', "
+                    f"or a local folder with model.safetensors ({where})")
         elif os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             hint = (f"it is not in the local hub cache and HF_HUB_OFFLINE is set; download it once "
-                    f"(`hf download {source}`) or point it at a local folder ({where})")
+                    f"(`{download}`) or point it at a local folder ({where})")
         else:
-            hint = f"download it (`hf download {source}`) or point it at a local folder ({where})"
+            hint = f"download it (`{download}`) or point it at a local folder ({where})"
         raise BackboneUnavailable(f"cannot load metric backbone {name} = {source!r}: {hint} ({error})") from error
 
 

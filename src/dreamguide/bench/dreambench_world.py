@@ -44,7 +44,7 @@ adapters; unknown keys are errors that name the key):
     batch_size = 16
     dtype = "float32"
     [metrics.backbones]                     # hub ids or local folders
-    dino = "facebook/dino-vits16"
+    dino = "facebook/dino-vits16@refs/pr/1"
 
     [report]
     baseline_mode = "consistency"
