@@ -114,7 +114,9 @@ def _load(loader, name: str, source: str, **kwargs):
     except (OSError, ValueError) as error:
         where = f"[metrics.backbones] {name} in a bench config, --{name} for eval"
         download = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
-        if looks_local:
+        if "sentencepiece" in str(error).lower():
+            hint = "its tokenizer needs the sentencepiece package: pip install sentencepiece"
+        elif looks_local:
             hint = f"the folder is incomplete or not a {name} checkpoint"
         elif "safetensors" in str(error).lower():
             hint = (f"it has no safetensors weights at this revision (weights are read only from safetensors); "
