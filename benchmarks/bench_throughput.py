@@ -11,7 +11,8 @@ timing does not depend on the weights and nothing can be downloaded:
     LoRA           rank 32 on to_q/to_k/to_v/to_out.0, one file per subject
     metrics        DINO ViT-S/16, DINOv2-small, CLIP ViT-B/32, SigLIP base/16 shapes at 224 px
 
-References are the real DreamBench photos (``--dreambench``). The clock runs from after model
+References are the DreamBench photos (``--dreambench``; a synthetic folder of the same shape when
+it is missing). The clock runs from after model
 loading and one warm-up sampler call per process to the end of the last shard (all processes
 synchronized), so it measures steady-state generation + scoring + writes.
 
@@ -114,10 +115,32 @@ def save_subject_lora(model, path: Path, rank: int) -> Path:
     return path
 
 
+def synthetic_dreambench(folder: Path, subjects: int, seed: int = 0) -> Path:
+    """A DreamBench-shaped folder (5 random 512 px photos per subject, 25 prompts per list) for machines
+    without the dataset; timing does not depend on the photos or the prompt wording."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = [f"subject{i:02d}" for i in range(subjects)]
+    for name in names:
+        (folder / name).mkdir(parents=True)
+        for k in range(5):
+            pixels = (rng.random((512, 512, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / name / f"{k:02d}.jpg", quality=95)
+    prompts = "\n".join(f"'a {{0}} {{1}} in scene number {i}'.format(unique_token, class_token)," for i in range(25))
+    table = "\n".join(f"{name},toy" for name in names)
+    text = (f"Classes\n\nsubject_name,class\n{table}\n\nPrompts\n\nObject Prompts\n\nprompt_list = [\n{prompts}\n]\n\n"
+            f"Live Subject Prompts\n\nprompt_list = [\n{prompts}\n]\n")
+    (folder / "prompts_and_classes.txt").write_text(text)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dreambench", default=str(REPO / ".." / "shared" / "dreambench"))
+    parser.add_argument("--dreambench", default=str(REPO / ".." / "shared" / "dreambench"),
+                        help="DreamBench folder; if it is missing, a synthetic one of the same shape is made")
     parser.add_argument("--subjects", type=int, default=4, help="first N DreamBench subjects (default 4)")
     parser.add_argument("--prompts-per-set", type=int, default=1, help="prompts per set: DreamBench + stylized")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default 4, as the protocol)")
@@ -148,7 +171,12 @@ def main() -> None:
         shutil.rmtree(output, ignore_errors=True)
         scratch.mkdir(parents=True)
         save_tiny_backbones(scratch / "backbones", size="tiny" if args.tiny else "base")
+        if not Path(args.dreambench).is_dir():
+            print(f"{args.dreambench} is missing: using a synthetic DreamBench-shaped folder")
+            synthetic_dreambench(scratch / "dreambench", args.subjects)
     state.wait_for_everyone()
+    if not Path(args.dreambench).is_dir():
+        args.dreambench = str(scratch / "dreambench")
 
     build = time.perf_counter()
     model = (tiny_model if args.tiny else sdxl_model)(device, dtype)
@@ -194,6 +222,7 @@ def main() -> None:
         return
     images = len(jobs)
     record = {
+        "dreambench": "synthetic" if args.dreambench == str(scratch / "dreambench") else args.dreambench,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "processes": state.num_processes,
