@@ -192,3 +192,70 @@ def test_compile_cache_folder(tmp_path, monkeypatch):
     import os
 
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+
+
+@pytest.mark.parametrize("modes", ["pr", "dreambooth,cfg"])
+def test_sampler_fast_path_gives_the_same_images(modes):
+    """The sampler's default fast path and PEFT routing (``fast=False``) sample the same images."""
+    import numpy as np
+
+    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.sampling import SampleSettings, Sampler
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    model = DiffusionModel.from_pipeline(tiny_sdxl_pipeline(seed=0))
+    add_lora(model.unet, rank=4, adapter_name="subject", init=False)
+    settings = SampleSettings(
+        prompt="a photo of sks dog", token="sks", class_word="dog", modes=modes, seeds="0,1", batch_size=2, steps=3,
+        height=32, width=32,
+    )
+    fast = Sampler(model, adapter_name="subject").sample(settings, progress=False)
+    peft = Sampler(model, adapter_name="subject", fast=False).sample(settings, progress=False)
+    assert len(fast) == len(peft) == 2 * len(modes.split(","))
+    for a, b in zip(fast, peft):
+        assert (a.mode, a.seed) == (b.mode, b.seed)
+        diff = np.abs(np.asarray(a.image).astype(int) - np.asarray(b.image).astype(int)).max()
+        assert diff <= 1, (a.mode, a.seed, diff)
+
+
+def test_fast_unet_call_matches_predict_noise(unet):
+    from dreamguide.fast import FastUNetCall
+    from dreamguide.models import TextConditioning
+    from dreamguide.routing import predict_noise
+
+    names = [BASE] * 2 + ["subject"]
+    sample, t, kwargs = _inputs(3)
+    cond = TextConditioning(
+        kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"]["text_embeds"], kwargs["added_cond_kwargs"]["time_ids"]
+    )
+    call = FastUNetCall.create(unet, names)
+    with torch.no_grad():
+        fast = call(sample, t, cond)
+        again = call(sample, t, cond)
+        reference = predict_noise(unet, sample, t, cond, names)
+    _close(fast, reference)
+    assert torch.equal(fast, again)
+    assert install_fast_routing(unet).plan is None  # the plan is on only during a call
+    with pytest.raises(ValueError, match="3 row adapters for a batch of 2"):
+        call(sample[:2], t, cond.select([0, 1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_is_bitwise_eager():
+    from dreamguide.fast import FastUNetCall
+
+    unet = _tiny_unet(seed=6).cuda()
+    names = [BASE] * 2 + ["subject"]
+    sample, t, kwargs = _inputs(3)
+    sample, t = sample.cuda(), t.cuda()
+    kwargs = {"encoder_hidden_states": kwargs["encoder_hidden_states"].cuda(),
+              "added_cond_kwargs": {k: v.cuda() for k, v in kwargs["added_cond_kwargs"].items()}}
+    graphed = FastUNetCall.create(unet, names)
+    eager = FastUNetCall.create(unet, names, cuda_graph=False)
+    with torch.no_grad():
+        outputs = [graphed(sample * s, t * s, kwargs) for s in (1.0, 0.5, 1.0)]
+        references = [eager(sample * s, t * s, kwargs) for s in (1.0, 0.5, 1.0)]
+    assert graphed._graph is not None
+    for out, ref in zip(outputs, references):
+        assert torch.equal(out, ref)
+    assert not torch.equal(outputs[0], outputs[1])

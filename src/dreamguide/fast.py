@@ -216,6 +216,76 @@ def fast_routing(unet, adapter_names: Sequence[str]) -> Iterator[None]:
         state.plan = previous
 
 
+class FastUNetCall:
+    """The UNet forward of every denoising step of one batch, on the fast path.
+
+    Rows are routed with the fast path's plan (validated once here, switched on per call: no
+    module walk per step), and on CUDA the forward is captured in a CUDA graph at the first call
+    and replayed after (bit for bit the eager result, without Python and launch overhead; a
+    capture that fails falls back to eager with a warning). Build it with ``create``, which
+    returns None where the fast path would not be exact; callers then use
+    ``dreamguide.routing.predict_noise``.
+    """
+
+    def __init__(self, unet, row_adapters: Sequence[str] | None = None, cuda_graph: bool = True) -> None:
+        from dreamguide.routing import check_routable
+
+        self.unet = unet
+        self.names = None if row_adapters is None else list(row_adapters)
+        self.state = None
+        self.plan = None
+        if self.names is not None:
+            check_routable(unet, self.names)
+            reason = fast_routing_unsupported(unet, self.names)
+            if reason is not None:
+                raise ValueError(f"{reason}; route rows with dreamguide.routing.routed_adapters instead")
+            self.state = install_fast_routing(unet)
+            self.plan = self.state.plan_for(self.names, next(unet.parameters()).device)
+        # Offloading hooks move weights during the forward: not capturable.
+        self.cuda_graph = cuda_graph and not any(hasattr(m, "_hf_hook") for m in unet.modules())
+        self._graph: GraphedForward | None = None
+
+    @classmethod
+    def create(cls, unet, row_adapters: Sequence[str] | None = None, cuda_graph: bool = True) -> "FastUNetCall | None":
+        """A ``FastUNetCall``, or None when the fast path would not be exact for these rows."""
+        if row_adapters is not None and fast_routing_unsupported(unet, row_adapters) is not None:
+            return None
+        return cls(unet, row_adapters, cuda_graph)
+
+    def _forward(self, sample, timestep, kwargs):
+        return self.unet(sample, timestep, return_dict=False, **kwargs)[0]
+
+    def __call__(self, sample: torch.Tensor, timestep, conditioning) -> torch.Tensor:
+        """The prediction for every row; ``conditioning``: a ``TextConditioning`` or UNet keyword arguments."""
+        kwargs = conditioning.unet_kwargs() if hasattr(conditioning, "unet_kwargs") else conditioning
+        if self.names is not None and len(self.names) != sample.shape[0]:
+            raise ValueError(f"{len(self.names)} row adapters for a batch of {sample.shape[0]} samples")
+        previous = None
+        if self.state is not None:
+            previous, self.state.plan = self.state.plan, self.plan
+        try:
+            if self.cuda_graph and sample.is_cuda and isinstance(timestep, torch.Tensor) and timestep.is_cuda:
+                return self._replay(sample, timestep, kwargs)
+            return self._forward(sample, timestep, kwargs)
+        finally:
+            if self.state is not None:
+                self.state.plan = previous
+
+    def _replay(self, sample, timestep, kwargs) -> torch.Tensor:
+        import warnings
+
+        try:
+            if self._graph is None or not self._graph.accepts(sample, timestep, kwargs):
+                self._graph = None
+                self._graph = GraphedForward(self._forward, sample, timestep, kwargs, warmup=1)
+        except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly instead
+            warnings.warn(f"CUDA graph capture of the UNet failed ({error}); continuing without CUDA graphs")
+            self.cuda_graph = False
+            return self._forward(sample, timestep, kwargs)
+        # A copy: the captured output buffer is overwritten by the next replay.
+        return self._graph(sample, timestep, kwargs).clone()
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile with a persistent cache
 
@@ -309,17 +379,31 @@ class GraphedForward:
 
         return tree_unflatten(flat, self._spec)
 
-    def __call__(self, *args, **kwargs):
+    def accepts(self, *args, **kwargs) -> bool:
+        """True when a call with these arguments can replay the graph (same structure, shapes, dtypes)."""
         from torch.utils._pytree import tree_flatten
 
         flat, spec = tree_flatten((args, kwargs))
         if spec != self._spec:
-            raise ValueError("GraphedForward called with arguments of another structure than at capture")
+            return False
         for static, value in zip(self._static, flat):
             if isinstance(static, torch.Tensor):
-                if value.shape != static.shape:
-                    raise ValueError(f"GraphedForward captured shape {tuple(static.shape)}, got {tuple(value.shape)}")
-                if value.data_ptr() != static.data_ptr():
-                    static.copy_(value, non_blocking=True)
+                if not isinstance(value, torch.Tensor) or value.shape != static.shape or value.dtype != static.dtype:
+                    return False
+                if value.device != static.device:
+                    return False
+            elif value != static:
+                return False
+        return True
+
+    def __call__(self, *args, **kwargs):
+        from torch.utils._pytree import tree_flatten
+
+        if not self.accepts(*args, **kwargs):
+            raise ValueError("GraphedForward called with arguments of another structure, shape or dtype than at capture")
+        flat, _ = tree_flatten((args, kwargs))
+        for static, value in zip(self._static, flat):
+            if isinstance(static, torch.Tensor) and value.data_ptr() != static.data_ptr():
+                static.copy_(value, non_blocking=True)
         self.graph.replay()
         return self._output

@@ -337,6 +337,7 @@ class Sampler:
         *,
         embeddings: str | os.PathLike | None = None,
         sources: dict | None = None,
+        fast: bool = True,
     ) -> None:
         if adapter_name is not None and personalized_unet is not None:
             raise ValueError("give either adapter_name (a LoRA on model.unet) or personalized_unet, not both")
@@ -351,6 +352,8 @@ class Sampler:
         self.model = model
         self.adapter_name = adapter_name
         self.personalized_unet = personalized_unet
+        #: Use dreamguide.fast (routing without indexing, CUDA-graph replay) where it is exact.
+        self.fast = fast
         self.sources = {"model": model.source, "lora": None, "embeddings": None, "personalized_unet": None}
         if embeddings is not None:
             self.sources["embeddings"] = os.fspath(embeddings)
@@ -370,6 +373,7 @@ class Sampler:
         dtype: "torch.dtype | str | None" = None,
         device: "torch.device | str | None" = None,
         adapter_name: str = "subject",
+        fast: bool = True,
     ) -> "Sampler":
         """Load a model and its personalized weights: a LoRA, token embeddings and/or a full UNet folder.
 
@@ -409,6 +413,7 @@ class Sampler:
                 "embeddings": None if embeddings_path is None else os.fspath(embeddings),
                 "personalized_unet": None if unet_path is None else os.fspath(personalized_unet),
             },
+            fast=fast,
         )
 
     # -- properties ----------------------------------------------------------------------------
@@ -538,15 +543,23 @@ class Sampler:
         n_images, needs = len(seeds), mode.needs
         row_conditioning = conditioning.select([ROWS[n][0] for n in needs for _ in range(n_images)])
         row_adapters = self._row_adapters([ROWS[n][1] for n in needs for _ in range(n_images)])
+        fast_call = None
+        if self.fast and self.personalized_unet is None:
+            from dreamguide.fast import FastUNetCall
+
+            fast_call = FastUNetCall.create(unet, row_adapters)  # None where the fast path is not exact
 
         first_bad = torch.full((n_images,), -1, dtype=torch.long, device=device)
         traced: list[tuple[int, float, float | None, dict]] = []
         timesteps = scheduler.timesteps
         for i, t in enumerate(timesteps):
             model_input = scheduler.scale_model_input(x, t).repeat(len(needs), 1, 1, 1)
-            output = routing.predict_noise(
-                unet, model_input.to(self.dtype), t, row_conditioning, row_adapters, self.personalized_unet
-            ).float()
+            if fast_call is not None:
+                output = fast_call(model_input.to(self.dtype), t, row_conditioning).float()
+            else:
+                output = routing.predict_noise(
+                    unet, model_input.to(self.dtype), t, row_conditioning, row_adapters, self.personalized_unet
+                ).float()
             output, variance = _split_variance(output, x.shape[1], scheduler)
             predictions = guidance.Predictions(**dict(zip(needs, output.chunk(len(needs)))))
             if settings.trace:

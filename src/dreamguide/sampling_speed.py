@@ -89,6 +89,9 @@ TINY_POOLED_DIM = 32
 TINY_TOKENS = 8
 
 MODES: tuple[str, ...] = ("cfg", "dreambooth", "consistency", "pr")
+#: SDPA backends (torch.nn.attention.SDPBackend names) that ``--attention`` can pin.
+ATTENTION_BACKENDS: dict[str, str] = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+ATTENTION_CHOICES: tuple[str, ...] = ("default", *ATTENTION_BACKENDS, "auto")
 VARIANTS: tuple[str, ...] = ("peft", "fast", "graph", "compiled", "dco", "two-call")
 #: Variants that only make sense for the 3-prediction modes (base rows + adapter rows).
 SPLIT_VARIANTS: tuple[str, ...] = ("dco", "two-call")
@@ -122,6 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile-cache", default=None, help="compile cache folder (default $DREAMGUIDE_COMPILE_CACHE or ~/.cache/dreamguide/torch-compile)"
     )
     parser.add_argument("--no-channels-last", action="store_true", help="compile without channels-last weights")
+    parser.add_argument(
+        "--attention",
+        default="default",
+        choices=ATTENTION_CHOICES,
+        help="scaled-dot-product attention kernel: torch's default choice, one backend, or 'auto' (time "
+        "each on the fast path at the largest batch and keep the fastest if it beats the default by 2%%)",
+    )
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
     parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (default 1024; 128 with --tiny)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement (default 3)")
@@ -178,6 +188,7 @@ class Bench:
         self.unet = self._build_unet()
         self.scheduler = self._scheduler()
         self.generator = torch.Generator(self.device).manual_seed(args.seed)
+        self.stack = ExitStack()  # run-wide settings (the attention backend)
 
     # -- model and inputs ---------------------------------------------------------------------
 
@@ -300,8 +311,13 @@ class Bench:
 
     # -- timing -------------------------------------------------------------------------------
 
-    def run_steps(self, mode: str, batch: int, forward: Callable, kwargs: dict, steps: int, timed: bool):
-        """Run ``steps`` denoising steps from fresh noise; returns (milliseconds per step, final latents)."""
+    def run_steps(
+        self, mode: str, batch: int, forward: Callable, kwargs: dict, steps: int, timed: bool, watch_syncs: bool = False
+    ):
+        """Run ``steps`` denoising steps from fresh noise; returns (milliseconds per step, final latents).
+
+        ``watch_syncs``: CUDA's sync debug mode is on for the steps (not the scheduler set-up).
+        """
         from dreamguide.guidance import Predictions, guide
 
         torch = self.torch
@@ -311,6 +327,8 @@ class Bench:
         scheduler.set_begin_index(0)  # no timestep search (a host sync) on the first step
         x = self.randn(batch, 4, self.latent, self.latent, dtype=torch.float32) * scheduler.init_noise_sigma
         times, marks = [], []
+        if watch_syncs:
+            torch.cuda.set_sync_debug_mode("warn")
         for i in range(steps):
             t = scheduler.timesteps[i]
             start = time.perf_counter()
@@ -325,6 +343,8 @@ class Bench:
             x = scheduler.step(guided, t, x, return_dict=False)[0]
             if timed and not self.cuda:
                 times.append((time.perf_counter() - start) * 1e3)
+        if watch_syncs:
+            torch.cuda.set_sync_debug_mode("default")
         if timed and self.cuda:
             marks.append(torch.cuda.Event(enable_timing=True))
             marks[-1].record()
@@ -332,15 +352,17 @@ class Bench:
             times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
         return times, x
 
-    def time_config(self, variant: str, mode: str, batch: int, compiled=None) -> dict:
+    def time_config(
+        self, variant: str, mode: str, batch: int, compiled=None, iters: int | None = None, count_syncs: bool = True
+    ) -> dict:
         needs = _mode_needs(mode)
         kwargs = self.conditioning(batch, needs)
         context, forward = self.forward_and_context(variant, batch, needs, compiled)
         with context:
             self.run_steps(mode, batch, forward, kwargs, self.args.warmup, timed=False)
-            times, _ = self.run_steps(mode, batch, forward, kwargs, self.args.iters, timed=True)
+            times, _ = self.run_steps(mode, batch, forward, kwargs, iters or self.args.iters, timed=True)
             self.sync_sites = []
-            syncs = self.count_syncs(mode, batch, forward, kwargs)
+            syncs = self.count_syncs(mode, batch, forward, kwargs) if count_syncs else None
         forward = None
         self.release()
         return {
@@ -357,21 +379,33 @@ class Bench:
         }
 
     def count_syncs(self, mode, batch, forward, kwargs) -> int | None:
-        """Host-device synchronisations during one step (CUDA's sync debug mode), None on CPU."""
+        """Host-device synchronisations per step, counted over 2 steps (CUDA's sync debug mode); None on CPU."""
         torch = self.torch
         if not self.cuda:
             return None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
             try:
-                self.run_steps(mode, batch, forward, kwargs, 1, timed=False)
+                self.run_steps(mode, batch, forward, kwargs, 2, timed=False, watch_syncs=True)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         self.sync_sites = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in syncs).most_common(3)
-        return len(syncs)
+        return len(syncs) / 2
+
+    def attention_sweep(self, batch: int) -> dict:
+        """Milliseconds per ``pr`` step on the fast path with each SDPA backend (or the error it gave)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sweep = {}
+        for name in ("default", *ATTENTION_BACKENDS):
+            context = nullcontext() if name == "default" else sdpa_kernel([getattr(SDPBackend, ATTENTION_BACKENDS[name])])
+            with context:
+                row = _attempt(self, lambda: self.time_config("fast", "pr", batch, iters=5, count_syncs=False), {})
+            sweep[name] = row.get("ms", row.get("error"))
+            print(f"  attention {name:>9}: {sweep[name]}", flush=True)
+        return sweep
 
     def release(self) -> None:
         import gc
@@ -430,43 +464,71 @@ class Bench:
         return {"base_row": counts["base"], "adapter_row": counts["personalized"]}
 
     def check_outputs(self, compiled=None, compiled_config: tuple[str, int] | None = None) -> dict:
-        """Relative errors ||a - b|| / ||b|| of the fast paths against PEFT routing and separate calls."""
-        torch = self.torch
-        needs = _mode_needs("pr")
-        batch = 1
-        kwargs = self.conditioning(batch, needs)
-        sample = self.randn(len(needs) * batch, 4, self.latent, self.latent)
-        t = torch.tensor(500.0, device=self.device)
+        """Relative errors ||a - b|| / ||b|| of one forward, each way of routing against the others and
+        against PEFT routing in float32 (the reference: bf16 rounding compounds over the random network,
+        so two correct bf16 paths differ by about as much as each differs from float32).
 
-        def run(variant, b=batch, kw=kwargs, s=sample):
-            context, forward = self.forward_and_context(variant, b, needs, compiled)
-            with context, torch.no_grad():
-                return forward(s, t, kw).float().clone()
+        Without ``compiled``: ``pr`` at batch 1 for every eager way; with it: ``compiled_config``.
+        """
+        torch = self.torch
+        t = torch.tensor(500.0, device=self.device)
 
         def rel(a, b):
             return float((a - b).norm() / b.norm())
 
-        reference = run("peft")
-        fast = run("fast")
-        result = {
-            "fast_vs_peft": rel(fast, reference),
-            "fast_base_rows_max_abs_diff": float((fast[:2] - reference[:2]).abs().max()),
-            "separate_calls_vs_peft": rel(run("two-call"), reference),
-            # How much the adapter changes its rows: a routing bug would show up as ~0 here.
-            "adapter_effect": rel(fast[2:], self._forward_once("two-call", batch, ("uncond",) * 3, sample, t, kwargs)[2:]),
-            "finite": bool(torch.isfinite(fast).all()),
-        }
-        if self.cuda:
-            result["graph_vs_fast"] = rel(run("graph"), fast)
-        if compiled is not None and compiled_config is not None:
-            mode, b = compiled_config
-            cneeds = _mode_needs(mode)
-            ckw = self.conditioning(b, cneeds)
-            csample = self.randn(len(cneeds) * b, 4, self.latent, self.latent)
-            eager = self._forward_once("fast", b, cneeds, csample, t, ckw)
-            result["compiled_vs_fast"] = rel(self._forward_once("compiled", b, cneeds, csample, t, ckw, compiled), eager)
+        if compiled is not None:
+            mode, batch = compiled_config
+            needs = _mode_needs(mode)
+            sample, kwargs = self.randn(len(needs) * batch, 4, self.latent, self.latent), self.conditioning(batch, needs)
+            eager = self._forward_once("fast", batch, needs, sample, t, kwargs)
+            fast_compiled = self._forward_once("compiled", batch, needs, sample, t, kwargs, compiled)
+            reference = self._float32_reference(batch, needs, sample, t, kwargs)
+            return {
+                "compiled_vs_fast": rel(fast_compiled, eager),
+                "compiled_vs_float32": rel(fast_compiled, reference),
+                "fast_vs_float32_at_compiled_config": rel(eager, reference),
+            }
+        needs, batch = _mode_needs("pr"), 1
+        sample, kwargs = self.randn(len(needs) * batch, 4, self.latent, self.latent), self.conditioning(batch, needs)
+        ways = ["peft", "fast", "two-call", "dco"] + (["graph"] if self.cuda else [])
+        outputs = {way: self._forward_once(way, batch, needs, sample, t, kwargs) for way in ways}
+        reference = self._float32_reference(batch, needs, sample, t, kwargs)
+        fast, peft = outputs["fast"], outputs["peft"]
+        # The same rows with every adapter off: how much the adapter changes its rows (a
+        # routing bug that dropped the adapter would show up as ~0 here).
+        adapter_off = self._forward_once("two-call", batch, ("uncond",) * len(needs), sample, t, kwargs)
+        result = {f"{way}_vs_float32": rel(out, reference) for way, out in outputs.items()}
+        result.update(
+            {
+                "fast_vs_peft": rel(fast, peft),
+                "fast_base_rows_max_abs_diff": float((fast[:2] - peft[:2]).abs().max()),
+                "separate_calls_vs_peft": rel(outputs["two-call"], peft),
+                "adapter_effect": rel(fast[2:], adapter_off[2:]),
+                "finite": bool(torch.isfinite(fast).all()),
+            }
+        )
+        if "graph" in outputs:
+            result["graph_vs_fast"] = rel(outputs["graph"], fast)
         self.release()
         return result
+
+    def _float32_reference(self, batch, needs, sample, t, kwargs):
+        """PEFT-routed forward of a float32 copy of the UNet (the UNet itself when already float32)."""
+        import copy
+
+        from dreamguide.routing import routed_adapters
+
+        torch = self.torch
+        unet = self.unet if self.dtype == torch.float32 else copy.deepcopy(self.unet).float()
+        wide = {
+            "encoder_hidden_states": kwargs["encoder_hidden_states"].float(),
+            "added_cond_kwargs": {k: v.float() for k, v in kwargs["added_cond_kwargs"].items()},
+        }
+        with torch.no_grad(), routed_adapters(unet, self.row_names(batch, needs)):
+            out = unet(sample.float(), t, return_dict=False, **wide)[0].float()
+        del unet
+        self.release()
+        return out
 
     def _forward_once(self, variant, batch, needs, sample, t, kwargs, compiled=None):
         context, forward = self.forward_and_context(variant, batch, needs, compiled)
@@ -539,6 +601,8 @@ def summarize(document: dict) -> dict:
             pr, cfg = _find(results, variant, "pr", b), _find(results, variant, "cfg", b)
             if pr and cfg:
                 summary["pr_over_cfg"][f"{variant}@{b}"] = pr["ms"] / cfg["ms"]
+                if "model_tflop" in pr:
+                    summary.setdefault("pr_over_cfg_model_flops", {})[f"{b}"] = pr["model_tflop"] / cfg["model_tflop"]
             dco = _find(results, "dco", "pr", b)
             if pr and dco:
                 summary["dco_over_pr"][f"{variant}@{b}"] = dco["ms"] / pr["ms"]
@@ -647,11 +711,35 @@ def run(args) -> dict:
         "results": [],
     }
 
+    try:
+        return _run(bench, args, document, batches, modes, variants, compile_configs, started, out_path)
+    finally:
+        bench.stack.close()
+
+
+def _run(bench, args, document, batches, modes, variants, compile_configs, started, out_path) -> dict:
+    import torch
+
     def save():
         document["summary"] = summarize(document)
         document["elapsed_s"] = time.perf_counter() - started
         _write_json(out_path, document)
 
+    bench.stack.enter_context(torch.no_grad())
+    chosen = args.attention
+    if args.attention == "auto":
+        chosen = "default"
+        if bench.cuda:
+            sweep = document["attention_sweep"] = bench.attention_sweep(max(batches))
+            timed = {name: ms for name, ms in sweep.items() if isinstance(ms, float)}
+            best = min(timed, key=timed.get)
+            if "default" not in timed or timed[best] < 0.98 * timed["default"]:
+                chosen = best
+    if chosen != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        bench.stack.enter_context(sdpa_kernel([getattr(SDPBackend, ATTENTION_BACKENDS[chosen])]))
+    document["attention"] = chosen
     document["matmul"] = bench.matmul_tflops()
     document["flops"] = bench.count_flops()
     with torch.no_grad():
@@ -712,11 +800,12 @@ def compile_and_time(bench: Bench, configs, args, document: dict, save: Callable
         if "ms" not in row:
             continue
         entry = {"mode": mode, "batch": batch, "compile_s": compile_s, "ms": row["ms"]}
-        eager = _find(document["results"], "fast", mode, batch)
-        if eager and eager["ms"] > row["ms"]:
-            saved_per_image_s = (eager["ms"] - row["ms"]) * 50 / batch / 1e3
-            entry["saving_per_image_s_at_50_steps"] = saved_per_image_s
-            entry["pays_off_after_images"] = compile_s / saved_per_image_s
+        for way in ("fast", "graph"):  # against eager, and against CUDA-graph replay (no compile time)
+            eager = _find(document["results"], way, mode, batch)
+            if eager and eager["ms"] > row["ms"]:
+                saved_per_image_s = (eager["ms"] - row["ms"]) * 50 / batch / 1e3
+                entry[f"saving_per_image_s_at_50_steps_vs_{way}"] = saved_per_image_s
+                entry[f"pays_off_after_images_vs_{way}"] = compile_s / saved_per_image_s
         info["configs"].append(entry)
         document["compile"] = info
         save()

@@ -76,6 +76,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run_.add_argument("--output", default="samples", help="output folder (default: samples)")
     run_.add_argument("--trace", action="store_true", help="write per-step Consistency_p stats to trace.json")
     run_.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_.add_argument(
+        "--no-fast",
+        action="store_true",
+        help="route rows with PEFT's adapter_names and run the UNet eagerly (default: the fast path, "
+        "same predictions: see docs/PERFORMANCE.md)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         token=args.token,
         dtype=args.dtype,
         device=args.device,
+        fast=not args.no_fast,
     )
     results = sampler.sample(settings, progress=not args.no_progress)
     written = save_results(results, Path(args.output), settings=settings, sampler=sampler)
