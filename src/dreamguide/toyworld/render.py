@@ -451,16 +451,19 @@ def render(
     *,
     size: int = IMAGE_SIZE,
     accents: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_masks: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Draw ``labels`` (complete, see :attr:`Labels.is_complete`) as float32 ``(N, 3, size, size)`` in [-1, 1].
 
     ``generator`` (a seed or a ``torch.Generator``) drives the scene and style noise. ``accents``
     (``(N, 3)`` RGB in [0, 1]) overrides the pattern colors, to draw instances outside the grammar.
+    With ``return_masks`` it also returns the object's coverage ``(N, 1, size, size)`` in [0, 1].
     """
     labels = list(labels)
     n = len(labels)
     if n == 0:
-        return torch.zeros(0, 3, size, size)
+        empty = torch.zeros(0, 3, size, size)
+        return (empty, torch.zeros(0, 1, size, size)) if return_masks else empty
     for i, lab in enumerate(labels):
         if not lab.is_complete:
             raise ValueError(f"render: labels[{i}] = {lab} is incomplete; every attribute and x, y, scale "
@@ -523,7 +526,10 @@ def render(
     out = torch.empty_like(image)
     for style, idx in _by_group([lab.style for lab in labels]).items():
         out[idx] = _STYLES[style](image[idx], gen)
-    return (out.clamp(0, 1) * 2 - 1).contiguous()
+    out = (out.clamp(0, 1) * 2 - 1).contiguous()
+    if return_masks:
+        return out, F.avg_pool2d(mask.unsqueeze(1).float(), _SUPERSAMPLE)
+    return out
 
 
 def sample(
