@@ -31,6 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=0, help="stop after this many steps (default: no limit)")
     train.add_argument("--batch-size", type=int, default=256)
     train.add_argument("--lr", type=float, default=4e-4)
+    train.add_argument("--warmup-steps", type=int, default=300)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="data processes (default: CPU cores - 1)")
     train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -59,7 +60,7 @@ def _train_base(args) -> int:
         raise CommandError("give a positive --minutes or --steps")
     recipe = BaseRecipe(
         seed=args.seed, minutes=args.minutes if args.minutes > 0 else 1e9, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, workers=args.workers,
+        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, workers=args.workers,
     )
     if args.init and not Path(args.init, "model_index.json").exists():
         raise CommandError(f"--init {args.init}: not a model folder (no model_index.json)")
