@@ -42,7 +42,10 @@ def _inputs(rows: int, seed: int = 1):
         torch.tensor(400.0),
         {
             "encoder_hidden_states": torch.randn(rows, 77, 64, generator=g),
-            "added_cond_kwargs": {"text_embeds": torch.randn(rows, 32, generator=g), "time_ids": torch.randn(rows, 6, generator=g)},
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(rows, 32, generator=g),
+                "time_ids": torch.randn(rows, 6, generator=g),
+            },
         },
     )
 
@@ -225,9 +228,8 @@ def test_fast_unet_call_matches_predict_noise(unet):
 
     names = [BASE] * 2 + ["subject"]
     sample, t, kwargs = _inputs(3)
-    cond = TextConditioning(
-        kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"]["text_embeds"], kwargs["added_cond_kwargs"]["time_ids"]
-    )
+    added = kwargs["added_cond_kwargs"]
+    cond = TextConditioning(kwargs["encoder_hidden_states"], added["text_embeds"], added["time_ids"])
     call = FastUNetCall.create(unet, names)
     with torch.no_grad():
         fast = call(sample, t, cond)
@@ -259,3 +261,44 @@ def test_cuda_graph_replay_is_bitwise_eager():
     for out, ref in zip(outputs, references):
         assert torch.equal(out, ref)
     assert not torch.equal(outputs[0], outputs[1])
+
+
+def test_sampling_speed_summary_math():
+    """Utilisation, ratios and targets of ``dreamguide bench sample`` from measured rows."""
+    from dreamguide.sampling_speed import format_table, summarize
+
+    def row(variant, mode, ms, rows, adapter_rows, batch=4):
+        return {"variant": variant, "mode": mode, "batch": batch, "rows": rows, "adapter_rows": adapter_rows, "ms": ms}
+
+    document = {
+        "matmul": {"size": 8192, "dtype": "bfloat16", "ms": 1.0, "tflops": 800.0},
+        "flops": {"base_row": 6e12, "adapter_row": 7e12},
+        "results": [
+            row("fast", "cfg", 100.0, 8, 0),
+            row("fast", "pr", 160.0, 12, 4),
+            row("compiled", "pr", 200.0, 12, 4),
+            row("dco", "pr", 400.0, 12, 4),
+            row("fast", "pr", 50.0, 3, 1, batch=1),
+            row("dco", "pr", 75.0, 3, 1, batch=1),
+            {"variant": "graph", "mode": "pr", "batch": 4, "error": "RuntimeError: capture failed"},
+        ],
+    }
+    summary = summarize(document)
+    compiled = document["results"][2]
+    assert compiled["model_tflop"] == pytest.approx(8 * 6 + 4 * 7)  # base rows + adapter rows
+    assert compiled["tflops"] == pytest.approx(76 / 0.2)
+    assert compiled["mfu"] == pytest.approx(76 / 0.2 / 800)
+    assert summary["pr_over_cfg"] == {"fast@4": pytest.approx(1.6)}
+    assert summary["pr_over_cfg_model_flops"]["4"] == pytest.approx(76 / 48)
+    assert summary["dco_over_pr"]["fast@1"] == pytest.approx(1.5)
+    met = {t["target"]: t["met"] for t in summary["targets"]}
+    assert met == {
+        "pr step <= 1.10x cfg step at batch 4 (fast, eager)": False,
+        "compiled pr batch 4 MFU >= 55% of measured matmul": False,  # 47.5%
+        "eager pr >= 1.6x faster than DCO ordering at batch 1": False,  # 1.5x
+        "eager pr >= 1.0x faster than DCO ordering at batch 4": True,
+    }
+    document["summary"] = summary
+    table = format_table(document)
+    assert "graph pr batch 4 failed: RuntimeError: capture failed" in table
+    assert "    4 pr             12 " in table

@@ -400,7 +400,8 @@ class GraphedForward:
         from torch.utils._pytree import tree_flatten
 
         if not self.accepts(*args, **kwargs):
-            raise ValueError("GraphedForward called with arguments of another structure, shape or dtype than at capture")
+            raise ValueError("GraphedForward called with arguments of another structure, shape or dtype "
+                             "than at capture")
         flat, _ = tree_flatten((args, kwargs))
         for static, value in zip(self._static, flat):
             if isinstance(static, torch.Tensor) and value.data_ptr() != static.data_ptr():

@@ -90,7 +90,11 @@ TINY_TOKENS = 8
 
 MODES: tuple[str, ...] = ("cfg", "dreambooth", "consistency", "pr")
 #: SDPA backends (torch.nn.attention.SDPBackend names) that ``--attention`` can pin.
-ATTENTION_BACKENDS: dict[str, str] = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+ATTENTION_BACKENDS: dict[str, str] = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+}
 ATTENTION_CHOICES: tuple[str, ...] = ("default", *ATTENTION_BACKENDS, "auto")
 VARIANTS: tuple[str, ...] = ("peft", "fast", "graph", "compiled", "dco", "two-call")
 #: Variants that only make sense for the 3-prediction modes (base rows + adapter rows).
@@ -122,7 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     parser.add_argument(
-        "--compile-cache", default=None, help="compile cache folder (default $DREAMGUIDE_COMPILE_CACHE or ~/.cache/dreamguide/torch-compile)"
+        "--compile-cache",
+        default=None,
+        help="compile cache folder (default $DREAMGUIDE_COMPILE_CACHE or ~/.cache/dreamguide/torch-compile)",
     )
     parser.add_argument("--no-channels-last", action="store_true", help="compile without channels-last weights")
     parser.add_argument(
@@ -133,14 +139,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "each on the fast path at the largest batch and keep the fastest if it beats the default by 2%%)",
     )
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (default 32)")
-    parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (default 1024; 128 with --tiny)")
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="image size in pixels (default 1024; 128 with --tiny)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement (default 3)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per measurement; the median is reported")
     parser.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--tiny", action="store_true", help="a miniature SDXL-shaped UNet: checks the script on CPU")
-    parser.add_argument("--matmul-size", type=int, default=None, help="square bf16 matmul size (default 8192; 256 tiny)")
-    parser.add_argument("--json", default="bench-sample.json", help="where to write the results (default bench-sample.json)")
+    parser.add_argument(
+        "--matmul-size", type=int, default=None, help="square matmul size (default 8192; 256 with --tiny)"
+    )
+    parser.add_argument(
+        "--json", default="bench-sample.json", help="where to write the results (default bench-sample.json)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -284,7 +296,11 @@ class Bench:
         base_rows = [i for i, n in enumerate(names) if n == BASE]
         adapter_rows = [i for i, n in enumerate(names) if n != BASE]
         if per_image:
-            groups = [([r for r in base_rows if r % batch == j], [r for r in adapter_rows if r % batch == j]) for j in range(batch)]
+            # Rows are need-major, so image j owns the rows r with r % batch == j.
+            groups = [
+                ([r for r in base_rows if r % batch == j], [r for r in adapter_rows if r % batch == j])
+                for j in range(batch)
+            ]
         else:
             groups = [(base_rows, adapter_rows)]
         order = [r for group in groups for rows in group for r in rows]
@@ -400,7 +416,8 @@ class Bench:
 
         sweep = {}
         for name in ("default", *ATTENTION_BACKENDS):
-            context = nullcontext() if name == "default" else sdpa_kernel([getattr(SDPBackend, ATTENTION_BACKENDS[name])])
+            backend = None if name == "default" else getattr(SDPBackend, ATTENTION_BACKENDS[name])
+            context = nullcontext() if backend is None else sdpa_kernel([backend])
             with context:
                 row = _attempt(self, lambda: self.time_config("fast", "pr", batch, iters=5, count_syncs=False), {})
             sweep[name] = row.get("ms", row.get("error"))
@@ -479,7 +496,8 @@ class Bench:
         if compiled is not None:
             mode, batch = compiled_config
             needs = _mode_needs(mode)
-            sample, kwargs = self.randn(len(needs) * batch, 4, self.latent, self.latent), self.conditioning(batch, needs)
+            sample = self.randn(len(needs) * batch, 4, self.latent, self.latent)
+            kwargs = self.conditioning(batch, needs)
             eager = self._forward_once("fast", batch, needs, sample, t, kwargs)
             fast_compiled = self._forward_once("compiled", batch, needs, sample, t, kwargs, compiled)
             reference = self._float32_reference(batch, needs, sample, t, kwargs)
@@ -538,7 +556,8 @@ class Bench:
     def guidance_ms(self, mode: str, batch: int) -> float:
         from dreamguide.guidance import Predictions, guide
 
-        preds = Predictions(*(self.randn(batch, 4, self.latent, self.latent, dtype=self.torch.float32) for _ in range(4)))
+        shape = (batch, 4, self.latent, self.latent)
+        preds = Predictions(*(self.randn(*shape, dtype=self.torch.float32) for _ in range(4)))
         return self.elapsed_ms(lambda: guide(mode, preds, 7.5, 3.0), 50)
 
 
@@ -651,13 +670,17 @@ def format_table(document: dict) -> str:
         lines.append(f"matmul {mm['size']}^3 {mm['dtype']}: {mm['tflops']:.1f} TFLOP/s")
     if document.get("flops"):
         f = document["flops"]
-        lines.append(f"model: {f['base_row'] / 1e12:.3f} TFLOP per base row, {f['adapter_row'] / 1e12:.3f} per adapter row")
+        lines.append(
+            f"model: {f['base_row'] / 1e12:.3f} TFLOP per base row, {f['adapter_row'] / 1e12:.3f} per adapter row"
+        )
     for r in results:
         if "error" in r:
             lines.append(f"{r['variant']} {r['mode']} batch {r['batch']} failed: {r['error']}")
     util = [r for r in results if "mfu" in r and r["mode"] == "pr" and r["variant"] not in SPLIT_VARIANTS]
     for r in util:
-        lines.append(f"pr batch {r['batch']} {r['variant']}: {r['tflops']:.1f} TFLOP/s = {100 * r['mfu']:.1f}% of matmul")
+        lines.append(
+            f"pr batch {r['batch']} {r['variant']}: {r['tflops']:.1f} TFLOP/s = {100 * r['mfu']:.1f}% of matmul"
+        )
     summary = document.get("summary", {})
     for key, value in summary.get("pr_over_cfg", {}).items():
         lines.append(f"pr/cfg {key}: {value:.3f}")
