@@ -3,9 +3,9 @@
 PEFT routes the rows of one batch to different adapters through ``adapter_names`` (what
 ``dreamguide.routing.routed_adapters`` passes): every LoRA layer builds Python index lists,
 gathers each adapter's rows, runs the adapter on them and scatters the result back. That is
-exact, but in an SDXL UNet it happens in 700 layers per step, each gather/scatter with a
-host-to-device copy of an index list (a host sync), and it is data-dependent indexing that
-``torch.compile`` cannot fuse.
+exact, but in an SDXL UNet with LoRA on the attention projections it happens in 560 layers
+per step, each gather and scatter with a host-to-device copy of an index list: 1,680 host
+syncs per step, and data-dependent indexing that ``torch.compile`` cannot fuse.
 
 ``fast_routing(unet, adapter_names)`` computes the same function another way. For each
 adapter used by some rows:
@@ -23,9 +23,10 @@ and CUDA-graph captures. ``fast_routing_unsupported`` says when the fast path wo
 exact (DoRA and other LoRA variants, LoRA biases, active dropout, LoRA on non-Linear layers);
 callers fall back to ``routed_adapters`` then.
 
-Also here: ``compile_unet`` (``torch.compile`` with a persistent cache, see
-``use_compile_cache``) and ``GraphedForward`` (a forward captured once in a CUDA graph and
-replayed; removes launch overhead without any compile time).
+Also here: ``FastUNetCall`` (the sampler's per-step UNet call: fast routing plus CUDA-graph
+replay), ``GraphedForward`` (a forward captured once in a CUDA graph and replayed: no launch
+overhead, no compile time) and ``compile_unet`` (``torch.compile`` with a persistent cache, see
+``use_compile_cache``). Measured figures: docs/BENCHMARKS.md; usage: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
