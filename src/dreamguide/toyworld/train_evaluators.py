@@ -366,6 +366,7 @@ def _save(module: torch.nn.Module, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     save_file(state, tmp)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -391,12 +392,13 @@ def train_all(out: str | Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), log=prin
                           "identity": round(t_id, 1), "total_with_validation": round(time.time() - start, 1)},
         "device": f"CPU ({platform.processor() or platform.machine()}, {recipe.threads} threads), "
                   f"torch {torch.__version__}",
-        "command": f"python -m dreamguide.toyworld.train_evaluators --out {out} --seed {recipe.seed}",
+        "command": f"python -m dreamguide.toyworld.train_evaluators --seed {recipe.seed}",
     }
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".validation.json.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out / "validation.json")
     log(json.dumps(figures, indent=2))
     return record

@@ -1,0 +1,108 @@
+"""The miniature world's committed evaluators beat their bars on fresh generator samples (new seed), offline."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from dreamguide.toyworld import SUBJECTS, caption, reference_images, render, sample_labels, subject_labels
+from dreamguide.toyworld.evaluators import ATTRIBUTES, ToyEvaluators, load_validation, tokenize
+from dreamguide.toyworld.train_evaluators import auc, supervised_contrastive
+
+SEED = 424242  # never used in training or in the recorded validation
+
+
+@pytest.fixture(scope="module")
+def evaluators():
+    return ToyEvaluators.load()
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    gen = torch.Generator().manual_seed(SEED)
+    labels = sample_labels(400, gen)
+    return render(labels, gen), labels
+
+
+def test_attribute_classifiers_beat_their_bars(evaluators, fresh):
+    images, labels = fresh
+    predicted = evaluators.classify(images)
+    accuracy = {name: sum(p == getattr(lab, name) for p, lab in zip(predicted[name], labels)) / len(labels)
+                for name in ATTRIBUTES}
+    # material is left out: at 32 px it is barely above its 70% prior (see docs/TOYWORLD.md)
+    bars = {"cls": 0.87, "scene": 0.97, "style": 0.97, "pattern": 0.78, "color": 0.65}
+    for name, bar in bars.items():
+        assert accuracy[name] >= bar, (name, accuracy[name])
+
+
+def test_judge_accepts_true_prompts_and_rejects_wrong_style_or_scene(evaluators, fresh):
+    images, labels = fresh
+    true = evaluators.judge(images, [caption(lab) for lab in labels]).all.float().mean()
+    assert true >= 0.85
+    wrong_style = [caption(dataclasses.replace(lab, style="sketch" if lab.style != "sketch" else "neon"))
+                   for lab in labels]
+    assert evaluators.judge(images, wrong_style).style.float().mean() <= 0.05
+    # no scene in the prompt accepts any scene; no style asks for a photo
+    short = [f"a {lab.cls}" for lab in labels]
+    judged = evaluators.judge(images, short)
+    assert judged.scene.all()
+    photos = torch.tensor([lab.style == "photo" for lab in labels])
+    assert judged.style[photos].float().mean() >= 0.95 and judged.style[~photos].float().mean() <= 0.05
+
+
+def test_text_alignment_prefers_the_true_caption(evaluators, fresh):
+    images, labels = fresh
+    true = evaluators.text_alignment(images, [caption(lab) for lab in labels])
+    for name, other in (("style", lambda lab: "watercolor" if lab.style != "watercolor" else "photo"),
+                        ("scene", lambda lab: "snow" if lab.scene != "snow" else "beach"),
+                        ("cls", lambda lab: "ring" if lab.cls != "ring" else "ball")):
+        wrong = [caption(dataclasses.replace(lab, **{name: other(lab)})) for lab in labels]
+        assert (true > evaluators.text_alignment(images, wrong)).float().mean() >= 0.85, name
+    # retrieval among 100 full captions
+    emb_i = evaluators.text_model.encode_features(evaluators.features(images[:100]))
+    emb_t = evaluators.text_model.encode_texts([caption(lab) for lab in labels[:100]])
+    assert ((emb_i @ emb_t.T).argmax(1) == torch.arange(100)).float().mean() >= 0.5
+
+
+def test_identity_tells_each_subject_from_other_objects_of_its_class(evaluators):
+    gen = torch.Generator().manual_seed(SEED + 1)
+    positives, negatives = [], []
+    for subject in SUBJECTS:
+        refs = reference_images(subject)
+        views = render(subject_labels(subject, 12, gen, scenes=("snow", "city", "water", "jungle")), gen)
+        others = [dataclasses.replace(lab, cls=subject.cls, style="photo") for lab in sample_labels(12, gen)]
+        positives.append(evaluators.identity(views, refs))
+        negatives.append(evaluators.identity(render(others, gen), refs))
+    assert auc(torch.cat(positives), torch.cat(negatives)) >= 0.9
+
+
+def test_scores_have_the_documented_shapes_and_ranges(evaluators, fresh):
+    images, labels = fresh
+    text = evaluators.text_alignment(images[:5], "a photo of a ball")
+    assert text.shape == (5,) and (text.abs() <= 1 + 1e-5).all()
+    identity = evaluators.identity(images[:5], images[5:8])
+    assert identity.shape == (5,) and (identity.abs() <= 1 + 1e-5).all()
+    own = evaluators.identity(images[:1], images[:1])
+    assert torch.allclose(own, torch.ones(1), atol=1e-4)
+    with pytest.raises(ValueError, match="vocabulary"):
+        tokenize(["a photo of a dog"])
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
+        evaluators.identity(images[0], images)
+
+
+def test_validation_record_matches_the_weights():
+    record = load_validation()
+    figures = record["figures"]
+    assert figures["attributes"]["accuracy"]["style"] >= 0.95
+    assert set(record["recipe"]) >= {"seed", "trunk_steps", "text_epochs", "identity_epochs"}
+
+
+def test_supervised_contrastive_loss_is_low_for_separated_instances():
+    ids = torch.tensor([0, 0, 1, 1])
+    separated = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert supervised_contrastive(separated, ids) < supervised_contrastive(mixed, ids)
+    # exact value: the positive has logit 10, the two negatives 0 -> -log(e^10 / (e^10 + 2))
+    expected = -torch.log(torch.exp(torch.tensor(10.0)) / (torch.exp(torch.tensor(10.0)) + 2))
+    assert torch.allclose(supervised_contrastive(separated, ids), expected, atol=1e-5)
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.875)
