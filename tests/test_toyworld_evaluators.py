@@ -106,3 +106,30 @@ def test_supervised_contrastive_loss_is_low_for_separated_instances():
     expected = -torch.log(torch.exp(torch.tensor(10.0)) / (torch.exp(torch.tensor(10.0)) + 2))
     assert torch.allclose(supervised_contrastive(separated, ids), expected, atol=1e-5)
     assert auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 2.0])) == pytest.approx(0.875)
+
+
+def test_bench_world_cases_and_scores(evaluators):
+    from dreamguide.bench.world import Generated, Job, Setting, World
+    from dreamguide.toyworld.bench_world import ToyBenchWorld
+    from dreamguide.toyworld.render import to_pil
+
+    def generate(jobs):  # stands in for a sampler: the subject's own photo for every job
+        return [Generated(to_pil(reference_images(job.case.subject)[:1])[0]) for job in jobs]
+
+    world = ToyBenchWorld(generate, subjects=["sks", "zwx"], prompt_sets=("normal", "stylized"),
+                          evaluators=evaluators)
+    assert isinstance(world, World)
+    world.prepare()
+    cases = world.cases()
+    assert len(cases) == 2 * (20 + 7)
+    assert cases[0].token_prompt == "a sks ball on the beach" and cases[0].base_prompt == "a ball on the beach"
+    stylized = [c for c in cases if c.subject == "zwx" and c.prompt_set == "stylized"]
+    assert stylized[0].base_prompt == "a pencil sketch of a cup"
+    jobs = [Job(case, Setting("consistency", 7.5, 3.0), 0) for case in (cases[0], stylized[0])]
+    images = [g.image for g in world.generate(jobs)]
+    rows = world.score(jobs, images)
+    assert set(rows[0]) == set(world.metric_kinds()) == {"toy_identity", "toy_text", "toy_carries"}
+    assert rows[0]["toy_identity"] > 0.7  # a reference photo resembles its own references
+    assert rows[1]["toy_carries"] == 0.0  # a photo does not carry "a pencil sketch of a cup"
+    with pytest.raises(ValueError, match="generate"):
+        ToyBenchWorld(evaluators=evaluators).prepare()

@@ -15,7 +15,12 @@ Everything here is procedural and seeded: nothing is downloaded.
 * :mod:`~dreamguide.toyworld.prompts` -- DreamBench-like prompt sets: backgrounds, recolourings,
   material/pattern edits and stylized prompts.
 * :mod:`~dreamguide.toyworld.evaluators` -- this world's CLIP (text alignment), DINO (identity) and
-  exact attribute classifiers, trained on generated data only and shipped with their weights.
+  exact attribute classifiers, trained on generated data only and shipped with their weights:
+  ``ToyEvaluators.load()`` with ``text_alignment``, ``identity``, ``classify`` and ``judge``;
+  retrain with ``python -m dreamguide.toyworld.train_evaluators``.
+* :mod:`~dreamguide.toyworld.bench_world` -- the world as a ``dreamguide.bench`` benchmark world.
+
+See docs/TOYWORLD.md.
 
 Example::
 
