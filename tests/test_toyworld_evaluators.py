@@ -133,3 +133,22 @@ def test_bench_world_cases_and_scores(evaluators):
     assert rows[1]["toy_carries"] == 0.0  # a photo does not carry "a pencil sketch of a cup"
     with pytest.raises(ValueError, match="generate"):
         ToyBenchWorld(evaluators=evaluators).prepare()
+
+
+def test_training_command_writes_weights_that_load_and_match(tmp_path):
+    from dreamguide.toyworld.evaluators import AttributeClassifier
+    from dreamguide.toyworld.train_evaluators import Recipe, train_all
+
+    recipe = Recipe(batch_size=32, trunk_steps=2, text_images=64, text_epochs=1, identity_instances=256,
+                    identity_epochs=1, warmup_steps=1)
+    record = train_all(tmp_path, recipe, log=lambda message: None, validation_samples=100)
+    assert record["recipe"] == dataclasses.asdict(recipe)
+    assert load_validation(tmp_path)["figures"]["samples"] == 100
+    loaded = ToyEvaluators.load(tmp_path)
+    assert isinstance(loaded.classifier, AttributeClassifier)
+    # loading is deterministic: two loads score identically
+    images = render(sample_labels(4, 0), 0)
+    again = ToyEvaluators.load(tmp_path)
+    assert torch.equal(loaded.text_alignment(images, "a ball"), again.text_alignment(images, "a ball"))
+    with pytest.raises(FileNotFoundError, match="train_evaluators"):
+        ToyEvaluators.load(tmp_path / "missing")

@@ -134,3 +134,13 @@ def test_subject_references_are_fixed_and_varied():
         assert {lab.style for lab in labels} == {"photo"}
         assert len({lab.scene for lab in labels}) >= 2 and len({lab.scale for lab in labels}) == 5
         assert subject.token in VOCABULARY
+
+
+def test_coverage_mask_matches_the_shape_area():
+    # a ball is the disc u^2 + v^2 <= 0.92 in units of half its size: area pi * 0.92 * (scale / 2)^2
+    labels = Labels(cls="ball", color="red", pattern="plain", material="matte", scene="beach", style="photo",
+                    x=0.5, y=0.5, scale=0.5)
+    _, mask = render([labels], 0, return_masks=True)
+    assert mask.shape == (1, 1, 32, 32)
+    assert mask.mean().item() == pytest.approx(3.14159 * 0.92 * 0.25 ** 2, abs=0.005)
+    assert mask[0, 0, 16, 16] == 1 and mask[0, 0, 0, 0] == 0

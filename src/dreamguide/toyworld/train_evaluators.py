@@ -370,7 +370,7 @@ def _save(module: torch.nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train_all(out: str | Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), log=print) -> dict:
+def train_all(out: str | Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), log=print, validation_samples: int = 2000) -> dict:
     """Train the three evaluators with ``recipe``, save them to ``out`` and return the validation figures."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +384,7 @@ def train_all(out: str | Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), log=prin
     _save(identity, out / "identity.safetensors")
     # validate the weights as saved (fp16), exactly as users load them
     evaluators = ToyEvaluators.load(out)
-    figures = validate(evaluators)
+    figures = validate(evaluators, n=validation_samples)
     record = {
         "figures": figures,
         "recipe": dataclasses.asdict(recipe),
