@@ -1,7 +1,6 @@
 """``dreamguide toyworld``: build and measure the miniature world (base model, subjects, reproduction).
 
     dreamguide toyworld train-base --out runs/base --minutes 8      train the base text-to-image model
-    dreamguide toyworld evaluate-base --model runs/base             the prompt-fidelity bar (classifiers)
     dreamguide toyworld personalize --subject sks --method dco      fine-tune one subject adapter
     dreamguide toyworld reproduce --output runs/reproduce           the paper's experiments in this world
 """
@@ -36,19 +35,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=0, help="data processes (default: CPU cores - 1)")
     train.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     train.add_argument("--init", help="start from this model folder's weights")
-    train.add_argument("--evaluate", type=int, default=0, metavar="N",
-                       help="after training, score N prompts with the world's classifiers (0: skip)")
     train.set_defaults(func=_train_base)
 
-    evaluate = commands.add_parser("evaluate-base", help="prompt fidelity of a base model by the classifiers")
-    evaluate.add_argument("--model", help="model folder (default: the bundled model)")
-    evaluate.add_argument("--prompts", type=int, default=256, help="number of random normal prompts")
-    evaluate.add_argument("--steps", type=int, default=30)
-    evaluate.add_argument("--w-text", type=float, default=5.0)
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--device")
-    evaluate.add_argument("--out", help="write the figures as JSON here")
-    evaluate.set_defaults(func=_evaluate_base)
+    personalize = commands.add_parser("personalize", help="fine-tune a subject adapter on its reference photos")
+    personalize.add_argument("--subject", default="sks", help="subject token (sks, zwx, qlo, vrt, bny, mup)")
+    personalize.add_argument("--method", default="dreambooth", choices=("dreambooth", "dreambooth-ti", "dco"))
+    personalize.add_argument("--out", required=True, help="output folder for the adapter")
+    personalize.add_argument("--steps", type=int, default=0, help="training steps (default: the toy default)")
+    personalize.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (default: the toy default)")
+    personalize.add_argument("--model", help="base model folder (default: the bundled model)")
+    personalize.add_argument("--device")
+    personalize.set_defaults(func=_personalize)
+
+    reproduce = commands.add_parser("reproduce", help="the PR paper's experiments in this world (GPU: minutes)")
+    reproduce.add_argument("--output", default="runs/reproduce", help="output folder")
+    reproduce.add_argument("--budget-minutes", type=float, default=7.5,
+                           help="generation time budget; later parts are skipped past it (default 7.5)")
+    reproduce.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    reproduce.add_argument("--seeds", default="0-3", help="seeds per prompt (default 0-3)")
+    reproduce.add_argument("--subjects", nargs="+", help="subject tokens (default: all)")
+    reproduce.add_argument("--score-only", action="store_true", help="only score an existing --output folder")
+    reproduce.add_argument("--device")
+    reproduce.set_defaults(func=_reproduce)
     return parser
 
 
@@ -65,25 +73,34 @@ def _train_base(args) -> int:
     if args.init and not Path(args.init, "model_index.json").exists():
         raise CommandError(f"--init {args.init}: not a model folder (no model_index.json)")
     record = train_base(args.out, recipe, device=args.device, init=args.init)
-    if args.evaluate:
-        from dreamguide.toyworld.train_base import evaluate_base, update_record
-
-        figures = evaluate_base(args.out, prompts=args.evaluate, device=args.device, seed=args.seed)
-        update_record(args.out, {"evaluation": figures})
-        print(json.dumps(figures["summary"], indent=2))
     print(f"model: {args.out}  ({record['steps']} steps, final loss {record['final_loss']})")
     return 0
 
 
-def _evaluate_base(args) -> int:
-    from dreamguide.toyworld.train_base import evaluate_base
+def _personalize(args) -> int:
+    import dataclasses
 
-    figures = evaluate_base(args.model, prompts=args.prompts, steps=args.steps, w_text=args.w_text,
-                            device=args.device, seed=args.seed)
-    text = json.dumps(figures, indent=2)
-    if args.out:
-        from dreamguide.images import write_json
+    from dreamguide.toyworld.personalize import DEFAULTS, personalize
 
-        write_json(args.out, figures)
-    print(json.dumps(figures["summary"], indent=2), file=sys.stdout)
+    settings = dataclasses.replace(DEFAULTS, **({"steps": args.steps} if args.steps else {}),
+                                   **({"lr": args.lr} if args.lr else {}))
+    result = personalize(args.subject, args.method, args.out, settings, model_path=args.model, device=args.device,
+                         progress=True)
+    print(f"adapter: {result.lora_path}" + (f"  embeddings: {result.embeddings_path}" if result.embeddings_path else ""))
+    return 0
+
+
+def _reproduce(args) -> int:
+    from dreamguide.sampling import parse_seeds
+    from dreamguide.toyworld.reproduce import generate, score
+
+    if not args.score_only:
+        generate(args.output, subjects=args.subjects, seeds=parse_seeds(args.seeds), steps=args.steps,
+                 budget_s=args.budget_minutes * 60, device=args.device)
+    elif not Path(args.output, "rows.json").exists():
+        from dreamguide.cli import CommandError
+
+        raise CommandError(f"--score-only: {args.output} has no rows.json; run without --score-only first")
+    score(args.output)
+    print(f"results: {Path(args.output) / 'results.md'}  plots: pareto.png, timesteps.png")
     return 0

@@ -1,0 +1,280 @@
+"""``dreamguide demo``: the method end to end in the miniature world, on a CPU, in a few minutes.
+
+1. load the bundled base model and the bundled subject adapter (or fine-tune the subject afresh);
+2. sample normal and stylized prompts with ``dreambooth`` (plain sampling of the personalized
+   model), ``consistency`` (DCO's consistency guidance) and ``pr`` (parallel rescaling), every
+   mode from the same seeds, tracing Consistency_p at every step;
+3. score every image with the world's evaluators: text alignment (this world's CLIP, against the
+   base prompt), identity (this world's DINO, against the reference photos) and whether the
+   image carries the prompt's class, scene and style (attribute classifiers);
+4. write ``grid.png`` (rows: prompt x seed, columns: mode), ``metrics.md`` / ``metrics.csv``
+   (per mode and prompt set), ``consistency_p.png`` (Consistency_p per step, mean and spread,
+   normal vs stylized), ``images/`` and ``demo.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+DEMO_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled")
+MODE_LABELS = {"dreambooth": "dreambooth", "consistency": "consistency", "parallel-rescaled": "pr"}
+#: Prompt templates ``{}`` = "<token> <class>": two normal (new backgrounds), two stylized.
+DEMO_TEMPLATES: tuple[str, ...] = (
+    "a {} in the snow",
+    "a {} under a night sky",
+    "a pencil sketch of a {}",
+    "a watercolor painting of a {}",
+)
+#: Guidance weights of the demo (the toy model's own scale; SPEC defaults are for SDXL).
+DEMO_W_TEXT = 2.0
+DEMO_W_CONS = 1.0
+
+
+@dataclass
+class DemoSettings:
+    subject: str = "sks"
+    prompts: Sequence[str] = ()  # token prompts; empty: DEMO_TEMPLATES filled with the subject
+    seeds: Sequence[int] = (0, 1)
+    steps: int = 25
+    w_text: float = DEMO_W_TEXT
+    w_cons: float = DEMO_W_CONS
+    output: str = "demo-output"
+    retrain: bool = False
+    retrain_steps: int = 0  # 0: the personalization default
+    method: str = "dreambooth"
+    device: str = "cpu"
+    modes: Sequence[str] = DEMO_MODES
+    extra: dict = field(default_factory=dict)
+
+
+def prompt_set(base_prompt: str) -> str:
+    """``stylized`` if the prompt names a style other than photo, else ``normal``."""
+    from dreamguide.toyworld.world import DEFAULT_STYLE, parse
+
+    style = parse(base_prompt).style
+    return "normal" if style in (None, DEFAULT_STYLE) else "stylized"
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
+    """Run the demo; returns the paths written and the metrics.
+
+    ``evaluators``: a :class:`~dreamguide.toyworld.evaluators.ToyEvaluators` (default: the bundled ones).
+    """
+    from dreamguide.prompts import base_prompt as derive_base_prompt
+    from dreamguide.sampling import Sampler, SampleSettings
+    from dreamguide.toyworld.evaluators import ToyEvaluators
+    from dreamguide.toyworld.model import BUNDLED_MODEL_DIR, load_toyworld_model
+    from dreamguide.toyworld.personalize import (
+        DEFAULTS,
+        adapter_dir,
+        load_personalized,
+        personalize,
+        subject_token,
+    )
+    from dreamguide.toyworld.subjects import get_subject, reference_images
+
+    started = time.time()
+    subject = get_subject(settings.subject)
+    token = subject_token(subject.token, settings.method)
+    prompts = list(settings.prompts) or [t.format(f"{token} {subject.cls}") for t in DEMO_TEMPLATES]
+    cases = []
+    for prompt in prompts:
+        base = derive_base_prompt(prompt, token, subject.cls)
+        try:
+            cases.append((prompt, base, prompt_set(base)))
+        except ValueError as error:
+            raise ValueError(f"demo prompt {prompt!r} is outside the toy world's grammar: {error}") from None
+    output = Path(settings.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    model = load_toyworld_model(device=settings.device)
+    folder = adapter_dir(subject.token, settings.method)
+    if settings.retrain or not folder.exists():
+        folder = output / "adapter"
+        steps = settings.retrain_steps or DEFAULTS.steps
+        log(f"fine-tuning {token} {subject.cls} with {settings.method} ({steps} steps) -> {folder}")
+        t0 = time.time()
+        result = personalize(subject.token, settings.method, folder, DEFAULTS.__class__(
+            **{**DEFAULTS.__dict__, "steps": steps}), model=model, device=settings.device)
+        model = result.model
+        log(f"  done in {time.time() - t0:.0f}s")
+    else:
+        model, _ = load_personalized(subject.token, settings.method, folder=folder, model=model)
+    sampler = Sampler(model, adapter_name="subject",
+                      sources={"model": str(BUNDLED_MODEL_DIR), "lora": str(folder)})
+
+    log(f"sampling {len(cases)} prompts x {len(settings.seeds)} seeds x modes {', '.join(MODE_LABELS.get(m, m) for m in settings.modes)} "
+        f"({settings.steps} steps, w_text {settings.w_text}, w_cons {settings.w_cons})")
+    results = []  # (case index, SampleResult)
+    for index, (prompt, base, _) in enumerate(cases):
+        sample_settings = SampleSettings(
+            prompt=prompt, token=token, class_word=subject.cls, base_prompt=base, modes=tuple(settings.modes),
+            seeds=tuple(settings.seeds), batch_size=len(settings.seeds), steps=settings.steps,
+            w_text=settings.w_text, w_cons=settings.w_cons, trace=True,
+        )
+        results += [(index, r) for r in sampler.sample(sample_settings, progress=False)]
+    sampling_s = time.time() - started
+
+    evaluators = evaluators or ToyEvaluators.load()
+    from dreamguide.toyworld.render import from_pil
+
+    images = from_pil([r.image for _, r in results])
+    bases = [cases[i][1] for i, _ in results]
+    text = evaluators.text_alignment(images, bases)
+    identity = evaluators.identity(images, reference_images(subject))
+    carries = evaluators.judge(images, bases).all.float()
+    rows = []
+    for j, (i, r) in enumerate(results):
+        rows.append({
+            "mode": MODE_LABELS.get(r.mode, r.mode), "prompt_set": cases[i][2], "prompt": r.prompt,
+            "base_prompt": r.base_prompt, "seed": r.seed, "text_alignment": float(text[j]),
+            "identity": float(identity[j]), "carries_prompt": float(carries[j]),
+        })
+
+    paths = {
+        "grid": _write_grid(results, cases, settings, output / "grid.png"),
+        "images": _write_images(results, output / "images"),
+        "metrics_md": output / "metrics.md",
+        "metrics_csv": output / "metrics.csv",
+        "consistency_p": _plot_consistency_p(results, cases, output / "consistency_p.png"),
+    }
+    summary = _summarize(rows)
+    _write_metrics(rows, summary, settings, paths["metrics_md"], paths["metrics_csv"])
+    record = {
+        "subject": subject.token, "class_word": subject.cls, "method": settings.method, "token": token,
+        "adapter": str(folder), "retrained": bool(settings.retrain or folder.parent == output),
+        "prompts": [{"prompt": p, "base_prompt": b, "set": s} for p, b, s in cases],
+        "seeds": list(settings.seeds), "steps": settings.steps, "w_text": settings.w_text,
+        "w_cons": settings.w_cons, "summary": summary, "rows": rows,
+        "seconds": {"sampling": round(sampling_s, 1), "total": round(time.time() - started, 1)},
+        "files": {k: str(v) for k, v in paths.items()},
+    }
+    (output / "demo.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    paths["record"] = output / "demo.json"
+    return {"paths": paths, "summary": summary, "record": record}
+
+
+def _summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["mode"], row["prompt_set"]), []).append(row)
+    out = []
+    for (mode, set_name), items in groups.items():
+        out.append({
+            "mode": mode, "prompt_set": set_name, "images": len(items),
+            **{k: round(sum(r[k] for r in items) / len(items), 4)
+               for k in ("text_alignment", "identity", "carries_prompt")},
+        })
+    order = {m: i for i, m in enumerate(MODE_LABELS.values())}
+    return sorted(out, key=lambda r: (r["prompt_set"], order.get(r["mode"], 99)))
+
+
+def _write_metrics(rows, summary, settings, md_path: Path, csv_path: Path) -> None:
+    lines = [
+        "# Demo metrics",
+        "",
+        "Text alignment: cosine of the toy world's CLIP between the image and the **base prompt** (token "
+        "replaced by the class word). Identity: mean cosine of the toy world's DINO to the subject's reference "
+        "photos. Carries prompt: fraction of images whose class, scene and style the attribute classifiers "
+        "read as the prompt's.",
+        "",
+        f"w_text {settings.w_text}, w_cons {settings.w_cons}, {settings.steps} steps, seeds "
+        f"{', '.join(map(str, settings.seeds))}.",
+        "",
+        "| prompt set | mode | images | text alignment | identity | carries prompt |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(f"| {s['prompt_set']} | {s['mode']} | {s['images']} | {s['text_alignment']:.3f} | "
+                     f"{s['identity']:.3f} | {s['carries_prompt']:.2f} |")
+    md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def _write_images(results, folder: Path) -> Path:
+    from dreamguide.images import save_png
+    from dreamguide.sampling import image_filename
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, r in results:
+        save_png(r.image, folder / f"p{index}-{image_filename(r)}", r.metadata)
+    return folder
+
+
+def _write_grid(results, cases, settings, path: Path, scale: int = 3) -> Path:
+    from dreamguide.images import image_grid, save_png
+
+    modes = [m for m in dict.fromkeys(r.mode for _, r in results)]
+    by_key = {(i, r.seed, r.mode): r.image for i, r in results}
+    rows, labels = [], []
+    for i, (prompt, _, set_name) in enumerate(cases):
+        for seed in settings.seeds:
+            rows.append([by_key[(i, seed, m)].resize((32 * scale, 32 * scale), resample=0) for m in modes])
+            labels.append(f"{prompt}  (seed {seed})")
+    grid = image_grid(rows, [MODE_LABELS.get(m, m) for m in modes], labels)
+    return save_png(grid, path, {"steps": settings.steps, "w_text": settings.w_text, "w_cons": settings.w_cons})
+
+
+def consistency_p_curves(results, cases, mode: str = "consistency") -> dict[str, dict[str, list[float]]]:
+    """Per prompt set: per step, the mean over images of Consistency_p's spatial mean, its spread
+    (mean spatial std) and the fraction of negative locations, for one guidance mode's images."""
+    curves: dict[str, dict[str, list[float]]] = {}
+    for set_name in ("normal", "stylized"):
+        traces = [r.trace for i, r in results if r.mode == mode and cases[i][2] == set_name and r.trace]
+        if not traces:
+            continue
+        steps = len(traces[0])
+        curves[set_name] = {
+            "timestep": [traces[0][s]["timestep"] for s in range(steps)],
+            "mean": [sum(t[s]["mean"] for t in traces) / len(traces) for s in range(steps)],
+            "std": [sum(t[s]["std"] for t in traces) / len(traces) for s in range(steps)],
+            "fraction_negative": [sum(t[s]["fraction_negative"] for t in traces) / len(traces) for s in range(steps)],
+        }
+    return curves
+
+
+def _plot_consistency_p(results, cases, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = {"normal": "tab:blue", "stylized": "tab:red"}
+    for mode, style in (("consistency", "-"), ("parallel-rescaled", ":")):
+        for set_name, c in consistency_p_curves(results, cases, mode).items():
+            x = list(range(1, len(c["mean"]) + 1))
+            label = f"{set_name} ({MODE_LABELS[mode]})"
+            axes[0].plot(x, c["mean"], style, color=colors[set_name], label=label)
+            if mode == "consistency":
+                lo = [m - s for m, s in zip(c["mean"], c["std"])]
+                hi = [m + s for m, s in zip(c["mean"], c["std"])]
+                axes[0].fill_between(x, lo, hi, color=colors[set_name], alpha=0.15)
+            axes[1].plot(x, c["fraction_negative"], style, color=colors[set_name], label=label)
+    axes[0].axhline(0, color="gray", lw=0.8)
+    axes[0].set_title("Consistency_p per step: mean, band = mean spatial std")
+    axes[1].set_title("fraction of locations with Consistency_p < 0")
+    for ax in axes:
+        ax.set_xlabel("denoising step (noisy -> clean)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
