@@ -138,3 +138,17 @@ def test_bundled_model_loads_offline_and_samples():
     assert size <= 25 * 1024 * 1024
     images = sample_cfg(model, ["a photo of a red ball on the beach"], [0], steps=4)
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_reproduce_units_average_seeds_and_differences_are_paired():
+    import numpy as np
+
+    from dreamguide.toyworld.reproduce import _paired_difference, _units
+
+    rows = [{"subject": s, "method": "dco", "template": t, "mode": m, "prompt_set": "stylized"}
+            for s in ("a", "b") for t in ("x", "y") for m in ("pr", "consistency") for _ in range(2)]
+    values = np.array([(1.0 if r["mode"] == "pr" else 0.0) + (0.5 if r["subject"] == "b" else 0.0) for r in rows])
+    units = _units([r for r in rows if r["mode"] == "pr"], values[[i for i, r in enumerate(rows) if r["mode"] == "pr"]])
+    assert sorted(units.tolist()) == [1.0, 1.0, 1.5, 1.5]
+    diff = _paired_difference(rows, values, {"mode": "pr"}, {"mode": "consistency"})
+    assert diff["units"] == 4 and diff["mean"] == 1.0 and diff["low"] == diff["high"] == 1.0

@@ -54,6 +54,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     reproduce.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     reproduce.add_argument("--seeds", default="0-3", help="seeds per prompt (default 0-3)")
     reproduce.add_argument("--subjects", nargs="+", help="subject tokens (default: all)")
+    reproduce.add_argument("--parts", nargs="+", default=["base", "main", "sweep", "variants"],
+                           choices=["base", "main", "sweep", "variants"], help="which experiments (default: all)")
+    reproduce.add_argument("--adapters-from", help="reuse the adapters of an earlier run (its adapters/ folder)")
+    reproduce.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     reproduce.add_argument("--score-only", action="store_true", help="only score an existing --output folder")
     reproduce.add_argument("--device")
     reproduce.set_defaults(func=_reproduce)
@@ -95,8 +99,13 @@ def _reproduce(args) -> int:
     from dreamguide.toyworld.reproduce import generate, score
 
     if not args.score_only:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         generate(args.output, subjects=args.subjects, seeds=parse_seeds(args.seeds), steps=args.steps,
-                 budget_s=args.budget_minutes * 60, device=args.device)
+                 budget_s=args.budget_minutes * 60, device=args.device, parts=args.parts,
+                 adapters_from=args.adapters_from)
     elif not Path(args.output, "rows.json").exists():
         from dreamguide.cli import CommandError
 

@@ -51,6 +51,7 @@ NORMAL_TEMPLATES: tuple[str, ...] = (
 )
 TOY_W_TEXT = 2.0
 TOY_W_CONS = 1.0
+PARTS: tuple[str, ...] = ("base", "main", "sweep", "variants")
 MODE_LABELS = {"dreambooth": "dreambooth", "consistency": "consistency", "parallel-rescaled": "pr",
                "orthogonal": "orthogonal"}
 
@@ -127,12 +128,19 @@ def base_prompts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] = METHODS,
              seeds: Sequence[int] = (0, 1, 2, 3), steps: int = 20, budget_s: float = 420.0,
              device: str | None = None, base_prompt_count: int = 256, bundle: str | None = None, log=print,
-             personalize_settings=None) -> dict:
-    """Stage 1 (see the module docstring). ``bundle``: also train ``sks`` with this method and keep it."""
+             personalize_settings=None, parts: Sequence[str] = PARTS, adapters_from=None) -> dict:
+    """Stage 1 (see the module docstring). ``bundle``: also train ``sks`` with this method and keep it.
+
+    ``parts``: which of ``base``, ``main``, ``sweep``, ``variants`` to run. ``adapters_from``: a folder of
+    adapters from an earlier run (``<token>-<method>/``) to reuse instead of fine-tuning.
+    """
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown reproduce parts {unknown}; choose from {', '.join(PARTS)}")
     from dreamguide.guidance import ParallelRescaling
     from dreamguide.sampling import Sampler
     from dreamguide.toyworld.model import load_toyworld_model, sample_cfg
-    from dreamguide.toyworld.personalize import DEFAULTS, personalize, subject_token
+    from dreamguide.toyworld.personalize import DEFAULTS, load_personalized, personalize, subject_token
     from dreamguide.toyworld.subjects import get_subject
     from dreamguide.toyworld.world import SUBJECTS
 
@@ -153,7 +161,7 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     t0 = time.time()
     model = load_toyworld_model(device=device)
     normal, styl = base_prompts(base_prompt_count)
-    for w in (2.0, TOY_W_TEXT, 5.0):
+    for w in (2.0, 3.0, 5.0) if "base" in parts else ():
         for set_name, prompts in (("normal", normal), ("stylized", styl)):
             images = sample_cfg(model, prompts, list(range(len(prompts))), steps=steps, w_text=w)
             store.add_tensor(images, [{"part": "base", "prompt_set": set_name, "prompt": p, "base_prompt": p,
@@ -172,12 +180,16 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
             skipped.append(f"main {subject.token} {method}")
             continue
         token = subject_token(subject.token, method)
-        folder = out / "adapters" / f"{subject.token}-{method}"
-        result = personalize(subject.token, method, folder, personalize_settings or DEFAULTS,
-                             model=load_toyworld_model(device=device), device=device)
-        sampler = Sampler(result.model, adapter_name="subject")
+        if adapters_from is not None:
+            trained, _ = load_personalized(subject.token, method, folder=Path(adapters_from) / f"{subject.token}-{method}",
+                                           model=load_toyworld_model(device=device), device=device)
+        else:
+            folder = out / "adapters" / f"{subject.token}-{method}"
+            trained = personalize(subject.token, method, folder, personalize_settings or DEFAULTS,
+                                  model=load_toyworld_model(device=device), device=device).model
+        sampler = Sampler(trained, adapter_name="subject")
         adapters[(subject.token, method)] = sampler
-        if bundle and (subject.token, method) == ("sks", bundle) and method not in methods:
+        if "main" not in parts or (bundle and (subject.token, method) == ("sks", bundle) and method not in methods):
             continue
         for set_name, templates in (("normal", NORMAL_TEMPLATES), ("stylized", stylized)):
             for template in templates:
@@ -191,7 +203,7 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     t0 = time.time()
     for subject in subjects:
         sampler = adapters.get((subject.token, "dco"))
-        if sampler is None:
+        if sampler is None or "sweep" not in parts:
             continue
         for template in stylized[:4]:
             prompt = template.format(f"{subject.token} {subject.cls}")
@@ -209,10 +221,14 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     t0 = time.time()
     for subject in subjects:
         sampler = adapters.get((subject.token, "dco"))
-        if sampler is None:
+        if sampler is None or "variants" not in parts:
             continue
         for template in stylized[:4]:
             prompt = template.format(f"{subject.token} {subject.cls}")
+            if not over():  # the reference rows: consistency and default PR on the same prompts and seeds
+                _sample(sampler, store, prompt, subject.token, subject, template, "stylized",
+                        ("consistency", "parallel-rescaled"), seeds, steps, TOY_W_TEXT, TOY_W_CONS,
+                        part="variants", method="dco", variant="reference")
             for name, granularity, normalization, rescale in PR_VARIANTS:
                 if over():
                     skipped.append(f"variant {subject.token} {template} {name}")
@@ -229,6 +245,7 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
         "toy_w_text": TOY_W_TEXT, "toy_w_cons": TOY_W_CONS, "sweep_w_text": list(SWEEP_W_TEXT),
         "sweep_w_cons": list(SWEEP_W_CONS), "pr_variants": [list(v) for v in PR_VARIANTS],
         "normal_templates": list(NORMAL_TEMPLATES), "stylized_templates": list(stylized),
+        "parts": list(parts), "adapters_from": None if adapters_from is None else str(adapters_from),
         "images": len(store.rows), "skipped": skipped, "timings_s": timings,
         "seconds": round(time.time() - started, 1), "device": _device_name(device), "budget_s": budget_s,
     }
@@ -346,7 +363,7 @@ def score(folder, evaluators=None, log=print) -> dict:
     sweep_rows, sweep_metrics, _ = part("sweep")
     results["sweep"] = _summary(sweep_rows, sweep_metrics, ("mode", "w_text", "w_cons")) if sweep_rows else []
     var_rows, var_metrics, _ = part("variants")
-    results["variants"] = _summary(var_rows, var_metrics, ("variant",)) if var_rows else []
+    results["variants"] = _summary(var_rows, var_metrics, ("variant", "mode")) if var_rows else []
     # PR vs consistency on stylized prompts (paired over subject x method x prompt units)
     results["pr_vs_consistency"] = {
         name: _paired_difference(main_rows, main_metrics[name], {"mode": "pr", "prompt_set": "stylized"},
@@ -482,12 +499,13 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {r['mode']} | {r['w_text']:g} | {r['w_cons']:g} | {_fmt(r, 'text_alignment')} | "
                          f"{_fmt(r, 'identity')} | {_fmt(r, 'carries_prompt')} |")
     if results["variants"]:
-        lines += ["", "### PR variants (dco adapters, stylized prompts; reference rows from the main run on the same "
-                  "prompts)", "", "| variant | text alignment | identity | carries prompt |", "|---|---|---|---|"]
+        lines += ["", "### PR variants (dco adapters, stylized prompts; 'main' rows: the main comparison on the same "
+                  "prompts; consistency / pr rows without 'main': references sampled with the variants)", "", "| variant | text alignment | identity | carries prompt |", "|---|---|---|---|"]
         for r in results["variant_reference"]:
             lines.append(f"| {r['mode']} (main) | {_fmt(r, 'text_alignment')} | {_fmt(r, 'identity')} | "
                          f"{_fmt(r, 'carries_prompt')} |")
         for r in results["variants"]:
-            lines.append(f"| pr {r['variant']} | {_fmt(r, 'text_alignment')} | {_fmt(r, 'identity')} | "
+            name = r["mode"] if r["variant"] == "reference" else f"pr {r['variant']}"
+            lines.append(f"| {name} | {_fmt(r, 'text_alignment')} | {_fmt(r, 'identity')} | "
                          f"{_fmt(r, 'carries_prompt')} |")
     return "\n".join(lines) + "\n"
