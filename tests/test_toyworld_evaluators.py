@@ -12,6 +12,13 @@ from dreamguide.toyworld.train_evaluators import auc, supervised_contrastive
 SEED = 424242  # never used in training or in the recorded validation
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def evaluators():
     return ToyEvaluators.load()
@@ -140,7 +147,7 @@ def test_training_command_writes_weights_that_load_and_match(tmp_path):
     from dreamguide.toyworld.train_evaluators import Recipe, train_all
 
     recipe = Recipe(batch_size=32, trunk_steps=2, text_images=64, text_epochs=1, identity_instances=256,
-                    identity_epochs=1, warmup_steps=1)
+                    identity_epochs=1, warmup_steps=1, threads=1)
     record = train_all(tmp_path, recipe, log=lambda message: None, validation_samples=100)
     assert record["recipe"] == dataclasses.asdict(recipe)
     assert load_validation(tmp_path)["figures"]["samples"] == 100

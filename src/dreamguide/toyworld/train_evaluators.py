@@ -328,18 +328,19 @@ def validate(evaluators: ToyEvaluators, seed: int = 12345, n: int = 2000) -> dic
     }
 
     # identity: same instance (other scene/style/pose/material) vs another instance of the same class
-    id_images, ids = identity_batch(300, 2, gen)
-    emb = evaluators.identity_embeddings(id_images).view(300, 2, -1)
+    pairs = max(4, 300 * n // 2000)  # the subject and pair counts scale with n (2000: 300 pairs, 40/20/40 views)
+    id_images, ids = identity_batch(pairs, 2, gen)
+    emb = evaluators.identity_embeddings(id_images).view(pairs, 2, -1)
     positive = (emb[:, 0] * emb[:, 1]).sum(-1)
     negative = (emb[:, 0] * emb.roll(1, dims=0)[:, 1]).sum(-1)
     # subjects: generated views (any scene/style) vs ordinary objects of the same class, scored against references
     subject_pos, subject_neg, subject_pos_photo = [], [], []
     for subject in SUBJECTS:
         refs = reference_images(subject)
-        views = subject_labels(subject, 40, gen, scenes=tuple(SCENES))
+        views = subject_labels(subject, max(2, 40 * n // 2000), gen, scenes=tuple(SCENES))
         styled = [dataclasses.replace(v, style=s) for v, s in zip(views, list(STYLES) * 5)]
-        photos = subject_labels(subject, 20, gen, scenes=tuple(SCENES))
-        others = [dataclasses.replace(lab, cls=subject.cls) for lab in sample_labels(40, gen)]
+        photos = subject_labels(subject, max(2, 20 * n // 2000), gen, scenes=tuple(SCENES))
+        others = [dataclasses.replace(lab, cls=subject.cls) for lab in sample_labels(max(2, 40 * n // 2000), gen)]
         subject_pos.append(evaluators.identity(render(styled, gen), refs))
         subject_pos_photo.append(evaluators.identity(render(photos, gen), refs))
         subject_neg.append(evaluators.identity(render(others, gen), refs))
