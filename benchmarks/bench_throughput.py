@@ -33,30 +33,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from dreamguide.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
-#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the architecture; weights random).
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
-#: stabilityai/stable-diffusion-xl-base-1.0 vae/config.json.
-SDXL_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True,
-)
-#: text_encoder (CLIP ViT-L/14 text) and text_encoder_2 (OpenCLIP bigG text) shapes.
-SDXL_TEXT = (
-    dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-         projection_dim=768, hidden_act="quick_gelu"),
-    dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-         projection_dim=1280, hidden_act="gelu"),
-)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sdxl_model(device, dtype):
@@ -73,10 +52,11 @@ def sdxl_model(device, dtype):
     try:
         with torch.device(device):
             torch.manual_seed(0)
-            unet = UNet2DConditionModel(**SDXL_UNET)
-            vae = AutoencoderKL(**SDXL_VAE)
+            unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+            vae = AutoencoderKL(**SDXL_VAE_CONFIG)
             encoders = []
-            for tokenizer, shape, cls in zip(tokenizers, SDXL_TEXT, (CLIPTextModel, CLIPTextModelWithProjection)):
+            encoder_classes = (CLIPTextModel, CLIPTextModelWithProjection)
+            for tokenizer, shape, cls in zip(tokenizers, SDXL_TEXT_ENCODER_CONFIGS, encoder_classes):
                 config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77,
                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                         pad_token_id=tokenizer.pad_token_id, **shape)

@@ -24,37 +24,7 @@ from pathlib import Path
 
 import torch
 
-#: stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, written out (random weights).
-SDXL_UNET_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    only_cross_attention=False,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=2048,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    resnet_time_scale_shift="default",
-    upcast_attention=False,
-    time_embedding_type="positional",
-)
-SDXL_POOLED_DIM = 1280
+from dreamguide.architectures import SDXL_POOLED_DIM, SDXL_UNET_CONFIG
 
 #: A few-thousand-parameter stand-in with the same structure, for checking the script on CPU.
 TINY_UNET_CONFIG = dict(

@@ -36,42 +36,7 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Callable
 
-#: The SDXL base 1.0 UNet (``unet/config.json``), written out so nothing is downloaded.
-SDXL_UNET_CONFIG: dict = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    only_cross_attention=False,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=2048,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    dual_cross_attention=False,
-    use_linear_projection=True,
-    upcast_attention=False,
-    resnet_time_scale_shift="default",
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    time_embedding_type="positional",
-    conv_in_kernel=3,
-    conv_out_kernel=3,
-)
-#: SDXL's pooled text embedding width (text_encoder_2 projection) and sequence length.
-SDXL_POOLED_DIM = 1280
-SDXL_TOKENS = 77
+from dreamguide.architectures import SDXL_POOLED_DIM, SDXL_TOKENS, SDXL_UNET_CONFIG  # noqa: F401 (re-exported)
 
 #: A miniature of the same architecture (3 levels, text_time conditioning) for ``--tiny``.
 TINY_UNET_CONFIG: dict = {
