@@ -16,8 +16,8 @@ it is missing). The clock runs from after model
 loading and one warm-up sampler call per process to the end of the last shard (all processes
 synchronized), so it measures steady-state generation + scoring + writes.
 
-    python benchmarks/bench_throughput.py --json $OUT/one.json                    # one GPU
-    accelerate launch --multi_gpu --num_processes 2 benchmarks/bench_throughput.py --json $OUT/two.json
+    python benchmarks/bench_throughput.py --json results/one.json                    # one GPU
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/bench_throughput.py --json results/two.json
     python benchmarks/bench_throughput.py --tiny                                   # CPU smoke test
 """
 
