@@ -250,6 +250,19 @@ def consistency_p_curves(results, cases, mode: str = "consistency") -> dict[str,
 
 
 def _plot_consistency_p(results, cases, path: Path) -> Path:
+    curves = {
+        (MODE_LABELS[mode], set_name): curve
+        for mode in ("consistency", "parallel-rescaled")
+        for set_name, curve in consistency_p_curves(results, cases, mode).items()
+    }
+    return plot_consistency_p(curves, path, "Consistency_p per step: mean, band = mean spatial std")
+
+
+def plot_consistency_p(curves: dict[tuple[str, str], dict], path: Path, title: str) -> Path:
+    """Consistency_p per step, one curve per (mode, prompt set): mean (band: spatial std) and fraction < 0.
+
+    Solid lines for consistency guidance, dotted for the others; the band is drawn for consistency only.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,22 +270,22 @@ def _plot_consistency_p(results, cases, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = {"normal": "tab:blue", "stylized": "tab:red"}
-    for mode, style in (("consistency", "-"), ("parallel-rescaled", ":")):
-        for set_name, c in consistency_p_curves(results, cases, mode).items():
-            x = list(range(1, len(c["mean"]) + 1))
-            label = f"{set_name} ({MODE_LABELS[mode]})"
-            axes[0].plot(x, c["mean"], style, color=colors[set_name], label=label)
-            if mode == "consistency":
-                lo = [m - s for m, s in zip(c["mean"], c["std"])]
-                hi = [m + s for m, s in zip(c["mean"], c["std"])]
-                axes[0].fill_between(x, lo, hi, color=colors[set_name], alpha=0.15)
-            axes[1].plot(x, c["fraction_negative"], style, color=colors[set_name], label=label)
+    for (mode, set_name), c in curves.items():
+        x = list(range(1, len(c["mean"]) + 1))
+        style, label = ("-" if mode == "consistency" else ":"), f"{set_name} ({mode})"
+        axes[0].plot(x, c["mean"], style, color=colors[set_name], label=label)
+        if mode == "consistency":
+            lo = [m - s for m, s in zip(c["mean"], c["std"])]
+            hi = [m + s for m, s in zip(c["mean"], c["std"])]
+            axes[0].fill_between(x, lo, hi, color=colors[set_name], alpha=0.15)
+        axes[1].plot(x, c["fraction_negative"], style, color=colors[set_name], label=label)
     axes[0].axhline(0, color="gray", lw=0.8)
-    axes[0].set_title("Consistency_p per step: mean, band = mean spatial std")
+    axes[0].set_title(title)
     axes[1].set_title("fraction of locations with Consistency_p < 0")
     for ax in axes:
         ax.set_xlabel("denoising step (noisy -> clean)")
-        ax.legend(fontsize=8)
+        if ax.has_data():
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

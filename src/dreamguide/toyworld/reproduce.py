@@ -444,27 +444,10 @@ def _pareto_plot(results: dict, path: Path) -> None:
 
 
 def _timestep_plot(curves: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    colors = {"normal": "tab:blue", "stylized": "tab:red"}
-    for key, c in sorted(curves.items()):
-        mode, set_name = key.split("|")
-        x = list(range(1, len(c["mean"]) + 1))
-        ls = "-" if mode == "consistency" else ":"
-        axes[0].plot(x, c["mean"], ls, color=colors[set_name], label=f"{set_name} ({mode})")
-        if mode == "consistency":
-            axes[0].fill_between(x, [m - s for m, s in zip(c["mean"], c["std"])],
-                                 [m + s for m, s in zip(c["mean"], c["std"])], color=colors[set_name], alpha=0.15)
-        axes[1].plot(x, c["fraction_negative"], ls, color=colors[set_name], label=f"{set_name} ({mode})")
-    axes[0].axhline(0, color="gray", lw=0.8)
-    axes[0].set_title("Consistency_p: mean over images (band: mean spatial std)")
-    axes[1].set_title("fraction of locations with Consistency_p < 0")
-    for ax in axes:
-        ax.set_xlabel("denoising step (noisy -> clean)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from dreamguide.toyworld.demo import plot_consistency_p
+
+    by_mode_and_set = {tuple(key.split("|")): curve for key, curve in sorted(curves.items())}
+    plot_consistency_p(by_mode_and_set, path, "Consistency_p: mean over images (band: mean spatial std)")
 
 
 def _fmt(r: dict, name: str) -> str:
