@@ -22,14 +22,14 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from dreamguide.atomic import atomic_directory, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +183,7 @@ def save_model(model: DiffusionModel, directory, overwrite: bool = False) -> Pat
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True or pick a new folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         if model.kind in ("sd", "sdxl"):
             model.to_pipeline().save_pretrained(tmp, safe_serialization=True)
         else:
@@ -202,12 +200,6 @@ def save_model(model: DiffusionModel, directory, overwrite: bool = False) -> Pat
                 "unet": ["diffusers", type(model.unet).__name__],
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -524,23 +516,6 @@ def _require_adapter(unet, adapter_name: str) -> None:
         raise ValueError(f"the UNet has no LoRA adapter {adapter_name!r}; it has {names or 'none'}")
 
 
-def _write_safetensors(tensors: dict, path: Path, metadata: dict | None) -> Path:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_lora(unet, path, adapter_name: str = "subject", metadata: dict | None = None) -> Path:
     """Write the adapter as a diffusers-format LoRA file (``unet.<module>.lora_A.weight`` keys).
 
@@ -558,7 +533,7 @@ def save_lora(unet, path, adapter_name: str = "subject", metadata: dict | None =
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str)}
     header.update(metadata or {})
     tensors = {f"unet.{k}": v for k, v in lora_state_dict(unet, adapter_name).items()}
-    return _write_safetensors(tensors, path, header)
+    return save_safetensors(tensors, path, header)
 
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(\.weight)?$")
@@ -728,7 +703,7 @@ def save_embeddings(model: DiffusionModel, tokens, path, metadata: dict | None =
     embeddings = token_embeddings(model, tokens)
     keys = SDXL_EMBEDDING_KEYS if model.kind == "sdxl" else (SD_EMBEDDING_KEY,)
     header = {"tokens": json.dumps(tokens), "model_kind": model.kind, **(metadata or {})}
-    return _write_safetensors(dict(zip(keys, embeddings)), path, header)
+    return save_safetensors(dict(zip(keys, embeddings)), path, header)
 
 
 def _read_embedding_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -419,7 +419,6 @@ class Bench:
     # -- reference figures --------------------------------------------------------------------
 
     def matmul_tflops(self) -> dict:
-        torch = self.torch
         n = self.args.matmul_size or (256 if self.args.tiny else 8192)
         a, b = (self.randn(n, n) for _ in range(2))
         ms = self.elapsed_ms(lambda: a @ b, 10)

@@ -72,7 +72,7 @@ def rows_to_csv(rows: Sequence[dict], fields: Sequence[str]) -> str:
 
 def write_rows(rows: Sequence[dict], output: Path, metrics: Sequence[str]) -> Path:
     """results.csv (and results.parquet with pyarrow), written atomically."""
-    from dreamguide.bench.runner import atomic_write_bytes, atomic_write_text
+    from dreamguide.atomic import atomic_write_bytes, atomic_write_text
 
     fields = [*BASE_FIELDS, *metrics, "image", "trace"]
     path = Path(output) / "results.csv"
@@ -300,7 +300,6 @@ def pareto_plot(
     overall: Sequence[dict], identity: str, text: str, backbones: dict[str, str], path: Path
 ) -> Path | None:
     """Identity (y) against text alignment (x), one line per mode across its w_cons values."""
-    from dreamguide.bench.runner import atomic_write_bytes
 
     rows = [r for r in overall if r["prompt_set"] == "all" and r.get(identity) is not None and r.get(text) is not None]
     if not rows:
@@ -326,12 +325,7 @@ def pareto_plot(
     ax.set_ylabel(f"identity: {identity} ({backbones.get(identity, '?')})")
     ax.set_title("identity vs text alignment across w_cons (labels)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _save_figure(fig, path)
 
 
 def _pick(value, quantile: float | None) -> float:
@@ -373,7 +367,6 @@ def load_trace_curves(rows: Sequence[dict], output: Path) -> dict[tuple, dict[st
 
 def consistency_p_plot(rows: Sequence[dict], output: Path, path: Path) -> Path | None:
     """Consistency_p (mean and interquartile band) and its negative fraction per step, by mode and prompt set."""
-    from dreamguide.bench.runner import atomic_write_bytes
 
     curves = load_trace_curves(rows, output)
     if not curves:
@@ -393,18 +386,13 @@ def consistency_p_plot(rows: Sequence[dict], output: Path, path: Path) -> Path |
     ax_neg.set_xlabel("denoising step (0 = noisiest)")
     ax_neg.set_ylabel("fraction of locations with k < 0")
     ax_k.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _save_figure(fig, path)
 
 
 def write_report(rows: Sequence[dict], world: World, plan: Plan, output: Path, settings: ReportSettings,
                  log: Callable[[str], None] = print) -> dict[str, Path]:
     """Tables and figures for merged rows; returns the written paths."""
-    from dreamguide.bench.runner import atomic_write_text
+    from dreamguide.atomic import atomic_write_text
 
     backbones, kinds = world.metric_backbones(), world.metric_kinds()
     metrics = list(backbones)
@@ -449,3 +437,17 @@ def write_report(rows: Sequence[dict], world: World, plan: Plan, output: Path, s
         written["consistency_p"] = path
     log(f"wrote {', '.join(str(p.relative_to(output)) for p in written.values())} under {output}")
     return written
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Render ``fig`` to PNG, write it atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from dreamguide.atomic import atomic_write_bytes
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -20,35 +20,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from dreamguide.atomic import atomic_write_bytes, atomic_write_text
 from dreamguide.bench.world import Job, Plan, World
+
 
 class RunMismatch(ValueError):
     """The output folder holds a different run."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_image_atomic(image, path: str | Path, metadata: dict | None = None) -> None:

@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from dreamguide.atomic import atomic_write_text
     from dreamguide.bench.report import rows_to_csv
-    from dreamguide.bench.runner import atomic_write_text
     from dreamguide.cli import CommandError
     from dreamguide.metrics import METRICS, Backbones, Scorer, check_metrics
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 DEMO_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled")
 MODE_LABELS = {"dreambooth": "dreambooth", "consistency": "consistency", "parallel-rescaled": "pr"}

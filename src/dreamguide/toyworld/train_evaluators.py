@@ -39,7 +39,6 @@ from dreamguide.toyworld.subjects import reference_images, subject_labels
 from dreamguide.toyworld.world import (
     CLASSES,
     COLORS,
-    MATERIALS,
     PATTERNS,
     SCENES,
     STYLES,
@@ -229,7 +228,7 @@ def train_text_alignment(trunk: AttributeClassifier, recipe: Recipe, log=print) 
                                       model.logit_scale.clamp(max=4.6).exp(), texts)
 
     log(f"[text] {len(labels)} images encoded ({time.time() - start:.0f}s)")
-    seconds = _train(model, recipe.text_epochs * per_epoch, loss_fn, recipe.head_lr, recipe, "text", log, every=500)
+    _train(model, recipe.text_epochs * per_epoch, loss_fn, recipe.head_lr, recipe, "text", log, every=500)
     return model, time.time() - start
 
 

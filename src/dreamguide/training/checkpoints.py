@@ -23,13 +23,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from dreamguide.atomic import atomic_directory
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
@@ -103,8 +104,7 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=output_dir))
-    try:
+    with atomic_directory(final) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in adapter.items()}, tmp / "adapter.safetensors")
         if embeddings:
             save_file({k: v.detach().cpu().contiguous() for k, v in embeddings.items()}, tmp / "embeddings.safetensors")
@@ -116,12 +116,6 @@ def save_checkpoint(
         save_file(rng_tensors, tmp / "rng.safetensors")
         state = {"step": step, "rng": rng_plain, **(extra or {})}
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

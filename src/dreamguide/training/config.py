@@ -375,7 +375,7 @@ def config_to_toml(config: TrainConfig) -> str:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as TOML, atomically."""
-    from dreamguide.images import atomic_open
+    from dreamguide.atomic import atomic_open
 
     with atomic_open(path, "w") as handle:
         handle.write(config_to_toml(config))

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
