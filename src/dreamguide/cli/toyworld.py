@@ -57,6 +57,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     reproduce.add_argument("--adapters-from", help="reuse the adapters of an earlier run (its adapters/ folder)")
     reproduce.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     reproduce.add_argument("--score-only", action="store_true", help="only score an existing --output folder")
+    reproduce.add_argument("--bundle", choices=("dreambooth", "dreambooth-ti", "dco"),
+                           help="also fine-tune sks with this method and keep it in OUTPUT/adapters (how the "
+                                "demo's bundled adapter is made)")
+    reproduce.add_argument("--workers", type=int, default=0,
+                           help="processes, one (subject, method) job at a time each (default: one per job on a GPU, 1 on a CPU)")
     reproduce.add_argument("--device")
     reproduce.set_defaults(func=_reproduce)
     return parser
@@ -94,7 +99,8 @@ def _personalize(args) -> int:
 
 def _reproduce(args) -> int:
     from dreamguide.sampling import parse_seeds
-    from dreamguide.toyworld.reproduce import generate, score
+    from dreamguide.toyworld.reproduce import default_workers, generate, score
+    from dreamguide.toyworld.world import SUBJECTS
 
     if not args.score_only:
         if args.threads:
@@ -103,7 +109,8 @@ def _reproduce(args) -> int:
             torch.set_num_threads(args.threads)
         generate(args.output, subjects=args.subjects, seeds=parse_seeds(args.seeds), steps=args.steps,
                  budget_s=args.budget_minutes * 60, device=args.device, parts=args.parts,
-                 adapters_from=args.adapters_from)
+                 adapters_from=args.adapters_from, bundle=args.bundle,
+                 workers=args.workers or default_workers(args.device, len(args.subjects or SUBJECTS)))
     elif not Path(args.output, "rows.json").exists():
         from dreamguide.cli import CommandError
 

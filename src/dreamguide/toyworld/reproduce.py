@@ -7,8 +7,8 @@ Two stages, so the heavy one can run on a GPU and the scoring anywhere:
 
 * ``main``: normal and stylized prompts x seeds x modes {dreambooth, consistency, pr, orthogonal}
   at the toy model's guidance weights, tracing Consistency_p at every step;
-* ``sweep`` (dco adapters, stylized prompts): w_text {5, 7.5, 10} x w_cons {1.5, 3, 4.5} for
-  consistency and pr;
+* ``sweep`` (dco adapters, stylized prompts): w_text {5, 7.5, 10} x w_cons {1.5, 3, 4.5} (the paper's
+  grid) and w_text {1.5, 2, 3} x w_cons {0.5, 1, 2} (this model's working range) for consistency and pr;
 * ``variants`` (dco adapters, stylized prompts): the PR switches of SPEC section 3
   (granularity ``sample``, normalization ``clip-negative``, ``rescale`` 0.5 and 2);
 * ``base``: the base model alone on random normal and stylized prompts (the prompt-fidelity bar).
@@ -36,6 +36,11 @@ MAIN_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled",
 METHODS: tuple[str, ...] = ("dreambooth-ti", "dco")
 SWEEP_W_TEXT: tuple[float, ...] = (5.0, 7.5, 10.0)
 SWEEP_W_CONS: tuple[float, ...] = (1.5, 3.0, 4.5)
+#: The same sweep scaled to the toy model's working range (it loses the prompt above w_text 3).
+TOY_SWEEP_W_TEXT: tuple[float, ...] = (1.5, 2.0, 3.0)
+TOY_SWEEP_W_CONS: tuple[float, ...] = (0.5, 1.0, 2.0)
+#: Guidance weights of the base-model bar (covering both sweeps).
+BASE_BAR_W_TEXT: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
 #: (name, granularity, normalization, rescale): PR variants besides the default (location, standardize, 1).
 PR_VARIANTS: tuple[tuple[str, str, str, float], ...] = (
     ("clip-negative", "location", "clip-negative", 1.0),
@@ -88,7 +93,8 @@ class _Store:
 
     def save(self, out: Path, record: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out / "images.npz", images=np.stack(self.images))
+        images = np.stack(self.images) if self.images else np.zeros((0, 0, 0, 3), dtype=np.uint8)
+        np.savez_compressed(out / "images.npz", images=images)
         (out / "rows.json").write_text(json.dumps(self.rows) + "\n", encoding="utf-8")
         (out / "traces.json").write_text(json.dumps(self.traces) + "\n", encoding="utf-8")
         (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -125,18 +131,38 @@ def base_prompts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     return normal, stylized
 
 
+def default_workers(device: str | None, subjects: int, methods: int = len(METHODS)) -> int:
+    """Processes for :func:`generate`: one per (subject, method) on a GPU (each is launch-bound), one on a CPU."""
+    import os
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not str(device).startswith("cuda"):
+        return 1
+    return max(1, min(subjects * methods + 1, (os.cpu_count() or 2) - 1))
+
+
 def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] = METHODS,
              seeds: Sequence[int] = (0, 1, 2, 3), steps: int = 20, budget_s: float = 420.0,
              device: str | None = None, base_prompt_count: int = 256, bundle: str | None = None, log=print,
-             personalize_settings=None, parts: Sequence[str] = PARTS, adapters_from=None) -> dict:
+             personalize_settings=None, parts: Sequence[str] = PARTS, adapters_from=None, workers: int = 1,
+             adapters_out=None) -> dict:
     """Stage 1 (see the module docstring). ``bundle``: also train ``sks`` with this method and keep it.
 
     ``parts``: which of ``base``, ``main``, ``sweep``, ``variants`` to run. ``adapters_from``: a folder of
     adapters from an earlier run (``<token>-<method>/``) to reuse instead of fine-tuning.
+    ``workers`` > 1: every (subject, method) becomes a job for a pool of that many processes (each
+    writes a shard under ``out/shards/``, merged at the end; the images are those of a one-process
+    run). Fine-tuned adapters go to ``adapters_out`` (default ``out/adapters``).
     """
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown reproduce parts {unknown}; choose from {', '.join(PARTS)}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers > 1:
+        return _generate_sharded(out, subjects or _all_subject_tokens(), methods, seeds, steps, budget_s, device,
+                                 base_prompt_count, bundle, log, personalize_settings, parts, adapters_from,
+                                 workers)
     from dreamguide.guidance import ParallelRescaling
     from dreamguide.sampling import Sampler
     from dreamguide.toyworld.model import load_toyworld_model, sample_cfg
@@ -161,7 +187,7 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     t0 = time.time()
     model = load_toyworld_model(device=device)
     normal, styl = base_prompts(base_prompt_count)
-    for w in (2.0, 3.0, 5.0) if "base" in parts else ():
+    for w in BASE_BAR_W_TEXT if "base" in parts else ():
         for set_name, prompts in (("normal", normal), ("stylized", styl)):
             images = sample_cfg(model, prompts, list(range(len(prompts))), steps=steps, w_text=w)
             store.add_tensor(images, [{"part": "base", "prompt_set": set_name, "prompt": p, "base_prompt": p,
@@ -184,7 +210,7 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
             trained, _ = load_personalized(subject.token, method, folder=Path(adapters_from) / f"{subject.token}-{method}",
                                            model=load_toyworld_model(device=device), device=device)
         else:
-            folder = out / "adapters" / f"{subject.token}-{method}"
+            folder = Path(adapters_out or out / "adapters") / f"{subject.token}-{method}"
             trained = personalize(subject.token, method, folder, personalize_settings or DEFAULTS,
                                   model=load_toyworld_model(device=device), device=device).model
         sampler = Sampler(trained, adapter_name="subject")
@@ -207,14 +233,16 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
             continue
         for template in stylized[:4]:
             prompt = template.format(f"{subject.token} {subject.cls}")
-            for w_text in SWEEP_W_TEXT:
-                for w_cons in SWEEP_W_CONS:
-                    if over():
-                        skipped.append(f"sweep {subject.token} {template} {w_text} {w_cons}")
-                        continue
-                    _sample(sampler, store, prompt, subject.token, subject, template, "stylized",
-                            ("consistency", "parallel-rescaled"), seeds, steps, w_text, w_cons,
-                            part="sweep", method="dco", variant="default")
+            for grid, w_texts, w_conses in (("toy", TOY_SWEEP_W_TEXT, TOY_SWEEP_W_CONS),
+                                            ("paper", SWEEP_W_TEXT, SWEEP_W_CONS)):
+                for w_text in w_texts:
+                    for w_cons in w_conses:
+                        if over():
+                            skipped.append(f"sweep {subject.token} {template} {w_text} {w_cons}")
+                            continue
+                        _sample(sampler, store, prompt, subject.token, subject, template, "stylized",
+                                ("consistency", "parallel-rescaled"), seeds, steps, w_text, w_cons,
+                                part="sweep", method="dco", variant="default", grid=grid)
         log(f"sweep {subject.token}: {time.time() - started:.0f}s")
     timings["sweep"] = round(time.time() - t0, 1)
 
@@ -243,7 +271,8 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     record = {
         "subjects": [s.token for s in subjects], "methods": list(methods), "seeds": list(seeds), "steps": steps,
         "toy_w_text": TOY_W_TEXT, "toy_w_cons": TOY_W_CONS, "sweep_w_text": list(SWEEP_W_TEXT),
-        "sweep_w_cons": list(SWEEP_W_CONS), "pr_variants": [list(v) for v in PR_VARIANTS],
+        "sweep_w_cons": list(SWEEP_W_CONS), "toy_sweep_w_text": list(TOY_SWEEP_W_TEXT),
+        "toy_sweep_w_cons": list(TOY_SWEEP_W_CONS), "base_bar_w_text": list(BASE_BAR_W_TEXT), "pr_variants": [list(v) for v in PR_VARIANTS],
         "normal_templates": list(NORMAL_TEMPLATES), "stylized_templates": list(stylized),
         "parts": list(parts), "adapters_from": None if adapters_from is None else str(adapters_from),
         "images": len(store.rows), "skipped": skipped, "timings_s": timings,
@@ -251,6 +280,86 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     }
     store.save(out, record)
     log(f"generated {len(store.rows)} images in {record['seconds']}s; skipped {len(skipped)} parts")
+    return record
+
+
+def _all_subject_tokens() -> list[str]:
+    from dreamguide.toyworld.world import SUBJECTS
+
+    return [s.token for s in SUBJECTS]
+
+
+def _shard_job(kwargs: dict) -> dict:
+    """One worker process of :func:`_generate_sharded`: :func:`generate` for one (subject, method)."""
+    torch.set_num_threads(1)
+    return generate(**kwargs)
+
+
+def _generate_sharded(out, subjects, methods, seeds, steps, budget_s, device, base_prompt_count, bundle, log,
+                      personalize_settings, parts, adapters_from, workers) -> dict:
+    import multiprocessing
+
+    started = time.time()
+    out = Path(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shard_parts = [p for p in parts if p != "base"]
+    common = {"seeds": list(seeds), "steps": steps, "budget_s": budget_s, "device": device, "log": print,
+              "personalize_settings": personalize_settings, "adapters_from": adapters_from,
+              "adapters_out": str(out / "adapters")}
+    jobs = []
+    if bundle and not ("sks" in subjects and bundle in methods):  # train the bundled adapter only
+        jobs.append({"out": str(out / "shards" / f"sks-{bundle}"), "subjects": ["sks"], "methods": [bundle],
+                     "parts": [], **common})
+    for token in subjects:
+        for method in methods:
+            # the sweep and the variants use the dco adapters only
+            parts_ = [p for p in shard_parts if p == "main" or method == "dco"]
+            jobs.append({"out": str(out / "shards" / f"{token}-{method}"), "subjects": [token], "methods": [method],
+                         "parts": parts_, **common})
+    shards = [out / "shards" / "base"] if "base" in parts else []
+    shards += [Path(j["out"]) for j in jobs]
+    workers = min(workers, len(jobs)) if jobs else 1
+    log(f"generating {len(jobs)} (subject, method) jobs in {workers} processes")
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pending = pool.map_async(_shard_job, jobs, chunksize=1) if jobs else None
+        if "base" in parts:  # the parent draws the base-model bar meanwhile
+            generate(out / "shards" / "base", subjects=[subjects[0]], methods=(), seeds=seeds, steps=steps,
+                     budget_s=budget_s, device=device, base_prompt_count=base_prompt_count, log=log, parts=["base"])
+        if pending is not None:
+            pending.get()
+    return merge_shards(out, shards, extra={"workers": workers,
+                                            "seconds": round(time.time() - started, 1), "budget_s": budget_s},
+                        log=log)
+
+
+def merge_shards(out, shards: Sequence[Path], extra: dict | None = None, log=print) -> dict:
+    """Concatenate the ``generate`` outputs in ``shards`` into ``out`` (images, rows, traces, record)."""
+    out = Path(out)
+    store = _Store()
+    records = []
+    for shard in shards:
+        shard = Path(shard)
+        offset = len(store.rows)
+        rows = json.loads((shard / "rows.json").read_text())
+        traces = json.loads((shard / "traces.json").read_text())
+        if rows:
+            store.images.extend(np.load(shard / "images.npz")["images"])
+        store.rows.extend(rows)
+        store.traces.extend({**t, "row": t["row"] + offset} for t in traces)
+        records.append(json.loads((shard / "generate.json").read_text()))
+    subject_records = [r for r in records if set(r["parts"]) - {"base"}]
+    first = subject_records[0] if subject_records else records[0]
+    record = {**first,
+              "subjects": list(dict.fromkeys(t for r in subject_records for t in r["subjects"])),
+              "methods": list(dict.fromkeys(m for r in subject_records for m in r["methods"])),
+              "parts": sorted({p for r in records for p in r["parts"]}, key=PARTS.index),
+              "images": len(store.rows),
+              "skipped": [s for r in records for s in r["skipped"]],
+              "timings_s": {p: max(r["timings_s"].get(p, 0.0) for r in records) for p in PARTS},
+              "shard_seconds": {Path(s).name: r["seconds"] for s, r in zip(shards, records)},
+              **(extra or {})}
+    store.save(out, record)
+    log(f"generated {len(store.rows)} images in {record['seconds']}s; skipped {len(record['skipped'])} parts")
     return record
 
 
@@ -338,7 +447,8 @@ def score(folder, evaluators=None, log=print) -> dict:
             refs.setdefault(r["subject"], []).append(i)
     for token, idx in refs.items():
         identity[idx] = evaluators.identity(images[idx], reference_images(token)).numpy()
-    metrics = {"text_alignment": text, "identity": identity, "carries_prompt": carries}
+    metrics = {"text_alignment": text, "identity": identity, "carries_prompt": carries,
+               "follows_style": judged.style.float().numpy()}
 
     def part(name):
         idx = [i for i, r in enumerate(rows) if r["part"] == name]
@@ -361,7 +471,15 @@ def score(folder, evaluators=None, log=print) -> dict:
     main_rows, main_metrics, main_idx = part("main")
     results["main"] = _summary(main_rows, main_metrics, ("method", "prompt_set", "mode"))
     sweep_rows, sweep_metrics, _ = part("sweep")
-    results["sweep"] = _summary(sweep_rows, sweep_metrics, ("mode", "w_text", "w_cons")) if sweep_rows else []
+    results["sweep"] = _summary(sweep_rows, sweep_metrics, ("grid", "mode", "w_text", "w_cons")) if sweep_rows else []
+    results["sweep_pr_vs_consistency"] = [
+        {"w_text": w_text, "w_cons": w_cons,
+         **{name: _paired_difference(sweep_rows, sweep_metrics[name],
+                                     {"mode": "pr", "w_text": w_text, "w_cons": w_cons},
+                                     {"mode": "consistency", "w_text": w_text, "w_cons": w_cons})
+            for name in metrics}}
+        for w_text, w_cons in sorted({(r["w_text"], r["w_cons"]) for r in sweep_rows})
+    ]
     var_rows, var_metrics, _ = part("variants")
     results["variants"] = _summary(var_rows, var_metrics, ("variant", "mode")) if var_rows else []
     # PR vs consistency on stylized prompts (paired over subject x method x prompt units)
@@ -429,11 +547,14 @@ def _pareto_plot(results: dict, path: Path) -> None:
                         yerr=[[r["identity"] - r["identity_low"]], [r["identity_high"] - r["identity"]]],
                         marker=markers.get(r["mode"], "o"), color=color, capsize=2, ls="none",
                         label=f"{method} / {r['mode']}")
-    for mode, color in (("consistency", "gray"), ("pr", "black")):
-        pts = sorted([r for r in results["sweep"] if r["mode"] == mode], key=lambda r: (r["w_text"], r["w_cons"]))
-        if pts:
-            ax.plot([p["text_alignment"] for p in pts], [p["identity"] for p in pts], marker=markers[mode],
-                    color=color, ls=":", lw=0.8, ms=4, label=f"dco / {mode} sweep (w_text x w_cons)")
+    for grid, ls in (("toy", ":"), ("paper", "--")):
+        for mode, color in (("consistency", "gray"), ("pr", "black")):
+            cells = [r for r in results["sweep"] if r["mode"] == mode and r.get("grid", "paper") == grid]
+            for i, w_text in enumerate(sorted({r["w_text"] for r in cells})):
+                pts = sorted([r for r in cells if r["w_text"] == w_text], key=lambda r: r["w_cons"])
+                ax.plot([p["text_alignment"] for p in pts], [p["identity"] for p in pts], marker=markers[mode],
+                        color=color, ls=ls, lw=0.8, ms=4, alpha=0.8 if grid == "toy" else 0.35,
+                        label=None if i else f"dco / {mode}, {grid} sweep (a line per w_text, over w_cons)")
     ax.set_xlabel("text alignment (toy CLIP cosine to the base prompt)")
     ax.set_ylabel("identity (toy DINO cosine to the references)")
     ax.set_title("stylized prompts: identity vs text alignment (95% bootstrap CIs)")
@@ -464,11 +585,12 @@ def results_markdown(results: dict) -> str:
                      f"{b['style']:.3f} | {b['all_three']:.3f} |")
     lines += ["", f"### Main comparison (w_text {g['toy_w_text']:g}, w_cons {g['toy_w_cons']:g}; means over "
               "(subject, prompt) units with 95% bootstrap intervals)", "",
-              "| adapter | prompts | mode | text alignment | identity | carries prompt |", "|---|---|---|---|---|---|"]
+              "| adapter | prompts | mode | text alignment | identity | carries prompt | follows style |",
+              "|---|---|---|---|---|---|---|"]
     order = {"dreambooth": 0, "consistency": 1, "pr": 2, "orthogonal": 3}
     for r in sorted(results["main"], key=lambda r: (r["method"], r["prompt_set"], order.get(r["mode"], 9))):
         lines.append(f"| {r['method']} | {r['prompt_set']} | {r['mode']} | {_fmt(r, 'text_alignment')} | "
-                     f"{_fmt(r, 'identity')} | {_fmt(r, 'carries_prompt')} |")
+                     f"{_fmt(r, 'identity')} | {_fmt(r, 'carries_prompt')} | {r['follows_style']:.2f} |")
     for key, title in (("pr_vs_consistency", "stylized"), ("pr_vs_consistency_normal", "normal")):
         lines += ["", f"### PR minus consistency, {title} prompts (paired over subject x adapter x prompt)", "",
                   "| metric | difference | 95% interval | units |", "|---|---|---|---|"]
@@ -477,10 +599,17 @@ def results_markdown(results: dict) -> str:
                 lines.append(f"| {name} | {d['mean']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['units']} |")
     if results["sweep"]:
         lines += ["", "### Weight sweep (dco adapters, stylized prompts)", "",
-                  "| mode | w_text | w_cons | text alignment | identity | carries prompt |", "|---|---|---|---|---|---|"]
-        for r in sorted(results["sweep"], key=lambda r: (r["mode"], r["w_text"], r["w_cons"])):
-            lines.append(f"| {r['mode']} | {r['w_text']:g} | {r['w_cons']:g} | {_fmt(r, 'text_alignment')} | "
-                         f"{_fmt(r, 'identity')} | {_fmt(r, 'carries_prompt')} |")
+                  "| grid | mode | w_text | w_cons | text alignment | identity | carries prompt |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(results["sweep"], key=lambda r: (r.get("grid", ""), r["mode"], r["w_text"], r["w_cons"])):
+            lines.append(f"| {r.get('grid', '')} | {r['mode']} | {r['w_text']:g} | {r['w_cons']:g} | "
+                         f"{_fmt(r, 'text_alignment')} | {_fmt(r, 'identity')} | {_fmt(r, 'carries_prompt')} |")
+        lines += ["", "### Weight sweep: PR minus consistency (paired over subject x prompt)", "",
+                  "| w_text | w_cons | text alignment | identity | carries prompt | units |", "|---|---|---|---|---|---|"]
+        for d in results.get("sweep_pr_vs_consistency", []):
+            cells = [f"{d[n]['mean']:+.3f} [{d[n]['low']:+.3f}, {d[n]['high']:+.3f}]"
+                     if d[n]["mean"] is not None else "-" for n in ("text_alignment", "identity", "carries_prompt")]
+            lines.append(f"| {d['w_text']:g} | {d['w_cons']:g} | {' | '.join(cells)} | {d['text_alignment']['units']} |")
     if results["variants"]:
         lines += ["", "### PR variants (dco adapters, stylized prompts; 'main' rows: the main comparison on the same "
                   "prompts; consistency / pr rows without 'main': references sampled with the variants)", "", "| variant | text alignment | identity | carries prompt |", "|---|---|---|---|"]
