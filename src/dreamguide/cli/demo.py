@@ -12,7 +12,7 @@ import argparse
 EXAMPLE = """\
 examples:
   dreamguide demo
-  dreamguide demo --subject zwx --seeds 0-3 --output demo-zwx          # fine-tunes zwx first (~1-2 min)
+  dreamguide demo --subject zwx --seeds 0-3 --output demo-zwx          # fine-tunes zwx first (~5 min on 2 cores)
   dreamguide demo --prompts "a zwx cup in the snow" "a neon sign of a zwx cup" --subject zwx
   dreamguide demo --retrain                                            # fine-tune the subject afresh
 """
@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--w-cons", type=float, default=None, help="consistency guidance weight (default: the demo's)")
     parser.add_argument("--output", default="demo-output", help="output folder (default demo-output)")
     parser.add_argument("--retrain", action="store_true", help="fine-tune the subject afresh instead of the bundled adapter")
-    parser.add_argument("--retrain-steps", type=int, default=0, help="fine-tuning steps with --retrain (default 400)")
+    parser.add_argument("--retrain-steps", type=int, default=0, help="fine-tuning steps with --retrain (default: the toy default, 1000)")
     parser.add_argument("--method", default="dreambooth", choices=("dreambooth", "dreambooth-ti", "dco"),
                         help="fine-tuning method of the adapter (default dreambooth, the bundled one)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
