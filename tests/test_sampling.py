@@ -283,6 +283,40 @@ def test_pixel_model():
         sampler.sample(replace(settings, width=17), progress=False)
 
 
+def test_clipping_ddim_steps_with_the_noise_of_the_clipped_x0():
+    import torch
+    from diffusers import DDIMScheduler
+
+    from dreamguide.sampling import Sampler, clipped_step_kwargs
+    from dreamguide.testing import tiny_pixel_model
+    from dreamguide.toyworld.model import encode_text
+
+    model = tiny_pixel_model(seed=0)
+    model.scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    assert clipped_step_kwargs(model.scheduler) == {"use_clipped_model_output": True}
+    assert clipped_step_kwargs(DDIMScheduler(clip_sample=False)) == {}
+    sampler = Sampler(model, fast=False)
+    settings = SampleSettings(prompt="a red cube", modes="cfg", seeds=(3,), steps=3, w_text=9.0)
+
+    def manual(**step_kwargs):  # the same loop written out, with or without the clipped noise
+        scheduler = DDIMScheduler.from_config(model.scheduler.config)
+        scheduler.set_timesteps(3)
+        x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+        context = encode_text(model.tokenizers[0], model.text_encoders[0], ["", "a red cube"])
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                uncond, cond = model.unet(torch.cat([x, x]), t, context).sample.chunk(2)
+                x = scheduler.step(uncond + 9.0 * (cond - uncond), t, x, **step_kwargs).prev_sample
+        return np.asarray(Image.fromarray(((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()))
+
+    clipped = sampler.sample(settings, progress=False)[0]
+    plain = sampler.sample(replace(settings, clipped_model_output=False), progress=False)[0]
+    assert np.abs(pixels(clipped).astype(int) - manual(use_clipped_model_output=True)).max() <= 1
+    assert np.abs(pixels(plain).astype(int) - manual()).max() <= 1
+    assert max_diff(clipped, plain) > 8  # the random model's guided noise is far off its clipped x0
+    assert clipped.metadata["clipped_model_output"] is True and plain.metadata["clipped_model_output"] is False
+
+
 def test_errors_before_sampling(sd15):
     from dreamguide.sampling import Sampler
 

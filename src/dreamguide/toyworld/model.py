@@ -260,7 +260,7 @@ def load_toyworld_model(path=None, device="cpu", dtype: torch.dtype = torch.floa
 
 @torch.no_grad()
 def sample_cfg(model, prompts: Sequence[str], seeds: Sequence[int], steps: int = 30, w_text: float = 5.0,
-               batch_size: int = 256) -> torch.Tensor:
+               batch_size: int = 256, clipped_model_output: bool = True) -> torch.Tensor:
     """Classifier-free-guided DDIM samples of the base model, one per (prompt, seed) pair, batched
     across prompts: ``(N, 3, S, S)`` in [-1, 1] on the CPU. Seed ``s`` draws the initial noise from
     ``torch.Generator().manual_seed(s)`` on the CPU, as :class:`dreamguide.sampling.Sampler` does.
@@ -270,6 +270,8 @@ def sample_cfg(model, prompts: Sequence[str], seeds: Sequence[int], steps: int =
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"sample_cfg needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
+    from dreamguide.sampling import clipped_step_kwargs
+
     unet, tokenizer, text_encoder = model.unet, model.tokenizers[0], model.text_encoders[0]
     device, dtype = unet.device, unet.dtype
     size = unet.config.sample_size
@@ -285,10 +287,11 @@ def sample_cfg(model, prompts: Sequence[str], seeds: Sequence[int], steps: int =
         context = encode_text(tokenizer, text_encoder, [""] * n + chunk).to(dtype)
         scheduler = model.scheduler.__class__.from_config(model.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
+        clipped = clipped_step_kwargs(scheduler) if clipped_model_output else {}
         for t in scheduler.timesteps:
             eps = unet(torch.cat([x, x]), t, context).sample.float()
             uncond, cond = eps.chunk(2)
             guided = uncond + w_text * (cond - uncond)
-            x = scheduler.step(guided, t, x.float()).prev_sample.to(dtype)
+            x = scheduler.step(guided, t, x.float(), **clipped).prev_sample.to(dtype)
         out.append(x.float().clamp(-1, 1).cpu())
     return torch.cat(out)
