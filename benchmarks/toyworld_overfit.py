@@ -42,6 +42,8 @@ RECIPES: dict[str, dict] = {
     "r16-attnff-600-2e-3": dict(steps=600, lr=2e-3, rank=16, lora_targets=ATTENTION_FF),
     "r16-attnfft-600-2e-3": dict(steps=600, lr=2e-3, rank=16, lora_targets=ATTENTION_FF_TIME),
     "r32-attnfft-1000-2e-3": dict(steps=1000, lr=2e-3, rank=32, lora_targets=ATTENTION_FF_TIME),
+    "r32-attnfft-1000-3e-3": dict(steps=1000, lr=3e-3, rank=32, lora_targets=ATTENTION_FF_TIME),
+    "r32-attnfft-1500-2e-3": dict(steps=1500, lr=2e-3, rank=32, lora_targets=ATTENTION_FF_TIME),
     "r32-attnfft-1000-4e-3": dict(steps=1000, lr=4e-3, rank=32, lora_targets=ATTENTION_FF_TIME),
     "r32-attnfft-1500-3e-3": dict(steps=1500, lr=3e-3, rank=32, lora_targets=ATTENTION_FF_TIME),
     "r64-attnfft-1000-3e-3": dict(steps=1000, lr=3e-3, rank=64, lora_targets=ATTENTION_FF_TIME),

@@ -165,9 +165,9 @@ def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
                   log=lambda *a: None)
     serial = generate(tmp_path / "serial", parts=("main",), **kwargs)
     sharded = generate(tmp_path / "sharded", workers=2, **kwargs)
-    # base bar (6 weights x 2 prompt sets x 2 prompts) + main (2 subjects x 13 prompts x 4 modes)
+    # base bar ((6 + 3 unclipped) weights x 2 prompt sets x 2 prompts) + main (2 subjects x 13 prompts x 4 modes)
     # + sweep (2 x 4 prompts x 18 weight pairs x 2 modes) + variants (2 x 4 prompts x (2 references + 5))
-    assert sharded["images"] == 6 * 2 * 2 + 2 * 13 * 4 + 2 * 4 * 18 * 2 + 2 * 4 * 7
+    assert sharded["images"] == 9 * 2 * 2 + 2 * 13 * 4 + 2 * 4 * 18 * 2 + 2 * 4 * 7
     assert serial["images"] == 2 * 13 * 4
     assert sharded["workers"] == 2 and not sharded["skipped"]
     assert sorted(sharded["subjects"]) == ["sks", "zwx"]
@@ -195,6 +195,7 @@ def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
     assert all(d["text_alignment"]["units"] == 2 * 4 for d in results["sweep_pr_vs_consistency"])
     assert {r["variant"] for r in results["variants"]} >= {"reference", "sample-zero"}
     assert (tmp_path / "sharded" / "results.md").exists() and (tmp_path / "sharded" / "pareto.png").exists()
+    assert len(results["base_bar"]) == 9 * 2 and sum(not b["clipped_model_output"] for b in results["base_bar"]) == 6
 
 
 def test_bundled_adapter_covers_the_default_targets_and_takes_the_fast_path():

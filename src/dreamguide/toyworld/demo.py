@@ -34,9 +34,9 @@ DEMO_TEMPLATES: tuple[str, ...] = (
     "a cartoon illustration of a {}",
     "a neon sign of a {}",
 )
-#: Guidance weights of the demo (the toy model's own scale; SPEC defaults are for SDXL).
-DEMO_W_TEXT = 2.0
-DEMO_W_CONS = 1.0
+#: Guidance weights of the demo: the SPEC defaults, as in the reproduction's main comparison.
+DEMO_W_TEXT = 7.5
+DEMO_W_CONS = 3.0
 
 
 @dataclass

@@ -6,9 +6,9 @@ Two stages, so the heavy one can run on a GPU and the scoring anywhere:
 (:mod:`~dreamguide.toyworld.personalize` defaults) and sample
 
 * ``main``: normal and stylized prompts x seeds x modes {dreambooth, consistency, pr, orthogonal}
-  at the toy model's guidance weights, tracing Consistency_p at every step;
+  at the SPEC default weights (w_text 7.5, w_cons 3), tracing Consistency_p at every step;
 * ``sweep`` (dco adapters, stylized prompts): w_text {5, 7.5, 10} x w_cons {1.5, 3, 4.5} (the paper's
-  grid) and w_text {1.5, 2, 3} x w_cons {0.5, 1, 2} (this model's working range) for consistency and pr;
+  grid) and w_text {1.5, 2, 3} x w_cons {0.5, 1, 2} (low weights) for consistency and pr;
 * ``variants`` (dco adapters, stylized prompts): the PR switches of SPEC section 3
   (granularity ``sample``, normalization ``clip-negative``, ``rescale`` 0.5 and 2);
 * ``base``: the base model alone on random normal and stylized prompts (the prompt-fidelity bar).
@@ -36,11 +36,13 @@ MAIN_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled",
 METHODS: tuple[str, ...] = ("dreambooth-ti", "dco")
 SWEEP_W_TEXT: tuple[float, ...] = (5.0, 7.5, 10.0)
 SWEEP_W_CONS: tuple[float, ...] = (1.5, 3.0, 4.5)
-#: The same sweep scaled to the toy model's working range (it loses the prompt above w_text 3).
-TOY_SWEEP_W_TEXT: tuple[float, ...] = (1.5, 2.0, 3.0)
-TOY_SWEEP_W_CONS: tuple[float, ...] = (0.5, 1.0, 2.0)
-#: Guidance weights of the base-model bar (covering both sweeps).
+#: The same sweep at low weights, where the personalized models overfit most visibly.
+LOW_SWEEP_W_TEXT: tuple[float, ...] = (1.5, 2.0, 3.0)
+LOW_SWEEP_W_CONS: tuple[float, ...] = (0.5, 1.0, 2.0)
+#: Guidance weights of the base-model bar (covering both sweeps) ...
 BASE_BAR_W_TEXT: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
+#: ... and those also drawn with diffusers' default DDIM update (noise not recomputed from the clipped x0).
+UNCLIPPED_BAR_W_TEXT: tuple[float, ...] = (2.0, 5.0, 7.5)
 #: (name, granularity, normalization, rescale): PR variants besides the default (location, standardize, 1).
 PR_VARIANTS: tuple[tuple[str, str, str, float], ...] = (
     ("clip-negative", "location", "clip-negative", 1.0),
@@ -54,8 +56,9 @@ NORMAL_TEMPLATES: tuple[str, ...] = (
     "a {} in the snow", "a {} in the jungle", "a {} under a night sky",
     "a {} with a city in the background", "a red {}", "a shiny {}",
 )
-TOY_W_TEXT = 2.0
-TOY_W_CONS = 1.0
+#: Weights of the main comparison and the variants: the SPEC (and PR paper) defaults.
+TOY_W_TEXT = 7.5
+TOY_W_CONS = 3.0
 PARTS: tuple[str, ...] = ("base", "main", "sweep", "variants")
 MODE_LABELS = {"dreambooth": "dreambooth", "consistency": "consistency", "parallel-rescaled": "pr",
                "orthogonal": "orthogonal"}
@@ -187,11 +190,14 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     t0 = time.time()
     model = load_toyworld_model(device=device)
     normal, styl = base_prompts(base_prompt_count)
-    for w in BASE_BAR_W_TEXT if "base" in parts else ():
+    bar = [(w, True) for w in BASE_BAR_W_TEXT] + [(w, False) for w in UNCLIPPED_BAR_W_TEXT]
+    for w, clipped in bar if "base" in parts else ():
         for set_name, prompts in (("normal", normal), ("stylized", styl)):
-            images = sample_cfg(model, prompts, list(range(len(prompts))), steps=steps, w_text=w)
+            images = sample_cfg(model, prompts, list(range(len(prompts))), steps=steps, w_text=w,
+                                clipped_model_output=clipped)
             store.add_tensor(images, [{"part": "base", "prompt_set": set_name, "prompt": p, "base_prompt": p,
-                                       "mode": "cfg", "w_text": w, "w_cons": None, "seed": i}
+                                       "mode": "cfg", "w_text": w, "w_cons": None, "seed": i,
+                                       "clipped_model_output": clipped}
                                       for i, p in enumerate(prompts)])
     timings["base"] = round(time.time() - t0, 1)
     done.append("base")
@@ -233,7 +239,7 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
             continue
         for template in stylized[:4]:
             prompt = template.format(f"{subject.token} {subject.cls}")
-            for grid, w_texts, w_conses in (("toy", TOY_SWEEP_W_TEXT, TOY_SWEEP_W_CONS),
+            for grid, w_texts, w_conses in (("low", LOW_SWEEP_W_TEXT, LOW_SWEEP_W_CONS),
                                             ("paper", SWEEP_W_TEXT, SWEEP_W_CONS)):
                 for w_text in w_texts:
                     for w_cons in w_conses:
@@ -271,8 +277,9 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     record = {
         "subjects": [s.token for s in subjects], "methods": list(methods), "seeds": list(seeds), "steps": steps,
         "toy_w_text": TOY_W_TEXT, "toy_w_cons": TOY_W_CONS, "sweep_w_text": list(SWEEP_W_TEXT),
-        "sweep_w_cons": list(SWEEP_W_CONS), "toy_sweep_w_text": list(TOY_SWEEP_W_TEXT),
-        "toy_sweep_w_cons": list(TOY_SWEEP_W_CONS), "base_bar_w_text": list(BASE_BAR_W_TEXT), "pr_variants": [list(v) for v in PR_VARIANTS],
+        "sweep_w_cons": list(SWEEP_W_CONS), "low_sweep_w_text": list(LOW_SWEEP_W_TEXT),
+        "low_sweep_w_cons": list(LOW_SWEEP_W_CONS), "base_bar_w_text": list(BASE_BAR_W_TEXT),
+        "unclipped_bar_w_text": list(UNCLIPPED_BAR_W_TEXT), "pr_variants": [list(v) for v in PR_VARIANTS],
         "normal_templates": list(NORMAL_TEMPLATES), "stylized_templates": list(stylized),
         "parts": list(parts), "adapters_from": None if adapters_from is None else str(adapters_from),
         "images": len(store.rows), "skipped": skipped, "timings_s": timings,
@@ -458,11 +465,14 @@ def score(folder, evaluators=None, log=print) -> dict:
     # base-model bar
     base_rows, _, base_idx = part("base")
     bar = []
-    for w in sorted({r["w_text"] for r in base_rows}):
+    for w, clipped in sorted({(r["w_text"], r.get("clipped_model_output", False)) for r in base_rows},
+                             key=lambda k: (not k[1], k[0])):
         for set_name in ("normal", "stylized"):
-            idx = [i for i in base_idx if rows[i]["w_text"] == w and rows[i]["prompt_set"] == set_name]
+            idx = [i for i in base_idx if rows[i]["w_text"] == w and rows[i]["prompt_set"] == set_name
+                   and rows[i].get("clipped_model_output", False) == clipped]
             if idx:
-                bar.append({"w_text": w, "prompt_set": set_name, "images": len(idx),
+                bar.append({"w_text": w, "clipped_model_output": clipped, "prompt_set": set_name,
+                            "images": len(idx),
                             "class": float(judged.cls[idx].float().mean()),
                             "scene": float(judged.scene[idx].float().mean()),
                             "style": float(judged.style[idx].float().mean()),
@@ -536,7 +546,7 @@ def _pyplot():
 
 def _pareto_plot(results: dict, path: Path) -> None:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     markers = {"dreambooth": "s", "consistency": "o", "pr": "^", "orthogonal": "v"}
     for method, color in (("dreambooth-ti", "tab:blue"), ("dco", "tab:red")):
         for r in results["main"]:
@@ -547,20 +557,20 @@ def _pareto_plot(results: dict, path: Path) -> None:
                         yerr=[[r["identity"] - r["identity_low"]], [r["identity_high"] - r["identity"]]],
                         marker=markers.get(r["mode"], "o"), color=color, capsize=2, ls="none",
                         label=f"{method} / {r['mode']}")
-    for grid, ls in (("toy", ":"), ("paper", "--")):
+    for grid, ls in (("paper", ":"), ("low", "--")):
         for mode, color in (("consistency", "gray"), ("pr", "black")):
             cells = [r for r in results["sweep"] if r["mode"] == mode and r.get("grid", "paper") == grid]
             for i, w_text in enumerate(sorted({r["w_text"] for r in cells})):
                 pts = sorted([r for r in cells if r["w_text"] == w_text], key=lambda r: r["w_cons"])
                 ax.plot([p["text_alignment"] for p in pts], [p["identity"] for p in pts], marker=markers[mode],
-                        color=color, ls=ls, lw=0.8, ms=4, alpha=0.8 if grid == "toy" else 0.35,
+                        color=color, ls=ls, lw=0.8, ms=4, alpha=0.8 if grid == "paper" else 0.35,
                         label=None if i else f"dco / {mode}, {grid} sweep (a line per w_text, over w_cons)")
     ax.set_xlabel("text alignment (toy CLIP cosine to the base prompt)")
     ax.set_ylabel("identity (toy DINO cosine to the references)")
     ax.set_title("stylized prompts: identity vs text alignment (95% bootstrap CIs)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -579,10 +589,11 @@ def results_markdown(results: dict) -> str:
     g = results["generate"]
     lines = ["## Results tables", ""]
     lines += ["### Base model: prompt fidelity (attribute classifiers)", "",
-              "| w_text | prompts | images | class | scene | style | all three |", "|---|---|---|---|---|---|---|"]
+              "| w_text | DDIM noise from clipped x0 | prompts | images | class | scene | style | all three |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in results["base_bar"]:
-        lines.append(f"| {b['w_text']:g} | {b['prompt_set']} | {b['images']} | {b['class']:.3f} | {b['scene']:.3f} | "
-                     f"{b['style']:.3f} | {b['all_three']:.3f} |")
+        lines.append(f"| {b['w_text']:g} | {'yes' if b.get('clipped_model_output') else 'no'} | {b['prompt_set']} | "
+                     f"{b['images']} | {b['class']:.3f} | {b['scene']:.3f} | {b['style']:.3f} | {b['all_three']:.3f} |")
     lines += ["", f"### Main comparison (w_text {g['toy_w_text']:g}, w_cons {g['toy_w_cons']:g}; means over "
               "(subject, prompt) units with 95% bootstrap intervals)", "",
               "| adapter | prompts | mode | text alignment | identity | carries prompt | follows style |",
