@@ -208,3 +208,16 @@ def test_bundled_adapter_covers_the_default_targets_and_takes_the_fast_path():
     for target in DEFAULTS.lora_targets:
         assert any(name.endswith(target) for name in adapted), target
     assert fast_routing_unsupported(model.unet, ["base", "subject"]) is None
+
+
+def test_cli_personalize_overrides_the_defaults_and_the_adapter_loads(tmp_path):
+    from dreamguide.cli import main
+    from dreamguide.toyworld.personalize import load_personalized
+
+    assert main(["toyworld", "personalize", "--subject", "zwx", "--method", "dco", "--out", str(tmp_path / "a"),
+                 "--steps", "2", "--rank", "4", "--device", "cpu"]) == 0
+    record = json.loads((tmp_path / "a" / "personalization.json").read_text())
+    assert record["settings"]["steps"] == 2 and record["settings"]["rank"] == 4 and record["settings"]["lr"] == 2e-3
+    model, token = load_personalized("zwx", "dco", folder=tmp_path / "a")
+    ranks = {m.r["subject"] for m in model.unet.modules() if "subject" in getattr(m, "lora_A", {})}
+    assert token == "zwx" and ranks == {4}

@@ -39,8 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     personalize.add_argument("--subject", default="sks", help="subject token (sks, zwx, qlo, vrt, bny, mup)")
     personalize.add_argument("--method", default="dreambooth", choices=("dreambooth", "dreambooth-ti", "dco"))
     personalize.add_argument("--out", required=True, help="output folder for the adapter")
-    personalize.add_argument("--steps", type=int, default=0, help="training steps (default: the toy default)")
-    personalize.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (default: the toy default)")
+    personalize.add_argument("--steps", type=int, default=0, help="training steps (default: the toy default, 1000)")
+    personalize.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (default: the toy default, 2e-3)")
+    personalize.add_argument("--rank", type=int, default=0, help="LoRA rank (default: the toy default, 32)")
     personalize.add_argument("--model", help="base model folder (default: the bundled model)")
     personalize.add_argument("--device")
     personalize.set_defaults(func=_personalize)
@@ -89,8 +90,8 @@ def _personalize(args) -> int:
 
     from dreamguide.toyworld.personalize import DEFAULTS, personalize
 
-    settings = dataclasses.replace(DEFAULTS, **({"steps": args.steps} if args.steps else {}),
-                                   **({"lr": args.lr} if args.lr else {}))
+    overrides = {"steps": args.steps, "lr": args.lr, "rank": args.rank}
+    settings = dataclasses.replace(DEFAULTS, **{k: v for k, v in overrides.items() if v})
     result = personalize(args.subject, args.method, args.out, settings, model_path=args.model, device=args.device,
                          progress=True)
     print(f"adapter: {result.lora_path}" + (f"  embeddings: {result.embeddings_path}" if result.embeddings_path else ""))
