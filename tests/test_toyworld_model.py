@@ -158,7 +158,7 @@ def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
     import numpy as np
 
     from dreamguide.toyworld.personalize import PersonalizeSettings
-    from dreamguide.toyworld.reproduce import generate, score
+    from dreamguide.toyworld.reproduce import PR_VARIANTS, generate, score
 
     kwargs = dict(subjects=["sks", "zwx"], methods=("dco",), seeds=(0,), steps=1, budget_s=600, device="cpu",
                   base_prompt_count=2, personalize_settings=PersonalizeSettings(steps=2, batch_size=2),
@@ -166,8 +166,8 @@ def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
     serial = generate(tmp_path / "serial", parts=("main",), **kwargs)
     sharded = generate(tmp_path / "sharded", workers=2, **kwargs)
     # base bar ((6 + 3 unclipped) weights x 2 prompt sets x 2 prompts) + main (2 subjects x 13 prompts x 4 modes)
-    # + sweep (2 x 4 prompts x 18 weight pairs x 2 modes) + variants (2 x 4 prompts x (2 references + 5))
-    assert sharded["images"] == 9 * 2 * 2 + 2 * 13 * 4 + 2 * 4 * 18 * 2 + 2 * 4 * 7
+    # + sweep (2 x 4 prompts x 18 weight pairs x 2 modes) + variants (2 x 4 prompts x 5; main has the references)
+    assert sharded["images"] == 9 * 2 * 2 + 2 * 13 * 4 + 2 * 4 * 18 * 2 + 2 * 4 * 5
     assert serial["images"] == 2 * 13 * 4
     assert sharded["workers"] == 2 and not sharded["skipped"]
     assert sorted(sharded["subjects"]) == ["sks", "zwx"]
@@ -193,7 +193,8 @@ def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
     assert {r["mode"] for r in results["main"]} == {"dreambooth", "consistency", "pr", "orthogonal"}
     assert len(results["sweep"]) == 2 * 18 and len(results["sweep_pr_vs_consistency"]) == 18
     assert all(d["text_alignment"]["units"] == 2 * 4 for d in results["sweep_pr_vs_consistency"])
-    assert {r["variant"] for r in results["variants"]} >= {"reference", "sample-zero"}
+    assert {r["variant"] for r in results["variants"]} == {name for name, *_ in PR_VARIANTS}
+    assert {r["mode"] for r in results["variant_reference"]} == {"dreambooth", "consistency", "pr", "orthogonal"}
     assert (tmp_path / "sharded" / "results.md").exists() and (tmp_path / "sharded" / "pareto.png").exists()
     assert len(results["base_bar"]) == 9 * 2 and sum(not b["clipped_model_output"] for b in results["base_bar"]) == 6
 

@@ -259,7 +259,8 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
             continue
         for template in stylized[:4]:
             prompt = template.format(f"{subject.token} {subject.cls}")
-            if not over():  # the reference rows: consistency and default PR on the same prompts and seeds
+            # reference rows (consistency and default PR, same prompts, seeds and weights) unless main has them
+            if "main" not in parts and not over():
                 _sample(sampler, store, prompt, subject.token, subject, template, "stylized",
                         ("consistency", "parallel-rescaled"), seeds, steps, TOY_W_TEXT, TOY_W_CONS,
                         part="variants", method="dco", variant="reference")
