@@ -178,7 +178,6 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
     out = Path(out)
     subjects = [get_subject(s) for s in (subjects or [s.token for s in SUBJECTS])]
     store = _Store()
-    done: list[str] = []
     skipped: list[str] = []
     timings: dict[str, float] = {}
     stylized = stylized_templates()
@@ -188,19 +187,18 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
 
     # base-model bar
     t0 = time.time()
-    model = load_toyworld_model(device=device)
-    normal, styl = base_prompts(base_prompt_count)
-    bar = [(w, True) for w in BASE_BAR_W_TEXT] + [(w, False) for w in UNCLIPPED_BAR_W_TEXT]
-    for w, clipped in bar if "base" in parts else ():
-        for set_name, prompts in (("normal", normal), ("stylized", styl)):
-            images = sample_cfg(model, prompts, list(range(len(prompts))), steps=steps, w_text=w,
-                                clipped_model_output=clipped)
-            store.add_tensor(images, [{"part": "base", "prompt_set": set_name, "prompt": p, "base_prompt": p,
-                                       "mode": "cfg", "w_text": w, "w_cons": None, "seed": i,
-                                       "clipped_model_output": clipped}
-                                      for i, p in enumerate(prompts)])
+    if "base" in parts:
+        model = load_toyworld_model(device=device)
+        normal, styl = base_prompts(base_prompt_count)
+        for w, clipped in [(w, True) for w in BASE_BAR_W_TEXT] + [(w, False) for w in UNCLIPPED_BAR_W_TEXT]:
+            for set_name, prompts in (("normal", normal), ("stylized", styl)):
+                images = sample_cfg(model, prompts, list(range(len(prompts))), steps=steps, w_text=w,
+                                    clipped_model_output=clipped)
+                store.add_tensor(images, [{"part": "base", "prompt_set": set_name, "prompt": p, "base_prompt": p,
+                                           "mode": "cfg", "w_text": w, "w_cons": None, "seed": i,
+                                           "clipped_model_output": clipped}
+                                          for i, p in enumerate(prompts)])
     timings["base"] = round(time.time() - t0, 1)
-    done.append("base")
 
     adapters: dict[tuple[str, str], object] = {}
     runs = [(s, m) for s in subjects for m in methods]
@@ -230,7 +228,6 @@ def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] 
                         TOY_W_TEXT, TOY_W_CONS, part="main", method=method, variant="default")
         log(f"main {subject.token} {method}: {time.time() - started:.0f}s")
     timings["main"] = round(time.time() - t0, 1)
-    done.append("main")
 
     t0 = time.time()
     for subject in subjects:
