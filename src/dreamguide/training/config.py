@@ -10,27 +10,17 @@ resolved config (defaults filled in, overrides applied) is written beside the ou
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import math
 import os
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from dreamguide.config import ConfigError, from_dict, load_toml, save_toml, to_toml
 
 METHODS: tuple[str, ...] = ("dreambooth", "dreambooth-ti", "dco")
 LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key and the file."""
 
 
 @dataclass
@@ -233,151 +223,27 @@ class TrainConfig:
         return self
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
-
-
-def _section_types(section_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(annotation, str(annotation))
-
-
-def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """Check ``value`` against ``annotation``; ints are accepted where a float is expected."""
-    origin = typing.get_origin(annotation)
-    ok = False
-    if origin is Literal:
-        ok = value in typing.get_args(annotation) and isinstance(value, str)
-    elif origin is list:
-        if isinstance(value, list):
-            inner = typing.get_args(annotation)[0]
-            return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    elif annotation is bool:
-        ok = isinstance(value, bool)
-    elif annotation is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(f"{source}: {key} must be {_type_name(annotation)}, got {value!r}")
-    return value
-
-
-def _unknown(key: str, choices: list[str], source: str, what: str) -> ConfigError:
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known {what}: {', '.join(choices)}"
-    return ConfigError(f"{source}: unknown key {key!r}{hint}")
-
-
 def config_from_dict(data: dict[str, Any], source: str = "<config>", validate: bool = True) -> TrainConfig:
     """Build a :class:`TrainConfig` from nested dicts (as TOML reads them), checking every key and type."""
-    sections: dict[str, Any] = {}
-    for name, values in data.items():
-        if name not in SECTIONS:
-            raise _unknown(name, list(SECTIONS), source, "sections")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: {name} must be a table ([{name}]), got {values!r}")
-        section_cls = SECTIONS[name]
-        types_ = _section_types(section_cls)
-        kwargs = {}
-        for key, value in values.items():
-            if key not in types_:
-                raise _unknown(f"{name}.{key}", list(types_), source, f"keys in [{name}]")
-            kwargs[key] = _coerce(value, types_[key], f"{name}.{key}", source)
-        sections[name] = section_cls(**kwargs)
-    config = TrainConfig(**sections)
+    config = from_dict(TrainConfig, data, source)
     return config.validate(source) if validate else config
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.steps=10"`` -> ``("train.steps", 10)``; the value is read as TOML, else as a plain string."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: write it as section.key=value, e.g. train.steps=500")
-    key, raw = (part.strip() for part in text.split("=", 1))
-    if key.count(".") != 1:
-        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.steps")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of the nested ``data`` with each ``section.key=value`` override applied."""
-    merged = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
-    for text in overrides:
-        key, value = parse_override(text)
-        section, name = key.split(".")
-        if section not in SECTIONS:
-            raise _unknown(section, list(SECTIONS), f"--set {text!r}", "sections")
-        # Fit a plain-string reading of a value to a string-typed key ("--set data.token=<sks>").
-        types_ = _section_types(SECTIONS[section])
-        if name in types_ and types_[name] is str and not isinstance(value, str):
-            value = text.split("=", 1)[1].strip()
-        merged.setdefault(section, {})[name] = value
-    return merged
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a TOML run config, apply ``--set`` overrides and validate; errors name the key and file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist; see configs/ for examples")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    source = str(path) + (" (with --set overrides)" if overrides else "")
-    config = config_from_dict(apply_overrides(data, list(overrides)), source=source)
+    config = load_toml(TrainConfig, path, list(overrides))
     if not config.model.pretrained:
+        source = str(path) + (" (with --set overrides)" if overrides else "")
         raise ConfigError(f"{source}: model.pretrained is required: a hub id or a local diffusers folder")
     return config
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
 def config_to_toml(config: TrainConfig) -> str:
     """The config as TOML text that :func:`load_config` reads back to an equal object."""
-    lines: list[str] = []
-    for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+    return to_toml(config)
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as TOML, atomically."""
-    from dreamguide.atomic import atomic_open
-
-    with atomic_open(path, "w") as handle:
-        handle.write(config_to_toml(config))
-    return Path(path)
+    return save_toml(config, path)
 
