@@ -1,6 +1,6 @@
 """DreamBench throughput: images per hour of generation + scoring, on one GPU or several.
 
-Runs the real benchmark path (``DreamBenchWorld`` + ``bench.runner``: shards, per-subject LoRA
+Runs the real benchmark path (``DreamBenchWorld`` + ``evaluation.runner``: shards, per-subject LoRA
 loading, ``Sampler`` in ``pr`` mode with its 3-row routed UNet forward, VAE decode, PNG +
 manifest writes, all five metrics) on models built in code with random weights, because
 timing does not depend on the weights and nothing can be downloaded:
@@ -137,10 +137,11 @@ def main() -> None:
 
     from accelerate import PartialState
 
-    from dreamguide.bench.dreambench_world import DreamBenchWorld, config_from_dict
-    from dreamguide.bench.runner import build_jobs, group_jobs, run_shard, shard
-    from dreamguide.bench.tiny_backbones import save_tiny_backbones
-    from dreamguide.bench.world import Plan
+    from dreamguide.evaluation.protocol import Plan
+    from dreamguide.evaluation.runner import build_jobs, group_jobs, run_shard, shard
+    from dreamguide.evaluation.suites.dreambench import DreamBenchWorld
+    from dreamguide.evaluation.suites.dreambench_config import dreambench_config_from_dict
+    from dreamguide.evaluation.tiny_backbones import save_tiny_backbones
 
     state = PartialState(cpu=args.tiny)
     device = torch.device("cpu") if args.tiny else state.device
@@ -167,7 +168,7 @@ def main() -> None:
     steps = 2 if args.tiny else args.steps
     size = None if args.tiny else args.size
     backbones = {k: str(scratch / "backbones" / k) for k in ("dino", "dinov2", "clip", "siglip")}
-    config = config_from_dict({
+    config = dreambench_config_from_dict({
         "dreambench": args.dreambench, "subjects": subjects, "prompts_per_set": args.prompts_per_set,
         "model": {"base": "random-sdxl"},
         "sampling": {"modes": ["pr"], "seeds": list(range(1 if args.tiny else args.seeds)), "w_cons": [3.0],

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamguide.bench.dreambench_world import load_config as load_bench_config
+from dreamguide.evaluation.suites.dreambench_config import load_dreambench_config
 from dreamguide.training import load_config as load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -18,6 +18,6 @@ def test_training_configs_load(name):
 
 
 def test_dreambench_config_loads_and_trains_with_the_sdxl_config():
-    config = load_bench_config(CONFIGS / "dreambench-sdxl.toml")
+    config = load_dreambench_config(CONFIGS / "dreambench-sdxl.toml")
     assert Path(config.train.config).resolve() == (CONFIGS / "sdxl-dco.toml").resolve()
     assert Path(config.dreambench).resolve() == (CONFIGS.parent.parent / "shared" / "dreambench").resolve()

@@ -20,7 +20,7 @@ from dreamguide.metrics import (
 
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
-    from dreamguide.bench.tiny_backbones import save_tiny_backbones
+    from dreamguide.evaluation.tiny_backbones import save_tiny_backbones
 
     return save_tiny_backbones(tmp_path_factory.mktemp("backbones"))
 

@@ -116,7 +116,7 @@ def test_supervised_contrastive_loss_is_low_for_separated_instances():
 
 
 def test_bench_world_cases_and_scores(evaluators):
-    from dreamguide.bench.world import Generated, Job, Setting, World
+    from dreamguide.evaluation.protocol import Generated, Job, Setting, World
     from dreamguide.toyworld.bench_world import ToyBenchWorld
     from dreamguide.toyworld.render import to_pil
 

@@ -1,10 +1,7 @@
-"""``dreamguide bench``: benchmarks as sub-commands (``dreamguide bench dreambench CONFIG``, ...).
+"""``dreamguide bench``: evaluation suites and benchmarks as sub-commands (``dreamguide bench dreambench CONFIG``, ...).
 
-Each benchmark is a function that adds its parser to the ``bench`` sub-parsers and sets
-``func``, registered in ``BENCHMARKS`` by ``@benchmark(name)``. To add one, either write such
-a function here, or put a module ``dreamguide/cli/_bench_<name>.py`` that defines
-``add_bench_parser(subparsers)``: it is found and registered automatically (the leading
-underscore keeps it out of the top-level command list).
+Each is a function that adds its parser to the ``bench`` sub-parsers and sets ``func``,
+registered in ``BENCHMARKS`` by ``@benchmark(name)``.
 """
 
 from __future__ import annotations
@@ -24,20 +21,7 @@ def benchmark(name: str) -> Callable[[Callable], Callable]:
     return register
 
 
-def _discover() -> None:
-    import importlib
-    import pkgutil
-
-    import dreamguide.cli as cli
-
-    for info in sorted(pkgutil.iter_modules(cli.__path__), key=lambda m: m.name):
-        if info.name.startswith("_bench_"):
-            module = importlib.import_module(f"{cli.__name__}.{info.name}")
-            BENCHMARKS.setdefault(info.name.removeprefix("_bench_"), module.add_bench_parser)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    _discover()
     parser = subparsers.add_parser("bench", help="run a benchmark (dreambench, ...)",
                                    description="Run a benchmark: generate, score and summarize.")
     inner = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK")
@@ -96,6 +80,8 @@ def _add_dreambench(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--modes", type=_csv_list(str), help="comma-separated guidance modes (overrides the config)")
     parser.add_argument("--seeds", type=_csv_list(int), help="comma-separated seeds (overrides the config)")
     parser.add_argument("--w-cons", type=_csv_list(float), help="comma-separated w_cons sweep (overrides the config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set sampling.steps=30 (repeatable)")
     parser.add_argument("--check", action="store_true",
                         help="validate data, adapters and metric backbones, print the job count, generate nothing")
     parser.add_argument("--train-only", action="store_true",
@@ -110,15 +96,17 @@ def _add_dreambench(subparsers) -> argparse.ArgumentParser:
 def run_dreambench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dreamguide.bench.dreambench_world import DreamBenchWorld, load_config
-    from dreamguide.bench.report import write_report
-    from dreamguide.bench.runner import build_jobs, group_jobs, merge_results, run_benchmark
     from dreamguide.cli import CommandError
+    from dreamguide.config import given
+    from dreamguide.evaluation.report import write_report
+    from dreamguide.evaluation.runner import build_jobs, group_jobs, merge_results, run_benchmark
+    from dreamguide.evaluation.suites.dreambench import DreamBenchWorld
+    from dreamguide.evaluation.suites.dreambench_config import load_dreambench_config, override
 
-    overrides = {"dreambench": args.dreambench, "subjects": args.subjects, "prompts_per_set": args.prompts_per_set}
-    sampling = {k: v for k, v in (("modes", args.modes), ("seeds", args.seeds), ("w_cons", args.w_cons)) if v}
-    config = load_config(args.config, overrides=overrides, sampling_overrides=sampling)
-    output = Path(args.output) if args.output else (config.output or Path("runs/dreambench"))
+    flags = given(**{"dreambench": args.dreambench, "subjects": args.subjects, "prompts_per_set": args.prompts_per_set,
+                     "sampling.modes": args.modes, "sampling.seeds": args.seeds, "sampling.w_cons": args.w_cons})
+    config = load_dreambench_config(args.config, [*(override(k, v) for k, v in flags.items()), *args.overrides])
+    output = Path(args.output or config.output or "runs/dreambench")
     world = DreamBenchWorld(config)
     if args.report_only:
         rows, missing = merge_results(world, config.plan, output)

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _image_files(items, what: str):
     from pathlib import Path
 
-    from dreamguide.bench.dreambench import IMAGE_SUFFIXES
+    from dreamguide.evaluation.suites.dreambench_data import IMAGE_SUFFIXES
 
     files = []
     for item in items:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dreamguide.atomic import atomic_write_text
-    from dreamguide.bench.report import rows_to_csv
+    from dreamguide.evaluation.report import rows_to_csv
     from dreamguide.cli import CommandError
     from dreamguide.metrics import METRICS, Backbones, Scorer, check_metrics
 

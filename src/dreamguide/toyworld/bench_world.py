@@ -65,7 +65,7 @@ class ToyBenchWorld:
             raise ValueError("ToyBenchWorld needs a generate callable (jobs -> Generated images) to run a benchmark")
 
     def cases(self):
-        from dreamguide.bench.world import PromptCase
+        from dreamguide.evaluation.protocol import PromptCase
 
         out = []
         for token in self.subjects:

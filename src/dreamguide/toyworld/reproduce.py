@@ -390,7 +390,7 @@ def _units(rows: list[dict], values: np.ndarray, keys=("subject", "template")) -
 
 
 def _summary(rows, metrics: dict[str, np.ndarray], group_keys, seed: int = 0, samples: int = 2000) -> list[dict]:
-    from dreamguide.bench.report import bootstrap_interval
+    from dreamguide.evaluation.report import bootstrap_interval
 
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
@@ -412,7 +412,7 @@ def _summary(rows, metrics: dict[str, np.ndarray], group_keys, seed: int = 0, sa
 
 def _paired_difference(rows, values, a: dict, b: dict, seed: int = 0, samples: int = 2000) -> dict:
     """Mean over units of (a - b) with a bootstrap 95% interval; a and b select rows by their fields."""
-    from dreamguide.bench.report import bootstrap_interval
+    from dreamguide.evaluation.report import bootstrap_interval
 
     def select(sel):
         idx = [i for i, r in enumerate(rows) if all(r.get(k) == v for k, v in sel.items())]

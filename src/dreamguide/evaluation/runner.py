@@ -1,4 +1,4 @@
-"""The benchmark runner: jobs -> shards -> generate + score -> manifest -> merged results.
+"""The evaluation runner: jobs -> shards -> generate + score -> manifest -> merged results.
 
 Output folder layout:
 
@@ -7,13 +7,16 @@ Output folder layout:
     images/<subject>/*.png      one image per job
     traces/<subject>/*.json     Consistency_p per step, when the world traces
     results.csv                 one row per image, every metric (results.parquet if pyarrow is present)
-    tables/, figures/           written by ``bench.report`` once every group is done
+    tables/, figures/           written by ``evaluation.report`` once every group is done
 
 Resuming: a group counts as done when its manifest line is complete; images are written
 (atomically) before that line, so a run killed anywhere leaves either a finished group or
 one that is redone from scratch. With several processes each takes every n-th group of the
 canonical group list and appends only to its own manifest file; the merge reads all of them,
-so the merged rows do not depend on the number of processes or on interruptions.
+so the merged rows do not depend on the number of processes or on interruptions. A time budget
+(``deadline``) stops a shard between groups; running it again continues.
+
+:func:`rescore` scores the stored images again (a new scorer, or the same one to check a run).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dreamguide.atomic import atomic_write_bytes, atomic_write_text
-from dreamguide.bench.world import Job, Plan, World
+from dreamguide.evaluation.protocol import Job, Plan, World
 
 
 class RunMismatch(ValueError):
@@ -163,8 +166,13 @@ def run_shard(
     num_processes: int = 1,
     stop_after_groups: int | None = None,
     log: Callable[[str], None] = print,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """Generate and score this process's pending groups; returns counts. ``world.prepare()`` runs first."""
+    """Generate and score this process's pending groups; returns counts. ``world.prepare()`` runs first.
+
+    ``deadline`` (a ``time.time()`` value): start no group after it; the rest stays pending
+    (``"pending"`` in the returned counts) for the next run.
+    """
     output = Path(output)
     world.prepare()  # every input check and every backbone load happens before generation
     description = {"world": world.name, "world_config": world.describe(), "plan": plan.to_dict()}
@@ -178,37 +186,87 @@ def run_shard(
     pending = [g for g in groups if group_id(g) not in done]
     log(f"[rank {process_index}/{num_processes}] {len(groups)} groups in this shard, "
         f"{len(groups) - len(pending)} already done, {len(pending)} to run")
-    finished, started = 0, time.perf_counter()
-    for group in pending:
+    per_call = max(1, int(getattr(world, "groups_per_call", 1)))
+    finished, images, started = 0, 0, time.perf_counter()
+    while finished < len(pending):
         if stop_after_groups is not None and finished >= stop_after_groups:
             raise KeyboardInterrupt(f"stopped after {finished} groups (stop_after_groups)")
-        generated = world.generate(group)
-        if len(generated) != len(group):
-            raise RuntimeError(f"world {world.name!r} returned {len(generated)} images for {len(group)} jobs")
-        scores = world.score(group, [g.image for g in generated])
-        rows = []
-        for job, item, values in zip(group, generated, scores):
-            subject = job.case.subject
-            image_path = Path("images") / subject / f"{job.file_stem}.png"
-            save_image_atomic(item.image, output / image_path, item.metadata)
-            trace_path = None
-            if item.trace is not None:
-                trace_path = str(Path("traces") / subject / f"{job.file_stem}.json")
-                atomic_write_text(output / trace_path, json.dumps(item.trace))
-            rows.append({"key": job.key, "world": world.name, **job.row(), **values,
-                         "image": str(image_path), "trace": trace_path})
-        _append_record(manifest, {"group": group_id(group), "rank": process_index, "rows": rows})
-        finished += 1
+        if deadline is not None and time.time() > deadline:
+            log(f"[rank {process_index}] time budget reached: {len(pending) - finished} groups left for the next run")
+            break
+        count = per_call if stop_after_groups is None else min(per_call, stop_after_groups - finished)
+        chunk = pending[finished : finished + count]
+        batch = [job for group in chunk for job in group]
+        generated = world.generate(batch)
+        if len(generated) != len(batch):
+            raise RuntimeError(f"world {world.name!r} returned {len(generated)} images for {len(batch)} jobs")
+        scores = world.score(batch, [g.image for g in generated])
+        position = 0
+        for group in chunk:
+            items = generated[position : position + len(group)]
+            values = scores[position : position + len(group)]
+            position += len(group)
+            rows = [_store(output, world, job, item, value) for job, item, value in zip(group, items, values)]
+            _append_record(manifest, {"group": group_id(group), "rank": process_index, "rows": rows})
+        finished += len(chunk)
+        images += len(batch)
         elapsed = time.perf_counter() - started
-        log(f"[rank {process_index}] {finished}/{len(pending)} groups ({len(group)} images, "
-            f"{elapsed / finished:.1f} s/group)")
-    return {"groups": len(groups), "ran": finished, "images": sum(len(g) for g in pending[:finished]),
+        log(f"[rank {process_index}] {finished}/{len(pending)} groups ({len(batch)} images, "
+            f"{elapsed / finished:.2f} s/group)")
+    return {"groups": len(groups), "ran": finished, "images": images, "pending": len(pending) - finished,
             "seconds": time.perf_counter() - started}
+
+
+def _store(output: Path, world: World, job: Job, item, values: dict) -> dict:
+    """Write one job's image (and trace) atomically; returns its result row."""
+    subject = job.case.subject
+    image_path = Path("images") / subject / f"{job.file_stem}.png"
+    save_image_atomic(item.image, output / image_path, item.metadata)
+    trace_path = None
+    if item.trace is not None:
+        trace_path = str(Path("traces") / subject / f"{job.file_stem}.json")
+        atomic_write_text(output / trace_path, json.dumps(item.trace))
+    return {"key": job.key, "world": world.name, **job.row(), **values, "image": str(image_path),
+            "trace": trace_path}
+
+
+def rescore(world: World, plan: Plan, output: str | Path, log: Callable[[str], None] = print) -> int:
+    """Score every stored image of ``output`` again with ``world.score`` and rewrite the manifests.
+
+    Images are scored in one call per process manifest; returns the number of images scored.
+    """
+    from PIL import Image
+
+    output = Path(output)
+    world.prepare()
+    jobs = {job.key: job for job in build_jobs(world, plan)}
+    metrics = list(world.metric_backbones())
+    total = 0
+    for path in sorted((output / "manifest").glob("rank-*.jsonl")):
+        records, _ = _read_manifest(path)
+        rows = [row for record in records for row in record["rows"]]
+        unknown = [row["key"] for row in rows if row["key"] not in jobs]
+        if unknown:
+            raise RunMismatch(f"{path} holds images of another plan (e.g. {unknown[0]}); rescore with the run's plan")
+        images = []
+        for row in rows:
+            with Image.open(output / row["image"]) as image:
+                images.append(image.convert("RGB"))
+        scores = world.score([jobs[row["key"]] for row in rows], images) if rows else []
+        for row, values in zip(rows, scores):
+            for metric in metrics:
+                row.pop(metric, None)
+            row.update(values)
+        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        atomic_write_text(path, text)
+        total += len(rows)
+    log(f"scored {total} stored images under {output}")
+    return total
 
 
 def merge_results(world: World, plan: Plan, output: str | Path) -> tuple[list[dict], int]:
     """All rows in canonical order and the number of jobs still missing; writes results.csv when complete."""
-    from dreamguide.bench.report import write_rows
+    from dreamguide.evaluation.report import write_rows
 
     output = Path(output)
     jobs = build_jobs(world, plan)
@@ -223,7 +281,7 @@ def run_benchmark(
     world: World,
     plan: Plan,
     output: str | Path,
-    report: "ReportSettings | None" = None,  # noqa: F821 (bench.report)
+    report: "ReportSettings | None" = None,  # noqa: F821 (evaluation.report)
     process_index: int | None = None,
     num_processes: int | None = None,
     stop_after_groups: int | None = None,
@@ -235,7 +293,7 @@ def run_benchmark(
     launch``); a plain ``python`` process is a single shard. Returns the merged rows, or None
     when other shards are still missing.
     """
-    from dreamguide.bench.report import ReportSettings, write_report
+    from dreamguide.evaluation.report import ReportSettings, write_report
 
     barrier = lambda: None  # noqa: E731
     if process_index is None or num_processes is None:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamguide.bench.dreambench import STYLIZED_PROMPTS, load_dreambench, parse_prompts_and_classes
-from dreamguide.bench.report import NO_DIFFERENCE, ReportSettings, bootstrap_interval, comparisons, read_rows
-from dreamguide.bench.runner import RunMismatch, build_jobs, group_jobs, run_benchmark, shard
-from dreamguide.bench.world import Generated, Plan, PromptCase, World
+from dreamguide.evaluation.protocol import Generated, Plan, PromptCase, World
+from dreamguide.evaluation.report import NO_DIFFERENCE, ReportSettings, bootstrap_interval, comparisons, read_rows
+from dreamguide.evaluation.runner import RunMismatch, build_jobs, group_jobs, run_benchmark, shard
+from dreamguide.evaluation.suites.dreambench_data import STYLIZED_PROMPTS, load_dreambench, parse_prompts_and_classes
 
 DREAMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "dreambench"
 needs_dreambench = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/dreambench is not present")

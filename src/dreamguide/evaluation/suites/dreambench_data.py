@@ -9,8 +9,10 @@ templates whose ``{}`` stands for "<token> <class word>", the same form as SPEC'
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 PROMPT_FILE = "prompts_and_classes.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -35,11 +37,12 @@ STYLIZED_PROMPTS: tuple[str, ...] = (
     "a comic book panel of {}",
     "{} in the style of a children's book illustration",
 )
-PROMPT_SETS: tuple[str, ...] = ("dreambench", "stylized")
+PromptSetName = Literal["dreambench", "stylized"]
+DREAMBENCH_PROMPT_SETS: tuple[str, ...] = typing.get_args(PromptSetName)
 
 
 @dataclass(frozen=True)
-class Subject:
+class DreamBenchSubject:
     """One DreamBench subject: its name, class word, reference photos and prompt list."""
 
     name: str
@@ -51,7 +54,7 @@ class Subject:
 @dataclass(frozen=True)
 class DreamBench:
     root: Path
-    subjects: dict[str, Subject]
+    subjects: dict[str, DreamBenchSubject]
     object_prompts: tuple[str, ...]
     live_prompts: tuple[str, ...]
 
@@ -61,7 +64,7 @@ class DreamBench:
             return STYLIZED_PROMPTS
         if prompt_set == "dreambench":
             return self.live_prompts if self.subjects[subject].live else self.object_prompts
-        raise ValueError(f"unknown prompt set {prompt_set!r}; choose from {', '.join(PROMPT_SETS)}")
+        raise ValueError(f"unknown prompt set {prompt_set!r}; choose from {', '.join(DREAMBENCH_PROMPT_SETS)}")
 
 
 _TEMPLATE = re.compile(r"""^'(?P<text>[^']*)'\.format\(\s*unique_token\s*,\s*class_token\s*\)\s*,?$""")
@@ -141,5 +144,5 @@ def load_dreambench(root: str | Path, subjects: list[str] | tuple[str, ...] | No
         images = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
         if not images:
             raise FileNotFoundError(f"DreamBench subject {name!r}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-        table[name] = Subject(name, classes[name], classes[name] in LIVE_CLASSES, images)
+        table[name] = DreamBenchSubject(name, classes[name], classes[name] in LIVE_CLASSES, images)
     return DreamBench(root, table, object_prompts, live_prompts)

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamguide.bench.dreambench_world import DreamBenchWorld, config_from_dict, load_config
-from dreamguide.bench.runner import run_benchmark
+from dreamguide.config import ConfigError
+from dreamguide.evaluation.runner import run_benchmark
+from dreamguide.evaluation.suites.dreambench import DreamBenchWorld
+from dreamguide.evaluation.suites.dreambench_config import dreambench_config_from_dict, load_dreambench_config
 from dreamguide.cli import main
 from dreamguide.metrics import Scorer
 
@@ -22,7 +24,7 @@ QUIET = dict(log=lambda message: None)
 def assets(tmp_path_factory, tiny_sd15_dir):
     """Tiny SD 1.5 base, a LoRA + embeddings for it, a LoRA for tiny SDXL, tiny metric backbones."""
     from dreamguide import models
-    from dreamguide.bench.tiny_backbones import save_tiny_backbones
+    from dreamguide.evaluation.tiny_backbones import save_tiny_backbones
     from dreamguide.testing import tiny_sdxl_pipeline
 
     root = tmp_path_factory.mktemp("bench-assets")
@@ -59,7 +61,7 @@ def _config(assets, **changes):
     }
     for key, value in changes.items():
         data[key] = value
-    return config_from_dict(data, assets["root"], "test.toml")
+    return dreambench_config_from_dict(data, assets["root"], "test.toml")
 
 
 def test_reduced_dreambench_run_kill_resume_and_shards(tmp_path, assets):
@@ -157,7 +159,7 @@ siglip = "{b.siglip}"
     # 4 prompts x (cfg + 2 modes x 2 w_cons) x 4 seeds; one sampler call per (prompt, weights)
     assert "1 subjects, 4 prompts, 5 guidance settings, 4 seeds: 80 images in 12 sampler calls" in out
     assert f"siglip: {b.siglip}" in out
-    assert load_config(config, sampling_overrides={"w_cons": [2.0]}).plan.w_cons == (2.0,)
+    assert load_dreambench_config(config, ["sampling.w_cons=[2.0]"]).plan.w_cons == (2.0,)
 
     images = sorted((DREAMBENCH / "backpack").glob("*.jpg"))[:2]
     scores = tmp_path / "scores.csv"
@@ -206,15 +208,32 @@ checkpoint_every = 0
     assert len(rows) == 1 and rows[0]["prompt"] == "a watercolor painting of <dog> dog"
     assert DreamBenchWorld(config).untrained_subjects() == []
 
+    # [adapters] folder pointed at the training outputs: the files `dreamguide train` wrote, and the
+    # token recorded in them
+    folder = _config(assets, subjects=["dog"], adapters={"folder": str(tmp_path / "adapters")},
+                     prompt_sets=["stylized"])
+    world = DreamBenchWorld(folder)
+    assert world.adapter("dog") == adapter
+    again = run_benchmark(world, folder.plan, tmp_path / "from-folder", folder.report, 0, 1, **QUIET)
+    assert [(r["prompt"], r["siglip"], r["dino"]) for r in again] == [(r["prompt"], r["siglip"], r["dino"])
+                                                                       for r in rows]
+
 
 @pytest.mark.parametrize("changes, message", [
-    ({"model": {"base": "x", "dtype": "fp8"}}, "model.dtype 'fp8'"),
+    ({"model": {"base": "x", "dtype": "fp8"}}, "model.dtype must be one of 'auto'"),
+    ({"model": {"dtype": "auto"}}, r"missing \[model\] base"),
     ({"sampling": {"scheduler": "heun"}}, "sampling.scheduler 'heun'"),
     ({"sampling": {"seeds": [-1]}}, "non-negative"),
-    ({"sampling": {"steps": "10"}}, "sampling.steps must be int"),
+    ({"sampling": {"steps": "10"}}, "sampling.steps must be an integer"),
+    ({"sampling": {"w_cons": 3.0}}, "sampling.w_cons must be a list of a number"),
+    ({"sampling": {"pr": {"granularity": "pixel"}}}, "sampling.pr.granularity must be one of"),
     ({"prompt_sets": ["weird"]}, "prompt_sets"),
     ({"train": {"output": "x"}}, r"\[train\] needs 'config'"),
+    ({"adapters": {"subjects": {"dog": {"lorra": "x"}}}}, "unknown key 'adapters.subjects.dog.lorra'; did you mean 'lora'"),
+    ({"metrics": {"backbones": {"dinov3": "x"}}}, "unknown key 'metrics.backbones.dinov3'"),
+    ({"report": {"bootstrap_samples": 2}}, "report: bootstrap_samples must be at least 10"),
 ])
-def test_config_errors_name_the_key(assets, changes, message):
-    with pytest.raises(ValueError, match=message):
+def test_config_errors_name_the_key_and_the_file(assets, changes, message):
+    with pytest.raises(ConfigError, match=message) as error:
         _config(assets, **changes)
+    assert str(error.value).startswith("test.toml")
