@@ -12,8 +12,26 @@ import pytest
 from PIL import Image
 
 from dreamguide.evaluation.protocol import Generated, Plan, PromptCase, World
-from dreamguide.evaluation.report import NO_DIFFERENCE, ReportSettings, bootstrap_interval, comparisons, read_rows
-from dreamguide.evaluation.runner import RunMismatch, build_jobs, group_jobs, run_benchmark, shard
+from dreamguide.evaluation.report import (
+    NO_DIFFERENCE,
+    ReportSettings,
+    bootstrap_interval,
+    comparisons,
+    paired_difference,
+    read_rows,
+    summarize,
+    unit_means,
+)
+from dreamguide.evaluation.runner import (
+    RunMismatch,
+    build_jobs,
+    group_jobs,
+    merge_results,
+    rescore,
+    run_benchmark,
+    run_shard,
+    shard,
+)
 from dreamguide.evaluation.suites.dreambench_data import STYLIZED_PROMPTS, load_dreambench, parse_prompts_and_classes
 
 DREAMBENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "dreambench"
@@ -137,6 +155,34 @@ def test_two_shards_merge_to_the_single_process_result(tmp_path):
         assert (tmp_path / "two" / "tables" / name).read_text() == (tmp_path / "one" / "tables" / name).read_text()
 
 
+def test_batched_groups_time_budget_and_rescoring(tmp_path):
+    single = run_benchmark(CountingWorld(), PLAN, tmp_path / "one", ReportSettings(bootstrap_samples=20), 0, 1, **QUIET)
+    batched = CountingWorld()
+    batched.groups_per_call = 7
+    calls = []
+    generate = batched.generate
+    batched.generate = lambda jobs: calls.append(len(jobs)) or generate(jobs)
+    # past its deadline a shard starts nothing and leaves every group for the next run
+    counts = run_shard(batched, PLAN, tmp_path / "batched", deadline=0.0, **QUIET)
+    assert counts["ran"] == 0 and counts["pending"] == counts["groups"] and not calls
+    assert run_benchmark(batched, PLAN, tmp_path / "batched", ReportSettings(bootstrap_samples=20), 0, 1,
+                         **QUIET) == single
+    groups = group_jobs(build_jobs(batched, PLAN))
+    assert calls == [sum(len(g) for g in groups[i : i + 7]) for i in range(0, len(groups), 7)]
+    # scoring the stored images again gives the same rows; another scorer replaces the scores
+    manifest = (tmp_path / "one" / "manifest" / "rank-0.jsonl").read_text()
+    assert rescore([(CountingWorld(), PLAN, tmp_path / "one")], **QUIET) == len(single)
+    assert (tmp_path / "one" / "manifest" / "rank-0.jsonl").read_text() == manifest
+
+    class Stricter(CountingWorld):
+        def score(self, jobs, images):
+            return [{**row, "text": row["text"] - 1} for row in super().score(jobs, images)]
+
+    rescore([(Stricter(), PLAN, tmp_path / "one")], **QUIET)
+    rows, missing = merge_results(CountingWorld(), PLAN, tmp_path / "one")
+    assert not missing and [r["text"] for r in rows] == pytest.approx([r["text"] - 1 for r in single])
+
+
 def test_a_different_run_in_the_same_folder_is_refused(tmp_path):
     run_benchmark(CountingWorld(prompts=1), PLAN, tmp_path, ReportSettings(bootstrap_samples=20), 0, 1, **QUIET)
     other = Plan(modes=("pr",), w_cons=(2.0,), seeds=(0,))
@@ -183,6 +229,25 @@ def test_bootstrap_interval_and_no_measurable_difference():
                              "prompt_index": p, "seed": 0, "m": float(rng.normal())})
     verdicts = {c["prompt_set"]: c["verdict"] for c in comparisons(rows, ["m"], ReportSettings(bootstrap_samples=500))}
     assert verdicts == {"all": NO_DIFFERENCE, "stylized": NO_DIFFERENCE}
+
+
+def test_units_average_seeds_differences_are_paired_and_row_order_does_not_matter():
+    rows = [{"subject": s, "adapter": "dco", "prompt_set": "stylized", "template": t, "prompt_index": i, "mode": m,
+             "seed": seed, "x": (1.0 if m == "pr" else 0.0) + (0.5 if s == "b" else 0.0) + 0.25 * seed + 0.125 * i}
+            for s in ("b", "a") for i, t in enumerate(("y {}", "x {}")) for m in ("pr", "consistency")
+            for seed in range(2)]
+    settings = ReportSettings(bootstrap_samples=200)
+    units = unit_means([r for r in rows if r["mode"] == "pr"], "x")
+    # one value per (subject, adapter, prompt): the mean over seeds; units in the order of their text
+    assert list(units) == sorted(units, key=str) and list(units)[0] == ("a", "dco", "stylized", "x {}", 1)
+    assert units[("b", "dco", "stylized", "y {}", 0)] == 1.0 + 0.5 + 0.125
+    (pr,) = summarize([r for r in rows if r["mode"] == "pr"], ["x"], ("mode",), settings)
+    assert pr["images"] == 8 and pr["units"] == 4 and pr["x"] == pytest.approx(np.mean(list(units.values())))
+    assert pr["x_low"] < pr["x"] < pr["x_high"]
+    diff = paired_difference(rows, "x", {"mode": "pr"}, {"mode": "consistency"}, settings)
+    assert diff["units"] == 4 and diff["mean"] == diff["low"] == diff["high"] == 1.0 and diff["verdict"] == "higher"
+    shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    assert summarize([r for r in shuffled if r["mode"] == "pr"], ["x"], ("mode",), settings) == [pr]
 
 
 @needs_dreambench

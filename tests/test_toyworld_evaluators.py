@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from dreamguide.toyworld import SUBJECTS, caption, reference_images, render, sample_labels, subject_labels
+from dreamguide.toyworld import SUBJECTS, caption, from_pil, reference_images, render, sample_labels, subject_labels
 from dreamguide.toyworld.evaluators import ATTRIBUTES, ToyEvaluators, load_validation, tokenize
 from dreamguide.toyworld.train_evaluators import auc, supervised_contrastive
 
@@ -121,25 +121,46 @@ def test_bench_world_cases_and_scores(evaluators):
     from dreamguide.toyworld.render import to_pil
 
     def generate(jobs):  # stands in for a sampler: the subject's own photo for every job
-        return [Generated(to_pil(reference_images(job.case.subject)[:1])[0]) for job in jobs]
+        return [Generated(to_pil(reference_images(job.case.subject or "sks")[:1])[0]) for job in jobs]
 
-    world = ToyBenchWorld(generate, subjects=["sks", "zwx"], prompt_sets=("normal", "stylized"),
-                          evaluators=evaluators)
+    world = ToyBenchWorld(generate, subjects=["sks", "zwx"], adapters=("dco", "dreambooth-ti"),
+                          prompt_sets=("normal", "stylized"), evaluators=evaluators)
     assert isinstance(world, World)
     world.prepare()
     cases = world.cases()
-    assert len(cases) == 2 * (20 + 7)
-    assert cases[0].token_prompt == "a sks ball on the beach" and cases[0].base_prompt == "a ball on the beach"
+    assert len(cases) == 2 * 2 * (20 + 7)
+    first = cases[0]
+    assert (first.subject, first.adapter, first.template) == ("sks", "dco", "a {} on the beach")
+    assert first.token_prompt == "a sks ball on the beach" and first.base_prompt == "a ball on the beach"
+    pivotal = next(c for c in cases if c.adapter == "dreambooth-ti")
+    assert pivotal.token_prompt == "a <sks> ball on the beach" and pivotal.base_prompt == "a ball on the beach"
     stylized = [c for c in cases if c.subject == "zwx" and c.prompt_set == "stylized"]
     assert stylized[0].base_prompt == "a pencil sketch of a cup"
-    jobs = [Job(case, Setting("consistency", 7.5, 3.0), 0) for case in (cases[0], stylized[0])]
+    jobs = [Job(case, Setting("consistency", 7.5, 3.0), 0) for case in (first, stylized[0])]
     images = [g.image for g in world.generate(jobs)]
     rows = world.score(jobs, images)
-    assert set(rows[0]) == set(world.metric_kinds()) == {"toy_identity", "toy_text", "toy_carries"}
-    assert rows[0]["toy_identity"] > 0.7  # a reference photo resembles its own references
-    assert rows[1]["toy_carries"] == 0.0  # a photo does not carry "a pencil sketch of a cup"
-    with pytest.raises(ValueError, match="generate"):
-        ToyBenchWorld(evaluators=evaluators).prepare()
+    assert set(rows[0]) == set(world.metric_kinds()) == {"identity", "text_alignment", "carries_prompt",
+                                                         "follows_style", "carries_class", "carries_scene"}
+    assert rows[0]["identity"] > 0.7  # a reference photo resembles its own references
+    assert rows[0]["carries_class"] == 1.0 and rows[0]["follows_style"] == 1.0  # a photo of the ball
+    assert rows[1]["carries_prompt"] == 0.0 and rows[1]["follows_style"] == 0.0  # not "a pencil sketch of a cup"
+    # scores are the evaluators' own, one batch for all images
+    tensor = from_pil(images)
+    assert rows[1]["text_alignment"] == evaluators.text_alignment(tensor, [j.case.base_prompt for j in jobs])[1].item()
+
+    base = ToyBenchWorld(generate, adapters=("base",), prompt_sets={"bar": ("a photo of a red ball on the beach",)},
+                         evaluators=evaluators)
+    (case,) = base.cases()
+    assert (case.subject, case.adapter, case.token_prompt, case.base_prompt) == (
+        "", "base", "a photo of a red ball on the beach", "a photo of a red ball on the beach")
+    (row,) = base.score([Job(case, Setting("cfg", 7.5, None), 0)], images[:1])
+    assert row["identity"] is None and row["carries_class"] == 1.0
+    with pytest.raises(ValueError, match="base model"):
+        ToyBenchWorld(adapters=("base",), prompt_sets=("normal",), evaluators=evaluators)
+    with pytest.raises(ValueError, match="needs '{}'"):
+        ToyBenchWorld(adapters=("dco",), prompt_sets={"bar": ("a red ball",)}, evaluators=evaluators)
+    with pytest.raises(FileNotFoundError, match="no dco adapter for 'sks'.*personalize"):
+        ToyBenchWorld(subjects=["sks"], steps=2, adapters_dir="/nonexistent", evaluators=evaluators).prepare()
 
 
 def test_training_command_writes_weights_that_load_and_match(tmp_path):

@@ -140,65 +140,6 @@ def test_bundled_model_loads_offline_and_samples():
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
 
 
-def test_reproduce_units_average_seeds_and_differences_are_paired():
-    import numpy as np
-
-    from dreamguide.toyworld.reproduce import _paired_difference, _units
-
-    rows = [{"subject": s, "method": "dco", "template": t, "mode": m, "prompt_set": "stylized"}
-            for s in ("a", "b") for t in ("x", "y") for m in ("pr", "consistency") for _ in range(2)]
-    values = np.array([(1.0 if r["mode"] == "pr" else 0.0) + (0.5 if r["subject"] == "b" else 0.0) for r in rows])
-    units = _units([r for r in rows if r["mode"] == "pr"], values[[i for i, r in enumerate(rows) if r["mode"] == "pr"]])
-    assert sorted(units.tolist()) == [1.0, 1.0, 1.5, 1.5]
-    diff = _paired_difference(rows, values, {"mode": "pr"}, {"mode": "consistency"})
-    assert diff["units"] == 4 and diff["mean"] == 1.0 and diff["low"] == diff["high"] == 1.0
-
-
-def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
-    import numpy as np
-
-    from dreamguide.toyworld.personalize import PersonalizeSettings
-    from dreamguide.toyworld.reproduce import PR_VARIANTS, generate, score
-
-    kwargs = dict(subjects=["sks", "zwx"], methods=("dco",), seeds=(0,), steps=1, budget_s=600, device="cpu",
-                  base_prompt_count=2, personalize_settings=PersonalizeSettings(steps=2, batch_size=2),
-                  log=lambda *a: None)
-    serial = generate(tmp_path / "serial", parts=("main",), **kwargs)
-    sharded = generate(tmp_path / "sharded", workers=2, **kwargs)
-    # base bar ((6 + 3 unclipped) weights x 2 prompt sets x 2 prompts) + main (2 subjects x 13 prompts x 4 modes)
-    # + sweep (2 x 4 prompts x 18 weight pairs x 2 modes) + variants (2 x 4 prompts x 5; main has the references)
-    assert sharded["images"] == 9 * 2 * 2 + 2 * 13 * 4 + 2 * 4 * 18 * 2 + 2 * 4 * 5
-    assert serial["images"] == 2 * 13 * 4
-    assert sharded["workers"] == 2 and not sharded["skipped"]
-    assert sorted(sharded["subjects"]) == ["sks", "zwx"]
-    assert (tmp_path / "sharded" / "adapters" / "zwx-dco" / "pytorch_lora_weights.safetensors").exists()
-
-    def keyed(folder):
-        rows = json.loads((folder / "rows.json").read_text())
-        images = np.load(folder / "images.npz")["images"]
-        key = lambda r: (r["part"], r.get("subject") or "", r.get("template") or r["prompt"], r["mode"],  # noqa: E731
-                         r["w_text"], r["seed"], r["prompt_set"])
-        traces = [t for t in json.loads((folder / "traces.json").read_text()) if rows[t["row"]]["part"] == "main"]
-        return {key(r): images[i] for i, r in enumerate(rows) if r["part"] == "main"}, traces
-
-    a, traces_a = keyed(tmp_path / "serial")
-    b, traces_b = keyed(tmp_path / "sharded")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert np.abs(a[k].astype(int) - b[k].astype(int)).max() <= 1, k
-    assert len(traces_a) == len(traces_b) > 0
-    rows_b = json.loads((tmp_path / "sharded" / "rows.json").read_text())
-    assert all(rows_b[t["row"]]["mode"] in ("consistency", "pr", "orthogonal") for t in traces_b)
-    results = score(tmp_path / "sharded", log=lambda *a: None)
-    assert {r["mode"] for r in results["main"]} == {"dreambooth", "consistency", "pr", "orthogonal"}
-    assert len(results["sweep"]) == 2 * 18 and len(results["sweep_pr_vs_consistency"]) == 18
-    assert all(d["text_alignment"]["units"] == 2 * 4 for d in results["sweep_pr_vs_consistency"])
-    assert {r["variant"] for r in results["variants"]} == {name for name, *_ in PR_VARIANTS}
-    assert {r["mode"] for r in results["variant_reference"]} == {"dreambooth", "consistency", "pr", "orthogonal"}
-    assert (tmp_path / "sharded" / "results.md").exists() and (tmp_path / "sharded" / "pareto.png").exists()
-    assert len(results["base_bar"]) == 9 * 2 and sum(not b["clipped_model_output"] for b in results["base_bar"]) == 6
-
-
 def test_bundled_adapter_covers_the_default_targets_and_takes_the_fast_path():
     from dreamguide.fast import fast_routing_unsupported
     from dreamguide.toyworld.personalize import DEFAULTS, load_personalized

@@ -271,9 +271,6 @@ class Scorer:
             if name in needed:
                 self.encoders[name] = _ImageTextEncoder(name, getattr(backbones, name), self.device, dtype, name)
 
-    def backbone_ids(self) -> dict[str, str]:
-        return metric_backbones(self.backbones, self.metrics)
-
     def _batched(self, fn, items) -> torch.Tensor:
         items = list(items)
         return torch.cat([fn(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)])

@@ -3,6 +3,7 @@
     dreamguide toyworld train-base --out runs/base --minutes 8      train the base text-to-image model
     dreamguide toyworld personalize --subject sks --method dco      fine-tune one subject adapter
     dreamguide toyworld reproduce --output runs/reproduce           the paper's experiments in this world
+    dreamguide toyworld reproduce --config my.toml --output runs/x  any experiment written as a config
 """
 
 from __future__ import annotations
@@ -46,23 +47,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     personalize.add_argument("--device")
     personalize.set_defaults(func=_personalize)
 
-    reproduce = commands.add_parser("reproduce", help="the PR paper's experiments in this world (GPU: minutes)")
+    reproduce = commands.add_parser(
+        "reproduce", help="run an experiment of plans in this world (default: the PR paper's; GPU: minutes)",
+        description="Fine-tune the subjects' adapters, run the experiment's plans on the evaluation runner "
+        "(resumable, one shard per worker), score the images and write results.md/json, pareto.png and "
+        "timesteps.png. The experiment is a TOML config (configs/toyworld-reproduce.toml spells out the "
+        "default one; docs/TOYWORLD.md).")
+    reproduce.add_argument("--config", help="experiment config (TOML; default: the run's own, else the PR paper's)")
+    reproduce.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config key, e.g. --set steps=10 (repeatable)")
     reproduce.add_argument("--output", default="runs/reproduce", help="output folder")
-    reproduce.add_argument("--budget-minutes", type=float, default=7.5,
-                           help="generation time budget; later parts are skipped past it (default 7.5)")
-    reproduce.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    reproduce.add_argument("--seeds", default="0-3", help="seeds per prompt (default 0-3)")
-    reproduce.add_argument("--subjects", nargs="+", help="subject tokens (default: all)")
-    reproduce.add_argument("--parts", nargs="+", default=["base", "main", "sweep", "variants"],
-                           choices=["base", "main", "sweep", "variants"], help="which experiments (default: all)")
-    reproduce.add_argument("--adapters-from", help="reuse the adapters of an earlier run (its adapters/ folder)")
+    reproduce.add_argument("--plans", nargs="+", help="run only these plans of the config (default: all)")
+    reproduce.add_argument("--budget-minutes", type=float,
+                           help="no new sampler call past this time; run again to continue (default: no limit)")
+    reproduce.add_argument("--steps", type=int, help="denoising steps (overrides the config: steps)")
+    reproduce.add_argument("--seeds", help="seeds per prompt, e.g. 0-3 (overrides the config: seeds)")
+    reproduce.add_argument("--subjects", nargs="+", help="subject tokens (overrides the config: subjects)")
+    reproduce.add_argument("--adapters-from", help="sample with the adapters of an earlier run (its adapters/ folder)")
     reproduce.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
-    reproduce.add_argument("--score-only", action="store_true", help="only score an existing --output folder")
+    reproduce.add_argument("--score-only", action="store_true",
+                           help="only score the stored images of --output (also a folder of the earlier "
+                                "images.npz layout) and rewrite the results")
     reproduce.add_argument("--bundle", choices=("dreambooth", "dreambooth-ti", "dco"),
                            help="also fine-tune sks with this method and keep it in OUTPUT/adapters (how the "
                                 "demo's bundled adapter is made)")
     reproduce.add_argument("--workers", type=int, default=0,
-                           help="processes, one (subject, method) job at a time each (default: one per job on a GPU, 1 on a CPU)")
+                           help="processes (default: one per adapter on a GPU, 1 on a CPU)")
     reproduce.add_argument("--device")
     reproduce.set_defaults(func=_reproduce)
     return parser
@@ -99,23 +109,37 @@ def _personalize(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from dreamguide.sampling import parse_seeds
-    from dreamguide.toyworld.reproduce import default_workers, generate, score
-    from dreamguide.toyworld.world import SUBJECTS
+    import json
 
+    from dreamguide.cli import CommandError
+    from dreamguide.config import given
+    from dreamguide.sampling import parse_seeds
+    from dreamguide.toyworld.reproduce import (
+        EXPERIMENT_FILE,
+        default_workers,
+        generate,
+        load_toy_experiment,
+        needed_adapters,
+        score,
+    )
+
+    flags = given(steps=args.steps, seeds=None if args.seeds is None else list(parse_seeds(args.seeds)),
+                  subjects=args.subjects)
+    overrides = [*(f"{key}={json.dumps(value)}" for key, value in flags.items()), *args.overrides]
+    stored = Path(args.output) / EXPERIMENT_FILE
+    experiment = load_toy_experiment(args.config or (stored if stored.is_file() else None), overrides)
     if not args.score_only:
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
-        generate(args.output, subjects=args.subjects, seeds=parse_seeds(args.seeds), steps=args.steps,
-                 budget_s=args.budget_minutes * 60, device=args.device, parts=args.parts,
-                 adapters_from=args.adapters_from, bundle=args.bundle,
-                 workers=args.workers or default_workers(args.device, len(args.subjects or SUBJECTS)))
-    elif not Path(args.output, "rows.json").exists():
-        from dreamguide.cli import CommandError
-
-        raise CommandError(f"--score-only: {args.output} has no rows.json; run without --score-only first")
-    score(args.output)
+        workers = args.workers or default_workers(args.device, len(needed_adapters(experiment,
+                                                                                   experiment.chosen(args.plans))))
+        generate(experiment, args.output, plans=args.plans, workers=workers, device=args.device,
+                 budget_s=None if args.budget_minutes is None else args.budget_minutes * 60,
+                 adapters_from=args.adapters_from, bundle=args.bundle)
+    elif not Path(args.output).is_dir():
+        raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
+    score(experiment, args.output)
     print(f"results: {Path(args.output) / 'results.md'}  plots: pareto.png, timesteps.png")
     return 0

@@ -230,38 +230,42 @@ def _store(output: Path, world: World, job: Job, item, values: dict) -> dict:
             "trace": trace_path}
 
 
-def rescore(world: World, plan: Plan, output: str | Path, log: Callable[[str], None] = print) -> int:
-    """Score every stored image of ``output`` again with ``world.score`` and rewrite the manifests.
+def rescore(runs: Sequence[tuple[World, Plan, str | Path]], log: Callable[[str], None] = print) -> int:
+    """Score every stored image of the ``(world, plan, output)`` runs again and rewrite their manifests.
 
-    Images are scored in one call per process manifest; returns the number of images scored.
+    All images go to the first world's ``score`` in one call (runs scored together share a scorer;
+    one batch gives the same numbers whatever the runs' shards were). Returns the number of images.
     """
     from PIL import Image
 
-    output = Path(output)
-    world.prepare()
-    jobs = {job.key: job for job in build_jobs(world, plan)}
-    metrics = list(world.metric_backbones())
-    total = 0
-    for path in sorted((output / "manifest").glob("rank-*.jsonl")):
-        records, _ = _read_manifest(path)
-        rows = [row for record in records for row in record["rows"]]
-        unknown = [row["key"] for row in rows if row["key"] not in jobs]
-        if unknown:
-            raise RunMismatch(f"{path} holds images of another plan (e.g. {unknown[0]}); rescore with the run's plan")
-        images = []
+    if not runs:
+        return 0
+    scorer = runs[0][0]
+    scorer.prepare()
+    manifests, all_jobs, images = [], [], []
+    for world, plan, output in runs:
+        output = Path(output)
+        jobs = {job.key: job for job in build_jobs(world, plan)}
+        for path in sorted((output / "manifest").glob("rank-*.jsonl")):
+            records, _ = _read_manifest(path)
+            rows = [row for record in records for row in record["rows"]]
+            unknown = [row["key"] for row in rows if row["key"] not in jobs]
+            if unknown:
+                raise RunMismatch(f"{path} holds images of another plan (e.g. {unknown[0]}); rescore with its plan")
+            for row in rows:
+                all_jobs.append(jobs[row["key"]])
+                with Image.open(output / row["image"]) as image:
+                    images.append(image.convert("RGB"))
+            manifests.append((path, records, rows, list(world.metric_backbones())))
+    scores = iter(scorer.score(all_jobs, images) if all_jobs else [])
+    for path, records, rows, metrics in manifests:
         for row in rows:
-            with Image.open(output / row["image"]) as image:
-                images.append(image.convert("RGB"))
-        scores = world.score([jobs[row["key"]] for row in rows], images) if rows else []
-        for row, values in zip(rows, scores):
             for metric in metrics:
                 row.pop(metric, None)
-            row.update(values)
-        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
-        atomic_write_text(path, text)
-        total += len(rows)
-    log(f"scored {total} stored images under {output}")
-    return total
+            row.update(next(scores))
+        atomic_write_text(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in records))
+    log(f"scored {len(all_jobs)} stored images of {len(runs)} run(s)")
+    return len(all_jobs)
 
 
 def merge_results(world: World, plan: Plan, output: str | Path) -> tuple[list[dict], int]:

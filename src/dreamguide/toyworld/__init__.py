@@ -18,7 +18,10 @@ Everything here is procedural and seeded: nothing is downloaded.
   exact attribute classifiers, trained on generated data only and shipped with their weights:
   ``ToyEvaluators.load()`` with ``text_alignment``, ``identity``, ``classify`` and ``judge``;
   retrain with ``python -m dreamguide.toyworld.train_evaluators``.
-* :mod:`~dreamguide.toyworld.bench_world` -- the world as a ``dreamguide.bench`` benchmark world.
+* :mod:`~dreamguide.toyworld.bench_world` -- the world as a ``dreamguide.evaluation`` world (cases,
+  base-model and adapter sampling, the evaluators' metrics).
+* :mod:`~dreamguide.toyworld.reproduce` -- experiments (the PR paper's by default) as a config of
+  plans on the shared evaluation runner and report.
 
 See docs/TOYWORLD.md.
 

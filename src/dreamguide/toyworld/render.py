@@ -22,7 +22,6 @@ from dreamguide.toyworld.world import (
     PATTERNS,
     SCENES,
     STYLES,
-    SUBJECT_BY_TOKEN,
     Labels,
     caption,
 )
@@ -544,11 +543,6 @@ def sample(
     labels = sample_labels(n, gen, exclude=exclude)
     images = render(labels, gen, size=size)
     return images, labels, [caption(lab) for lab in labels]
-
-
-def subject_accent(token: str) -> tuple[float, float, float]:
-    """The accent RGB of subject ``token``."""
-    return SUBJECT_BY_TOKEN[token].accent
 
 
 def to_pil(images: torch.Tensor):

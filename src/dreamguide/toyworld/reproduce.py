@@ -1,126 +1,248 @@
-"""``dreamguide toyworld reproduce``: the PR paper's experiments in the miniature world.
+"""``dreamguide toyworld reproduce``: experiments in the miniature world as plans on the shared runner.
 
-Two stages, so the heavy one can run on a GPU and the scoring anywhere:
+An experiment is a config (:class:`ToyExperiment`, a TOML file read with :mod:`dreamguide.config`;
+its defaults are the PR paper's experiments, spelled out in ``configs/toyworld-reproduce.toml``):
+the subjects, seeds and steps, named prompt sets, named sampler variants (PR switches, the DDIM
+update) and a few *plans*. A plan is a :class:`~dreamguide.toyworld.bench_world.ToyBenchWorld`
+(adapter kinds x prompt sets) and a :class:`~dreamguide.evaluation.protocol.Plan` (modes x
+w_text x w_cons x variants x seeds), run by :mod:`dreamguide.evaluation.runner` into its own folder.
+A weight sweep, held-out prompts or a new PR variant is a config, not code.
 
-``generate`` (GPU minutes): for every subject, fine-tune adapters with ``dreambooth-ti`` and ``dco``
-(:mod:`~dreamguide.toyworld.personalize` defaults) and sample
+``generate`` (GPU minutes): fine-tune every (subject, adapter kind) the plans need
+(:func:`~dreamguide.toyworld.personalize.personalize`; ``OUT/adapters/<token>-<kind>/``), then run
+each plan's groups (one shard per worker process, resumable, within a time budget).
 
-* ``main``: normal and stylized prompts x seeds x modes {dreambooth, consistency, pr, orthogonal}
-  at the SPEC default weights (w_text 7.5, w_cons 3), tracing Consistency_p at every step;
-* ``sweep`` (dco adapters, stylized prompts): w_text {5, 7.5, 10} x w_cons {1.5, 3, 4.5} (the paper's
-  grid) and w_text {1.5, 2, 3} x w_cons {0.5, 1, 2} (low weights) for consistency and pr;
-* ``variants`` (dco adapters, stylized prompts): the PR switches of SPEC section 3
-  (granularity ``sample``, normalization ``clip-negative``, ``rescale`` 0.5 and 2);
-* ``base``: the base model alone on random normal and stylized prompts (the prompt-fidelity bar).
+``score`` (CPU seconds): score every stored image again with the world's evaluators and write, from
+:mod:`dreamguide.evaluation.report`: ``results.json`` and ``results.md`` (per plan the means over
+(subject, adapter, prompt) units with bootstrap intervals, and paired differences of each compared
+mode minus the baseline mode), ``pareto.png`` and ``timesteps.png`` (Consistency_p per step).
 
-Images are stored as uint8 arrays with one JSON row each (``images.npz`` + ``rows.json``), the
-per-step Consistency_p statistics in ``traces.json``. A time budget skips the later parts
-(recorded) rather than overrun.
-
-``score`` (CPU seconds): the world's evaluators score every image; results are averaged per
-(subject, prompt) unit and given percentile-bootstrap 95% intervals over those units; writes
-``results.md``/``results.json``, ``pareto.png`` and ``timesteps.png``.
+Output folder: ``experiment.json`` (the resolved config), ``generate.json`` (timings, device),
+``adapters/``, one runner folder per plan, and the files above. A folder written by earlier versions
+(``images.npz`` + ``rows.json``) is converted to this layout by :func:`import_stored_run`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
-import torch
 
-MAIN_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled", "orthogonal")
-METHODS: tuple[str, ...] = ("dreambooth-ti", "dco")
-SWEEP_W_TEXT: tuple[float, ...] = (5.0, 7.5, 10.0)
-SWEEP_W_CONS: tuple[float, ...] = (1.5, 3.0, 4.5)
-#: The same sweep at low weights, where the personalized models overfit most visibly.
-LOW_SWEEP_W_TEXT: tuple[float, ...] = (1.5, 2.0, 3.0)
-LOW_SWEEP_W_CONS: tuple[float, ...] = (0.5, 1.0, 2.0)
-#: Guidance weights of the base-model bar (covering both sweeps) ...
-BASE_BAR_W_TEXT: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 7.5, 10.0)
-#: ... and those also drawn with diffusers' default DDIM update (noise not recomputed from the clipped x0).
-UNCLIPPED_BAR_W_TEXT: tuple[float, ...] = (2.0, 5.0, 7.5)
-#: (name, granularity, normalization, rescale): PR variants besides the default (location, standardize, 1).
-PR_VARIANTS: tuple[tuple[str, str, str, float], ...] = (
-    ("clip-negative", "location", "clip-negative", 1.0),
-    ("sample-clip-negative", "sample", "clip-negative", 1.0),
-    ("sample-zero", "sample", "zero", 1.0),
-    ("standardize-x0.5", "location", "standardize", 0.5),
-    ("standardize-x2", "location", "standardize", 2.0),
-)
-#: Normal prompts: backgrounds the references never show, a recolouring, an edit.
-NORMAL_TEMPLATES: tuple[str, ...] = (
-    "a {} in the snow", "a {} in the jungle", "a {} under a night sky",
-    "a {} with a city in the background", "a red {}", "a shiny {}",
-)
-#: Weights of the main comparison and the variants: the SPEC (and PR paper) defaults.
-TOY_W_TEXT = 7.5
-TOY_W_CONS = 3.0
-PARTS: tuple[str, ...] = ("base", "main", "sweep", "variants")
-MODE_LABELS = {"dreambooth": "dreambooth", "consistency": "consistency", "parallel-rescaled": "pr",
-               "orthogonal": "orthogonal"}
+from dreamguide.evaluation.protocol import Plan, Variant, sampling_default
+from dreamguide.guidance import ParallelRescaling
+from dreamguide.toyworld.bench_world import BASE_MODEL
+from dreamguide.toyworld.personalize import PersonalizeSettings
+
+#: Today's reproduction: normal prompts are these six (backgrounds the references never show, a
+#: recolouring, an edit), not the 20 of ``prompts.PROMPT_SETS["normal"]``.
+_REPRODUCE_NORMAL = ("a {} in the snow", "a {} in the jungle", "a {} under a night sky",
+                     "a {} with a city in the background", "a red {}", "a shiny {}")
+EXPERIMENT_FILE = "experiment.json"
+_JUDGED = ("carries_class", "carries_scene", "follows_style", "carries_prompt")
 
 
-def stylized_templates() -> tuple[str, ...]:
-    from dreamguide.toyworld.prompts import STYLIZED_TEMPLATES
+@dataclass(frozen=True)
+class PromptSetConfig:
+    """A named prompt list: ``templates`` ({} = "<token> <class>"), a set of ``toyworld.prompts.PROMPT_SETS``
+    (no templates given: the set of this name), or ``count`` random prompts of the world's grammar."""
 
-    return tuple(STYLIZED_TEMPLATES)
+    name: str
+    templates: tuple[str, ...] = ()
+    random: Literal["", "normal", "stylized"] = ""
+    count: int = 0
+    seed: int = 0
 
+    def prompts(self) -> tuple[str, ...]:
+        from dreamguide.toyworld.prompts import PROMPT_SETS
 
-class _Store:
-    """Collects images (uint8) with their rows and traces."""
-
-    def __init__(self):
-        self.images: list[np.ndarray] = []
-        self.rows: list[dict] = []
-        self.traces: list[dict] = []
-
-    def add(self, results, **row) -> None:
-        for r in results:
-            self.images.append(np.asarray(r.image.convert("RGB"), dtype=np.uint8))
-            index = len(self.rows)
-            self.rows.append({**row, "mode": MODE_LABELS.get(r.mode, r.mode), "seed": r.seed,
-                              "prompt": r.prompt, "base_prompt": r.base_prompt})
-            if r.trace:
-                self.traces.append({"row": index, "timestep": [s["timestep"] for s in r.trace],
-                                    "mean": [s["mean"] for s in r.trace], "std": [s["std"] for s in r.trace],
-                                    "fraction_negative": [s["fraction_negative"] for s in r.trace]})
-
-    def add_tensor(self, images: torch.Tensor, rows: list[dict]) -> None:
-        arrays = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        self.images.extend(list(arrays))
-        self.rows.extend(rows)
-
-    def save(self, out: Path, record: dict) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        images = np.stack(self.images) if self.images else np.zeros((0, 0, 0, 3), dtype=np.uint8)
-        np.savez_compressed(out / "images.npz", images=images)
-        (out / "rows.json").write_text(json.dumps(self.rows) + "\n", encoding="utf-8")
-        (out / "traces.json").write_text(json.dumps(self.traces) + "\n", encoding="utf-8")
-        (out / "generate.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if self.random:
+            normal, stylized = base_prompts(self.count, self.seed)
+            return tuple(normal if self.random == "normal" else stylized)
+        if self.templates:
+            return self.templates
+        if self.name not in PROMPT_SETS:
+            raise ValueError(f"prompt set {self.name!r} has no templates and is not one of {sorted(PROMPT_SETS)}")
+        return PROMPT_SETS[self.name]
 
 
-def _sample(sampler, store, prompt, token, subject, template, set_name, modes, seeds, steps, w_text, w_cons,
-            pr=None, **row):
-    from dreamguide.guidance import ParallelRescaling
-    from dreamguide.prompts import base_prompt
-    from dreamguide.sampling import SampleSettings
+@dataclass(frozen=True)
+class PlanConfig:
+    """One plan: adapter kinds ("base": the base model alone) x prompt sets x modes x weights x variants."""
 
-    settings = SampleSettings(
-        prompt=prompt, token=token, class_word=subject.cls, base_prompt=base_prompt(prompt, token, subject.cls),
-        modes=tuple(modes), seeds=tuple(seeds), batch_size=len(seeds), steps=steps, w_text=w_text, w_cons=w_cons,
-        pr=pr or ParallelRescaling(), trace=True,
+    name: str
+    adapters: tuple[str, ...] = ("dreambooth-ti", "dco")
+    prompt_sets: tuple[str, ...] = ("normal", "stylized")
+    prompts_per_set: int = 0  # 0 = all; n = the first n of each set
+    modes: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled", "orthogonal")
+    w_text: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_text"),))
+    w_cons: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_cons"),))
+    variants: tuple[str, ...] = ()  # names of [[variants]]
+    seeds: tuple[int, ...] | None = None  # None: the experiment's seeds
+    title: str = ""
+    metrics: tuple[str, ...] = ()  # the report's columns (empty: the report's metrics)
+    reference: str = ""  # another plan, summarized beside this one on the same units
+
+
+@dataclass(frozen=True)
+class ExperimentReport:
+    baseline_mode: str = "consistency"
+    compare: tuple[str, ...] = ("parallel-rescaled",)  # paired differences: each of these minus the baseline
+    metrics: tuple[str, ...] = ("text_alignment", "identity", "carries_prompt", "follows_style")
+    bootstrap_samples: int = 2000
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
+    digits: int = 3
+    pareto_plans: tuple[str, ...] = ("main", "sweep-low", "sweep-paper")
+    pareto_prompt_set: str = "stylized"
+    trace_plans: tuple[str, ...] = ("main",)
+    trace_modes: tuple[str, ...] = ("consistency", "parallel-rescaled")
+
+
+def _pr(granularity: str, normalization: str, rescale: float) -> ParallelRescaling:
+    return ParallelRescaling(granularity=granularity, normalization=normalization, rescale=rescale)
+
+
+@dataclass(frozen=True)
+class ToyExperiment:
+    """An experiment in the miniature world; the defaults are the PR paper's (docs/RESULTS.md)."""
+
+    subjects: tuple[str, ...] = ()  # () = all six
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    steps: int = 20
+    personalize: PersonalizeSettings = field(default_factory=PersonalizeSettings)
+    prompt_sets: tuple[PromptSetConfig, ...] = (
+        PromptSetConfig("normal", _REPRODUCE_NORMAL),
+        PromptSetConfig("stylized"),
+        PromptSetConfig("random-normal", random="normal", count=256),
+        PromptSetConfig("random-stylized", random="stylized", count=256),
     )
-    store.add(sampler.sample(settings, progress=False), subject=subject.token, template=template,
-              prompt_set=set_name, w_text=w_text, w_cons=w_cons, **row)
+    variants: tuple[Variant, ...] = (
+        Variant("clip-negative", _pr("location", "clip-negative", 1.0)),
+        Variant("sample-clip-negative", _pr("sample", "clip-negative", 1.0)),
+        Variant("sample-zero", _pr("sample", "zero", 1.0)),
+        Variant("standardize-x0.5", _pr("location", "standardize", 0.5)),
+        Variant("standardize-x2", _pr("location", "standardize", 2.0)),
+        Variant("unclipped", clipped_model_output=False),
+    )
+    plans: tuple[PlanConfig, ...] = (
+        PlanConfig("base", (BASE_MODEL,), ("random-normal", "random-stylized"), modes=("cfg",),
+                   w_text=(1.5, 2.0, 3.0, 5.0, 7.5, 10.0), seeds=(0,), metrics=_JUDGED,
+                   title="Base model: prompt fidelity (attribute classifiers)"),
+        PlanConfig("base-unclipped", (BASE_MODEL,), ("random-normal", "random-stylized"), modes=("cfg",),
+                   w_text=(2.0, 5.0, 7.5), variants=("unclipped",), seeds=(0,), metrics=_JUDGED,
+                   title="Base model with diffusers' default DDIM update"),
+        PlanConfig("main", title="Main comparison"),
+        PlanConfig("sweep-low", ("dco",), ("stylized",), 4, ("consistency", "parallel-rescaled"), (1.5, 2.0, 3.0),
+                   (0.5, 1.0, 2.0), title="Weight sweep at low weights (dco adapters, stylized prompts)"),
+        PlanConfig("sweep-paper", ("dco",), ("stylized",), 4, ("consistency", "parallel-rescaled"), (5.0, 7.5, 10.0),
+                   (1.5, 3.0, 4.5), title="Weight sweep on the paper's grid (dco adapters, stylized prompts)"),
+        PlanConfig("variants", ("dco",), ("stylized",), 4, ("parallel-rescaled",),
+                   variants=("clip-negative", "sample-clip-negative", "sample-zero", "standardize-x0.5",
+                             "standardize-x2"), reference="main",
+                   title="PR variants (dco adapters, stylized prompts)"),
+    )
+    report: ExperimentReport = field(default_factory=ExperimentReport)
+
+    def validate(self, source: str) -> "ToyExperiment":
+        from dreamguide.config import ConfigError
+        from dreamguide.toyworld.personalize import METHODS
+        from dreamguide.toyworld.subjects import get_subject
+
+        def fail(message: str):
+            raise ConfigError(f"{source}: {message}")
+
+        for name, items in (("prompt_sets", self.prompt_sets), ("variants", self.variants), ("plans", self.plans)):
+            names = [item.name for item in items]
+            if len(set(names)) != len(names):
+                fail(f"{name} has two entries named {next(n for n in names if names.count(n) > 1)!r}")
+        sets = {s.name: s for s in self.prompt_sets}
+        variants = {v.name for v in self.variants}
+        plans = {p.name for p in self.plans}
+        if not self.plans:
+            fail("no [[plans]]: an experiment needs at least one")
+        try:
+            for subject in self.subjects:
+                get_subject(subject)
+            for s in self.prompt_sets:
+                if s.random and s.count < 1:
+                    fail(f"prompt set {s.name!r}: random prompts need count >= 1")
+                s.prompts()
+            for p in self.plans:
+                for kind in p.adapters:
+                    if kind != BASE_MODEL and kind not in METHODS:
+                        fail(f"plan {p.name!r}: adapter {kind!r}: choose from {BASE_MODEL}, {', '.join(METHODS)}")
+                for kind, names, known in (("prompt set", p.prompt_sets, sets), ("variant", p.variants, variants),
+                                           ("reference plan", [p.reference] if p.reference else [], plans)):
+                    unknown = [n for n in names if n not in known]
+                    if unknown:
+                        fail(f"plan {p.name!r}: unknown {kind} {unknown[0]!r}; defined: {', '.join(known) or 'none'}")
+                self.plan(p)
+                self.world(p, steps=None)
+        except ValueError as error:
+            if isinstance(error, ConfigError):
+                raise
+            fail(str(error))
+        for name in (*self.report.pareto_plans, *self.report.trace_plans):
+            if name not in plans:
+                fail(f"report names plan {name!r}, which the experiment does not define")
+        return self
+
+    def plan(self, plan: PlanConfig) -> Plan:
+        variants = {v.name: v for v in self.variants}
+        return Plan(modes=plan.modes, w_text=plan.w_text, w_cons=plan.w_cons, seeds=plan.seeds or self.seeds,
+                    variants=tuple(variants[name] for name in plan.variants))
+
+    def world(self, plan: PlanConfig, steps: int | None, adapters_dir=None, device=None, evaluators=None):
+        from dreamguide.toyworld.bench_world import ToyBenchWorld
+
+        sets = {s.name: s.prompts() for s in self.prompt_sets}
+        return ToyBenchWorld(subjects=self.subjects or None, adapters=plan.adapters,
+                             prompt_sets={name: sets[name] for name in plan.prompt_sets},
+                             prompts_per_set=plan.prompts_per_set, steps=steps, adapters_dir=adapters_dir,
+                             device=device, evaluators=evaluators, description={"plan": plan.name})
+
+    def chosen(self, names: Sequence[str] | None) -> list[PlanConfig]:
+        if not names:
+            return list(self.plans)
+        known = {p.name: p for p in self.plans}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown plan(s) {unknown}; the experiment defines {', '.join(known)}")
+        return [known[n] for n in names]
+
+
+def load_toy_experiment(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ToyExperiment:
+    """Read an experiment config (TOML, or a run's ``experiment.json``; ``None``: the defaults) and
+    apply ``key=value`` overrides."""
+    from dreamguide.config import apply_overrides, from_dict, read_toml
+
+    source = "the default experiment" if path is None else str(path)
+    if path is None:
+        data = {}
+    elif Path(path).suffix == ".json":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    else:
+        data = read_toml(path)
+    if overrides:
+        source += " (with --set overrides)"
+    return from_dict(ToyExperiment, apply_overrides(ToyExperiment, data, overrides), source).validate(source)
+
+
+def stored_experiment(out) -> ToyExperiment | None:
+    """The experiment a folder was generated with (its ``experiment.json``), or None."""
+    path = Path(out) / EXPERIMENT_FILE
+    return load_toy_experiment(path) if path.is_file() else None
 
 
 def base_prompts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``n`` random normal prompts (photo, said or unsaid) and ``n`` stylized ones, from the grammar."""
-    import dataclasses
+    import torch
 
     from dreamguide.toyworld.subjects import sample_base_labels
     from dreamguide.toyworld.world import caption
@@ -134,499 +256,400 @@ def base_prompts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     return normal, stylized
 
 
-def default_workers(device: str | None, subjects: int, methods: int = len(METHODS)) -> int:
-    """Processes for :func:`generate`: one per (subject, method) on a GPU (each is launch-bound), one on a CPU."""
-    import os
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def needed_adapters(experiment: ToyExperiment, plans: Sequence[PlanConfig]) -> list[tuple[str, str]]:
+    """(subject, kind) of every adapter the plans sample with."""
+    from dreamguide.toyworld.world import SUBJECTS
+
+    subjects = experiment.subjects or tuple(s.token for s in SUBJECTS)
+    kinds = dict.fromkeys(k for p in plans for k in p.adapters if k != BASE_MODEL)
+    return [(s, k) for s in subjects for k in kinds]
+
+
+def default_workers(device: str | None, jobs: int) -> int:
+    """Processes for :func:`generate`: one per adapter on a GPU (each is launch-bound), one on a CPU."""
+    import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not str(device).startswith("cuda"):
         return 1
-    return max(1, min(subjects * methods + 1, (os.cpu_count() or 2) - 1))
+    return max(1, min(jobs + 1, (os.cpu_count() or 2) - 1))
 
 
-def generate(out, subjects: Sequence[str] | None = None, methods: Sequence[str] = METHODS,
-             seeds: Sequence[int] = (0, 1, 2, 3), steps: int = 20, budget_s: float = 420.0,
-             device: str | None = None, base_prompt_count: int = 256, bundle: str | None = None, log=print,
-             personalize_settings=None, parts: Sequence[str] = PARTS, adapters_from=None, workers: int = 1,
-             adapters_out=None) -> dict:
-    """Stage 1 (see the module docstring). ``bundle``: also train ``sks`` with this method and keep it.
+def _train_adapter(job: dict) -> str:
+    """One worker process: fine-tune one (subject, kind) adapter unless it is there already."""
+    from dreamguide.toyworld.model import load_toyworld_model
+    from dreamguide.toyworld.personalize import RECORD_NAME, personalize
 
-    ``parts``: which of ``base``, ``main``, ``sweep``, ``variants`` to run. ``adapters_from``: a folder of
-    adapters from an earlier run (``<token>-<method>/``) to reuse instead of fine-tuning.
-    ``workers`` > 1: every (subject, method) becomes a job for a pool of that many processes (each
-    writes a shard under ``out/shards/``, merged at the end; the images are those of a one-process
-    run). Fine-tuned adapters go to ``adapters_out`` (default ``out/adapters``).
-    """
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise ValueError(f"unknown reproduce parts {unknown}; choose from {', '.join(PARTS)}")
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if workers > 1:
-        return _generate_sharded(out, subjects or _all_subject_tokens(), methods, seeds, steps, budget_s, device,
-                                 base_prompt_count, bundle, log, personalize_settings, parts, adapters_from,
-                                 workers)
-    from dreamguide.guidance import ParallelRescaling
-    from dreamguide.sampling import Sampler
-    from dreamguide.toyworld.model import load_toyworld_model, sample_cfg
-    from dreamguide.toyworld.personalize import DEFAULTS, load_personalized, personalize, subject_token
-    from dreamguide.toyworld.subjects import get_subject
-    from dreamguide.toyworld.world import SUBJECTS
+    folder = Path(job["folder"])
+    if not (folder / RECORD_NAME).is_file():
+        if job["single_thread"]:
+            import torch
 
-    started = time.time()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(out)
-    subjects = [get_subject(s) for s in (subjects or [s.token for s in SUBJECTS])]
-    store = _Store()
-    skipped: list[str] = []
-    timings: dict[str, float] = {}
-    stylized = stylized_templates()
-
-    def over() -> bool:
-        return time.time() - started > budget_s
-
-    # base-model bar
-    t0 = time.time()
-    if "base" in parts:
-        model = load_toyworld_model(device=device)
-        normal, styl = base_prompts(base_prompt_count)
-        for w, clipped in [(w, True) for w in BASE_BAR_W_TEXT] + [(w, False) for w in UNCLIPPED_BAR_W_TEXT]:
-            for set_name, prompts in (("normal", normal), ("stylized", styl)):
-                images = sample_cfg(model, prompts, list(range(len(prompts))), steps=steps, w_text=w,
-                                    clipped_model_output=clipped)
-                store.add_tensor(images, [{"part": "base", "prompt_set": set_name, "prompt": p, "base_prompt": p,
-                                           "mode": "cfg", "w_text": w, "w_cons": None, "seed": i,
-                                           "clipped_model_output": clipped}
-                                          for i, p in enumerate(prompts)])
-    timings["base"] = round(time.time() - t0, 1)
-
-    adapters: dict[tuple[str, str], object] = {}
-    runs = [(s, m) for s in subjects for m in methods]
-    if bundle:
-        runs.insert(0, (get_subject("sks"), bundle))
-    t0 = time.time()
-    for subject, method in runs:
-        if over():
-            skipped.append(f"main {subject.token} {method}")
-            continue
-        token = subject_token(subject.token, method)
-        if adapters_from is not None:
-            trained, _ = load_personalized(subject.token, method, folder=Path(adapters_from) / f"{subject.token}-{method}",
-                                           model=load_toyworld_model(device=device), device=device)
-        else:
-            folder = Path(adapters_out or out / "adapters") / f"{subject.token}-{method}"
-            trained = personalize(subject.token, method, folder, personalize_settings or DEFAULTS,
-                                  model=load_toyworld_model(device=device), device=device).model
-        sampler = Sampler(trained, adapter_name="subject")
-        adapters[(subject.token, method)] = sampler
-        if "main" not in parts or (bundle and (subject.token, method) == ("sks", bundle) and method not in methods):
-            continue
-        for set_name, templates in (("normal", NORMAL_TEMPLATES), ("stylized", stylized)):
-            for template in templates:
-                prompt = template.format(f"{token} {subject.cls}")
-                _sample(sampler, store, prompt, token, subject, template, set_name, MAIN_MODES, seeds, steps,
-                        TOY_W_TEXT, TOY_W_CONS, part="main", method=method, variant="default")
-        log(f"main {subject.token} {method}: {time.time() - started:.0f}s")
-    timings["main"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    for subject in subjects:
-        sampler = adapters.get((subject.token, "dco"))
-        if sampler is None or "sweep" not in parts:
-            continue
-        for template in stylized[:4]:
-            prompt = template.format(f"{subject.token} {subject.cls}")
-            for grid, w_texts, w_conses in (("low", LOW_SWEEP_W_TEXT, LOW_SWEEP_W_CONS),
-                                            ("paper", SWEEP_W_TEXT, SWEEP_W_CONS)):
-                for w_text in w_texts:
-                    for w_cons in w_conses:
-                        if over():
-                            skipped.append(f"sweep {subject.token} {template} {w_text} {w_cons}")
-                            continue
-                        _sample(sampler, store, prompt, subject.token, subject, template, "stylized",
-                                ("consistency", "parallel-rescaled"), seeds, steps, w_text, w_cons,
-                                part="sweep", method="dco", variant="default", grid=grid)
-        log(f"sweep {subject.token}: {time.time() - started:.0f}s")
-    timings["sweep"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    for subject in subjects:
-        sampler = adapters.get((subject.token, "dco"))
-        if sampler is None or "variants" not in parts:
-            continue
-        for template in stylized[:4]:
-            prompt = template.format(f"{subject.token} {subject.cls}")
-            # reference rows (consistency and default PR, same prompts, seeds and weights) unless main has them
-            if "main" not in parts and not over():
-                _sample(sampler, store, prompt, subject.token, subject, template, "stylized",
-                        ("consistency", "parallel-rescaled"), seeds, steps, TOY_W_TEXT, TOY_W_CONS,
-                        part="variants", method="dco", variant="reference")
-            for name, granularity, normalization, rescale in PR_VARIANTS:
-                if over():
-                    skipped.append(f"variant {subject.token} {template} {name}")
-                    continue
-                _sample(sampler, store, prompt, subject.token, subject, template, "stylized",
-                        ("parallel-rescaled",), seeds, steps, TOY_W_TEXT, TOY_W_CONS,
-                        pr=ParallelRescaling(granularity=granularity, normalization=normalization, rescale=rescale),
-                        part="variants", method="dco", variant=name)
-        log(f"variants {subject.token}: {time.time() - started:.0f}s")
-    timings["variants"] = round(time.time() - t0, 1)
-
-    record = {
-        "subjects": [s.token for s in subjects], "methods": list(methods), "seeds": list(seeds), "steps": steps,
-        "toy_w_text": TOY_W_TEXT, "toy_w_cons": TOY_W_CONS, "sweep_w_text": list(SWEEP_W_TEXT),
-        "sweep_w_cons": list(SWEEP_W_CONS), "low_sweep_w_text": list(LOW_SWEEP_W_TEXT),
-        "low_sweep_w_cons": list(LOW_SWEEP_W_CONS), "base_bar_w_text": list(BASE_BAR_W_TEXT),
-        "unclipped_bar_w_text": list(UNCLIPPED_BAR_W_TEXT), "pr_variants": [list(v) for v in PR_VARIANTS],
-        "normal_templates": list(NORMAL_TEMPLATES), "stylized_templates": list(stylized),
-        "parts": list(parts), "adapters_from": None if adapters_from is None else str(adapters_from),
-        "images": len(store.rows), "skipped": skipped, "timings_s": timings,
-        "seconds": round(time.time() - started, 1), "device": _device_name(device), "budget_s": budget_s,
-    }
-    store.save(out, record)
-    log(f"generated {len(store.rows)} images in {record['seconds']}s; skipped {len(skipped)} parts")
-    return record
+            torch.set_num_threads(1)
+        personalize(job["subject"], job["kind"], folder, job["settings"],
+                    model=load_toyworld_model(device=job["device"]), device=job["device"])
+    return f"{job['subject']}-{job['kind']}"
 
 
-def _all_subject_tokens() -> list[str]:
-    from dreamguide.toyworld.world import SUBJECTS
+def _run_shard(job: dict) -> list[dict]:
+    """One worker process: this shard of every plan's groups."""
+    from dreamguide.evaluation.runner import run_shard
 
-    return [s.token for s in SUBJECTS]
+    if job["single_thread"]:
+        import torch
+
+        torch.set_num_threads(1)
+    experiment, out = job["experiment"], Path(job["out"])
+    counts = []
+    for plan in experiment.chosen(job["plans"]):
+        world = experiment.world(plan, experiment.steps, job["adapters_dir"], job["device"])
+        counts.append(run_shard(world, experiment.plan(plan), out / plan.name, job["index"], job["workers"],
+                                log=job["log"], deadline=job["deadline"]))
+    return counts
 
 
-def _shard_job(kwargs: dict) -> dict:
-    """One worker process of :func:`_generate_sharded`: :func:`generate` for one (subject, method)."""
-    torch.set_num_threads(1)
-    return generate(**kwargs)
-
-
-def _generate_sharded(out, subjects, methods, seeds, steps, budget_s, device, base_prompt_count, bundle, log,
-                      personalize_settings, parts, adapters_from, workers) -> dict:
+def _pool_map(function, jobs: list[dict], workers: int) -> list:
+    if workers <= 1:
+        return [function(job) for job in jobs]
     import multiprocessing
 
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        return pool.map(function, jobs, chunksize=1)
+
+
+def generate(experiment: ToyExperiment, out, plans: Sequence[str] | None = None, workers: int = 1,
+             device: str | None = None, budget_s: float | None = None, adapters_from=None, bundle: str | None = None,
+             log=print) -> dict:
+    """Fine-tune the adapters the plans need, then run the plans' shards; returns the run record.
+
+    ``workers`` processes train one adapter each at a time, then each takes every ``workers``-th
+    group of every plan (:func:`dreamguide.evaluation.runner.run_shard`). Past ``budget_s`` no new
+    group starts; a second run continues where the first stopped. ``adapters_from``: a folder of
+    adapters (``<token>-<kind>/``) to sample with instead of fine-tuning. ``bundle``: also fine-tune
+    ``sks`` with this method (how the demo's adapter is made).
+    """
+    import torch
+
+    from dreamguide.evaluation.runner import RunMismatch
+
     started = time.time()
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shard_parts = [p for p in parts if p != "base"]
-    common = {"seeds": list(seeds), "steps": steps, "budget_s": budget_s, "device": device, "log": print,
-              "personalize_settings": personalize_settings, "adapters_from": adapters_from,
-              "adapters_out": str(out / "adapters")}
-    jobs = []
-    if bundle and not ("sks" in subjects and bundle in methods):  # train the bundled adapter only
-        jobs.append({"out": str(out / "shards" / f"sks-{bundle}"), "subjects": ["sks"], "methods": [bundle],
-                     "parts": [], **common})
-    for token in subjects:
-        for method in methods:
-            # the sweep and the variants use the dco adapters only
-            parts_ = [p for p in shard_parts if p == "main" or method == "dco"]
-            jobs.append({"out": str(out / "shards" / f"{token}-{method}"), "subjects": [token], "methods": [method],
-                         "parts": parts_, **common})
-    shards = [out / "shards" / "base"] if "base" in parts else []
-    shards += [Path(j["out"]) for j in jobs]
-    workers = min(workers, len(jobs)) if jobs else 1
-    log(f"generating {len(jobs)} (subject, method) jobs in {workers} processes")
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending = pool.map_async(_shard_job, jobs, chunksize=1) if jobs else None
-        if "base" in parts:  # the parent draws the base-model bar meanwhile
-            generate(out / "shards" / "base", subjects=[subjects[0]], methods=(), seeds=seeds, steps=steps,
-                     budget_s=budget_s, device=device, base_prompt_count=base_prompt_count, log=log, parts=["base"])
-        if pending is not None:
-            pending.get()
-    return merge_shards(out, shards, extra={"workers": workers,
-                                            "seconds": round(time.time() - started, 1), "budget_s": budget_s},
-                        log=log)
-
-
-def merge_shards(out, shards: Sequence[Path], extra: dict | None = None, log=print) -> dict:
-    """Concatenate the ``generate`` outputs in ``shards`` into ``out`` (images, rows, traces, record)."""
-    out = Path(out)
-    store = _Store()
-    records = []
-    for shard in shards:
-        shard = Path(shard)
-        offset = len(store.rows)
-        rows = json.loads((shard / "rows.json").read_text())
-        traces = json.loads((shard / "traces.json").read_text())
-        if rows:
-            store.images.extend(np.load(shard / "images.npz")["images"])
-        store.rows.extend(rows)
-        store.traces.extend({**t, "row": t["row"] + offset} for t in traces)
-        records.append(json.loads((shard / "generate.json").read_text()))
-    subject_records = [r for r in records if set(r["parts"]) - {"base"}]
-    first = subject_records[0] if subject_records else records[0]
-    record = {**first,
-              "subjects": list(dict.fromkeys(t for r in subject_records for t in r["subjects"])),
-              "methods": list(dict.fromkeys(m for r in subject_records for m in r["methods"])),
-              "parts": sorted({p for r in records for p in r["parts"]}, key=PARTS.index),
-              "images": len(store.rows),
-              "skipped": [s for r in records for s in r["skipped"]],
-              "timings_s": {p: max(r["timings_s"].get(p, 0.0) for r in records) for p in PARTS},
-              "shard_seconds": {Path(s).name: r["seconds"] for s, r in zip(shards, records)},
-              **(extra or {})}
-    store.save(out, record)
-    log(f"generated {len(store.rows)} images in {record['seconds']}s; skipped {len(record['skipped'])} parts")
+    chosen = experiment.chosen(plans)
+    stored = stored_experiment(out)
+    if stored is not None and stored != experiment:
+        raise RunMismatch(f"{out} holds a run of another experiment ({EXPERIMENT_FILE}); resume with the same "
+                          f"config or choose a new output folder")
+    _write_json(out / EXPERIMENT_FILE, dataclasses.asdict(experiment))
+    adapters_dir = Path(adapters_from) if adapters_from is not None else out / "adapters"
+    single_thread = workers > 1
+    train = [] if adapters_from is not None else needed_adapters(experiment, chosen)
+    if bundle and ("sks", bundle) not in train:
+        train.insert(0, ("sks", bundle))
+    jobs = [{"subject": s, "kind": k, "folder": str(out / "adapters" / f"{s}-{k}"), "settings": experiment.personalize,
+             "device": device, "single_thread": single_thread} for s, k in train]
+    log(f"fine-tuning {len(jobs)} adapters in {min(workers, max(len(jobs), 1))} processes")
+    t0 = time.time()
+    _pool_map(_train_adapter, jobs, workers)
+    timings = {"adapters": round(time.time() - t0, 1)}
+    t0 = time.time()
+    deadline = None if budget_s is None else started + budget_s
+    shards = [{"experiment": experiment, "out": str(out), "plans": [p.name for p in chosen], "index": r,
+               "workers": workers, "adapters_dir": str(adapters_dir), "device": device, "deadline": deadline,
+               "single_thread": single_thread, "log": print if workers > 1 else log} for r in range(workers)]
+    counts = _pool_map(_run_shard, shards, workers)
+    timings["sampling"] = round(time.time() - t0, 1)
+    pending = {p.name: sum(c[i]["pending"] for c in counts) for i, p in enumerate(chosen)}
+    record = {"plans": [p.name for p in chosen], "workers": workers, "device": _device_name(device),
+              "adapters_from": None if adapters_from is None else str(adapters_from), "budget_s": budget_s,
+              "images": sum(c[i]["images"] for c in counts for i in range(len(chosen))),
+              "pending_groups": {k: v for k, v in pending.items() if v}, "timings_s": timings,
+              "seconds": round(time.time() - started, 1)}
+    _write_json(out / "generate.json", record)
+    log(f"generated {record['images']} images in {record['seconds']}s"
+        + (f"; groups left for the next run: {record['pending_groups']}" if record["pending_groups"] else ""))
     return record
 
 
 def _device_name(device) -> str:
-    import os
     import platform
+
+    import torch
 
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _write_json(path: Path, data) -> None:
+    from dreamguide.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
-# Stage 2: scoring
+# Scoring and the results
 
 
-def _units(rows: list[dict], values: np.ndarray, keys=("subject", "template")) -> np.ndarray:
-    """Mean of ``values`` per (subject, prompt) unit (seeds averaged), in a fixed unit order."""
-    groups: dict[tuple, list[float]] = {}
-    for row, v in zip(rows, values):
-        groups.setdefault(tuple(row.get(k) for k in keys), []).append(float(v))
-    return np.array([np.mean(groups[k]) for k in sorted(groups, key=str)])
+def score(experiment: ToyExperiment, out, evaluators=None, log=print) -> dict:
+    """Score every stored image of ``out`` again (one batch) and write results.json/md, pareto.png, timesteps.png."""
+    from dreamguide.evaluation.runner import merge_results, rescore
 
+    out = Path(out)
+    if (out / "rows.json").is_file() and not any((out / p.name / "manifest").is_dir() for p in experiment.plans):
+        import_stored_run(out, experiment, log=log)
+    runs = []
+    for plan in experiment.plans:
+        if (out / plan.name / "manifest").is_dir():
+            world = experiment.world(plan, steps=None, evaluators=evaluators)
+            evaluators = world.evaluators  # one set of evaluators for every plan
+            runs.append((plan, world, experiment.plan(plan)))
+    if not runs:
+        raise FileNotFoundError(f"{out} holds no plan of this experiment ({', '.join(p.name for p in experiment.plans)})")
+    rescore([(world, plan, out / p.name) for p, world, plan in runs], log=log)
+    rows = {}
+    for p, world, plan in runs:
+        rows[p.name], missing = merge_results(world, plan, out / p.name)
+        if missing:
+            log(f"plan {p.name}: {missing} images not generated (reported without them)")
+    record_path = out / "generate.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    results = experiment_results(experiment, rows, out, record)
+    _write_json(out / "results.json", results)
+    write_figures(experiment, results, rows, out)
+    from dreamguide.atomic import atomic_write_text
 
-def _summary(rows, metrics: dict[str, np.ndarray], group_keys, seed: int = 0, samples: int = 2000) -> list[dict]:
-    from dreamguide.evaluation.report import bootstrap_interval
-
-    groups: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(tuple(row.get(k) for k in group_keys), []).append(i)
-    out = []
-    for key, idx in groups.items():
-        entry = dict(zip(group_keys, key))
-        entry["images"] = len(idx)
-        sub = [rows[i] for i in idx]
-        for name, values in metrics.items():
-            units = _units(sub, values[idx])
-            lo, hi = bootstrap_interval(units, samples, seed)
-            entry[name] = round(float(units.mean()), 4)
-            entry[f"{name}_low"], entry[f"{name}_high"] = round(lo, 4), round(hi, 4)
-            entry["units"] = len(units)
-        out.append(entry)
-    return out
-
-
-def _paired_difference(rows, values, a: dict, b: dict, seed: int = 0, samples: int = 2000) -> dict:
-    """Mean over units of (a - b) with a bootstrap 95% interval; a and b select rows by their fields."""
-    from dreamguide.evaluation.report import bootstrap_interval
-
-    def select(sel):
-        idx = [i for i, r in enumerate(rows) if all(r.get(k) == v for k, v in sel.items())]
-        groups: dict[tuple, list[float]] = {}
-        for i in idx:
-            groups.setdefault((rows[i]["subject"], rows[i].get("method"), rows[i]["template"]), []).append(values[i])
-        return {k: float(np.mean(v)) for k, v in groups.items()}
-
-    ua, ub = select(a), select(b)
-    common = sorted(set(ua) & set(ub), key=str)
-    diff = np.array([ua[k] - ub[k] for k in common])
-    if len(diff) == 0:
-        return {"mean": None, "low": None, "high": None, "units": 0}
-    lo, hi = bootstrap_interval(diff, samples, seed)
-    return {"mean": round(float(diff.mean()), 4), "low": round(lo, 4), "high": round(hi, 4), "units": len(diff)}
-
-
-def score(folder, evaluators=None, log=print) -> dict:
-    """Stage 2: score ``generate``'s images; write results.md/json, pareto.png, timesteps.png into ``folder``."""
-    from dreamguide.toyworld.evaluators import ToyEvaluators
-    from dreamguide.toyworld.subjects import reference_images
-
-    folder = Path(folder)
-    rows = json.loads((folder / "rows.json").read_text())
-    traces = json.loads((folder / "traces.json").read_text())
-    record = json.loads((folder / "generate.json").read_text())
-    images = torch.from_numpy(np.load(folder / "images.npz")["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    evaluators = evaluators or ToyEvaluators.load()
-    bases = [r["base_prompt"] for r in rows]
-    text = evaluators.text_alignment(images, bases).numpy()
-    judged = evaluators.judge(images, bases)
-    carries = judged.all.float().numpy()
-    identity = np.full(len(rows), np.nan)
-    refs = {}
-    for i, r in enumerate(rows):
-        if r.get("subject"):
-            refs.setdefault(r["subject"], []).append(i)
-    for token, idx in refs.items():
-        identity[idx] = evaluators.identity(images[idx], reference_images(token)).numpy()
-    metrics = {"text_alignment": text, "identity": identity, "carries_prompt": carries,
-               "follows_style": judged.style.float().numpy()}
-
-    def part(name):
-        idx = [i for i, r in enumerate(rows) if r["part"] == name]
-        return [rows[i] for i in idx], {k: v[idx] for k, v in metrics.items()}, idx
-
-    results: dict = {"generate": record}
-    # base-model bar
-    base_rows, _, base_idx = part("base")
-    bar = []
-    for w, clipped in sorted({(r["w_text"], r.get("clipped_model_output", False)) for r in base_rows},
-                             key=lambda k: (not k[1], k[0])):
-        for set_name in ("normal", "stylized"):
-            idx = [i for i in base_idx if rows[i]["w_text"] == w and rows[i]["prompt_set"] == set_name
-                   and rows[i].get("clipped_model_output", False) == clipped]
-            if idx:
-                bar.append({"w_text": w, "clipped_model_output": clipped, "prompt_set": set_name,
-                            "images": len(idx),
-                            "class": float(judged.cls[idx].float().mean()),
-                            "scene": float(judged.scene[idx].float().mean()),
-                            "style": float(judged.style[idx].float().mean()),
-                            "all_three": float(judged.all[idx].float().mean())})
-    results["base_bar"] = bar
-    main_rows, main_metrics, main_idx = part("main")
-    results["main"] = _summary(main_rows, main_metrics, ("method", "prompt_set", "mode"))
-    sweep_rows, sweep_metrics, _ = part("sweep")
-    results["sweep"] = _summary(sweep_rows, sweep_metrics, ("grid", "mode", "w_text", "w_cons")) if sweep_rows else []
-    results["sweep_pr_vs_consistency"] = [
-        {"w_text": w_text, "w_cons": w_cons,
-         **{name: _paired_difference(sweep_rows, sweep_metrics[name],
-                                     {"mode": "pr", "w_text": w_text, "w_cons": w_cons},
-                                     {"mode": "consistency", "w_text": w_text, "w_cons": w_cons})
-            for name in metrics}}
-        for w_text, w_cons in sorted({(r["w_text"], r["w_cons"]) for r in sweep_rows})
-    ]
-    var_rows, var_metrics, _ = part("variants")
-    results["variants"] = _summary(var_rows, var_metrics, ("variant", "mode")) if var_rows else []
-    # PR vs consistency on stylized prompts (paired over subject x method x prompt units)
-    results["pr_vs_consistency"] = {
-        name: _paired_difference(main_rows, main_metrics[name], {"mode": "pr", "prompt_set": "stylized"},
-                                 {"mode": "consistency", "prompt_set": "stylized"})
-        for name in metrics
-    }
-    results["pr_vs_consistency_normal"] = {
-        name: _paired_difference(main_rows, main_metrics[name], {"mode": "pr", "prompt_set": "normal"},
-                                 {"mode": "consistency", "prompt_set": "normal"})
-        for name in metrics
-    }
-    # variants against default PR and consistency on the same dco stylized units
-    dco_sty = [i for i in main_idx if rows[i]["method"] == "dco" and rows[i]["prompt_set"] == "stylized"
-               and rows[i]["template"] in {r["template"] for r in var_rows}]
-    results["variant_reference"] = _summary([rows[i] for i in dco_sty], {k: v[dco_sty] for k, v in metrics.items()},
-                                            ("mode",)) if dco_sty else []
-    results["timesteps"] = _timestep_curves(rows, traces)
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    _pareto_plot(results, folder / "pareto.png")
-    _timestep_plot(results["timesteps"], folder / "timesteps.png")
-    (folder / "results.md").write_text(results_markdown(results), encoding="utf-8")
-    log(f"scored {len(rows)} images -> {folder / 'results.md'}")
+    atomic_write_text(out / "results.md", results_markdown(experiment, results))
+    log(f"scored {sum(len(r) for r in rows.values())} images -> {out / 'results.md'}")
     return results
 
 
-def _timestep_curves(rows, traces) -> dict:
-    curves: dict = {}
-    for t in traces:
-        r = rows[t["row"]]
-        if r["part"] != "main" or r["mode"] not in ("consistency", "pr"):
+def _report_settings(experiment: ToyExperiment):
+    from dreamguide.evaluation.report import ReportSettings
+
+    r = experiment.report
+    return ReportSettings(baseline_mode=r.baseline_mode, bootstrap_samples=r.bootstrap_samples,
+                          bootstrap_seed=r.bootstrap_seed, confidence=r.confidence)
+
+
+_DIMS = ("adapter", "prompt_set", "mode", "w_text", "w_cons", "variant")
+
+
+def _order(plan: PlanConfig, experiment: ToyExperiment):
+    """Sort key of summary entries: the config's order of adapters, prompt sets, modes, weights, variants."""
+    p = experiment.plan(plan)
+    orders = {"adapter": plan.adapters, "prompt_set": plan.prompt_sets, "mode": p.modes, "w_text": p.w_text,
+              "w_cons": (None, *p.w_cons), "variant": ("", *plan.variants)}
+    return lambda entry: tuple(orders[d].index(entry[d]) if entry[d] in orders[d] else -1 for d in _DIMS)
+
+
+def _rounded(entry: dict, digits: int = 4) -> dict:
+    return {k: round(v, digits) if isinstance(v, float) else v for k, v in entry.items()}
+
+
+def experiment_results(experiment: ToyExperiment, rows: dict[str, list[dict]], out: Path, record: dict) -> dict:
+    """Per plan: summary entries and paired differences (rounded to 4 decimals); Consistency_p per step."""
+    from dreamguide.evaluation.report import paired_difference, summarize
+    from dreamguide.guidance import get_mode
+
+    settings = _report_settings(experiment)
+    metrics = list(dict.fromkeys([*experiment.report.metrics, *(m for p in experiment.plans for m in p.metrics)]))
+    baseline = get_mode(experiment.report.baseline_mode).name
+    compared = [get_mode(m).name for m in experiment.report.compare]
+    plans = {}
+    for plan in experiment.plans:
+        if plan.name not in rows:
             continue
-        key = f"{r['mode']}|{r['prompt_set']}"
-        c = curves.setdefault(key, {"n": 0, "mean": None, "std": None, "fraction_negative": None,
-                                    "timestep": t["timestep"]})
-        for name in ("mean", "std", "fraction_negative"):
-            c[name] = t[name] if c[name] is None else [a + b for a, b in zip(c[name], t[name])]
-        c["n"] += 1
-    for c in curves.values():
-        for name in ("mean", "std", "fraction_negative"):
-            c[name] = [round(v / c["n"], 5) for v in c[name]]
-    return curves
+        plan_rows = rows[plan.name]
+        summary = sorted(summarize(plan_rows, metrics, _DIMS, settings), key=_order(plan, experiment))
+        differences = []
+        cells = dict.fromkeys((r["prompt_set"], r["w_text"], r["w_cons"], r["variant"]) for r in plan_rows
+                              if r["mode"] in compared)
+        for mode in compared:
+            for prompt_set, w_text, w_cons, variant in cells:
+                a = {"mode": mode, "prompt_set": prompt_set, "w_text": w_text, "w_cons": w_cons, "variant": variant}
+                b = {**a, "mode": baseline}
+                if not any(r["variant"] == variant and r["mode"] == baseline for r in plan_rows):
+                    b["variant"] = ""
+                entry = {"mode": mode, "baseline": baseline, "prompt_set": prompt_set, "w_text": w_text,
+                         "w_cons": w_cons, "variant": variant}
+                for metric in metrics:
+                    d = paired_difference(plan_rows, metric, a, b, settings)
+                    if d["units"]:
+                        entry[metric] = _rounded({k: d[k] for k in ("mean", "low", "high", "units", "verdict")})
+                if len(entry) > 6:
+                    differences.append(entry)
+        reference = []
+        if plan.reference in rows:
+            units = {(r["subject"], r["adapter"], r["prompt_set"], r["template"]) for r in plan_rows}
+            shared = [r for r in rows[plan.reference]
+                      if (r["subject"], r["adapter"], r["prompt_set"], r["template"]) in units]
+            reference = [_rounded(e) for e in summarize(shared, metrics, _DIMS, settings)]
+        plans[plan.name] = {"title": plan.title or plan.name, "images": len(plan_rows),
+                            "summary": [_rounded(e) for e in summary], "differences": differences,
+                            "reference": reference}
+    return {"experiment": dataclasses.asdict(experiment), "generate": record, "plans": plans,
+            "timesteps": _timesteps(experiment, rows, out)}
 
 
-def _pyplot():
-    import matplotlib
+def _timesteps(experiment: ToyExperiment, rows: dict[str, list[dict]], out: Path) -> dict:
+    from dreamguide.evaluation.report import read_traces, trace_curves
+    from dreamguide.guidance import get_mode
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _pareto_plot(results: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9.5, 5))
-    markers = {"dreambooth": "s", "consistency": "o", "pr": "^", "orthogonal": "v"}
-    for method, color in (("dreambooth-ti", "tab:blue"), ("dco", "tab:red")):
-        for r in results["main"]:
-            if r["method"] != method or r["prompt_set"] != "stylized":
-                continue
-            ax.errorbar(r["text_alignment"], r["identity"],
-                        xerr=[[r["text_alignment"] - r["text_alignment_low"]], [r["text_alignment_high"] - r["text_alignment"]]],
-                        yerr=[[r["identity"] - r["identity_low"]], [r["identity_high"] - r["identity"]]],
-                        marker=markers.get(r["mode"], "o"), color=color, capsize=2, ls="none",
-                        label=f"{method} / {r['mode']}")
-    for grid, ls in (("paper", ":"), ("low", "--")):
-        for mode, color in (("consistency", "gray"), ("pr", "black")):
-            cells = [r for r in results["sweep"] if r["mode"] == mode and r.get("grid", "paper") == grid]
-            for i, w_text in enumerate(sorted({r["w_text"] for r in cells})):
-                pts = sorted([r for r in cells if r["w_text"] == w_text], key=lambda r: r["w_cons"])
-                ax.plot([p["text_alignment"] for p in pts], [p["identity"] for p in pts], marker=markers[mode],
-                        color=color, ls=ls, lw=0.8, ms=4, alpha=0.8 if grid == "paper" else 0.35,
-                        label=None if i else f"dco / {mode}, {grid} sweep (a line per w_text, over w_cons)")
-    ax.set_xlabel("text alignment (toy CLIP cosine to the base prompt)")
-    ax.set_ylabel("identity (toy DINO cosine to the references)")
-    ax.set_title("stylized prompts: identity vs text alignment (95% bootstrap CIs)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    modes = {get_mode(m).name for m in experiment.report.trace_modes}
+    traces: dict[tuple, list] = {}
+    for name in experiment.report.trace_plans:
+        chosen = [r for r in rows.get(name, []) if r["mode"] in modes]
+        for key, group in read_traces(chosen, out / name).items():
+            traces.setdefault(key, []).extend(group)
+    return {"|".join(key): {k: (int(v) if k == "images" else [round(float(x), 5) for x in v])
+                            for k, v in curve.items()}
+            for key, curve in trace_curves(traces).items()}
 
 
-def _timestep_plot(curves: dict, path: Path) -> None:
-    from dreamguide.toyworld.demo import plot_consistency_p
+def write_figures(experiment: ToyExperiment, results: dict, rows: dict[str, list[dict]], out: Path) -> None:
+    """pareto.png (identity vs text alignment on the report's prompt set) and timesteps.png."""
+    from dreamguide.evaluation.report import consistency_p_plot, pareto_plot
 
-    by_mode_and_set = {tuple(key.split("|")): curve for key, curve in sorted(curves.items())}
-    plot_consistency_p(by_mode_and_set, path, "Consistency_p: mean over images (band: mean spatial std)")
+    r = experiment.report
+    points = [{**e, "plan": name} for name in r.pareto_plans if name in results["plans"]
+              for e in results["plans"][name]["summary"] if e["prompt_set"] == r.pareto_prompt_set]
+    pareto_plot(points, "identity", "text_alignment", out / "pareto.png",
+                line_keys=("plan", "adapter", "mode", "w_text", "variant"),
+                x_label="text alignment (toy CLIP cosine to the base prompt)",
+                y_label="identity (toy DINO cosine to the references)",
+                title=f"{r.pareto_prompt_set} prompts: identity vs text alignment "
+                      f"({r.confidence:.0%} bootstrap intervals; lines over w_cons)")
+    curves = {tuple(key.split("|")): {k: np.array(v) for k, v in c.items() if k != "images"}
+              for key, c in results["timesteps"].items()}
+    consistency_p_plot(curves, out / "timesteps.png", f"Consistency_p per step ({', '.join(r.trace_plans)})")
 
 
-def _fmt(r: dict, name: str) -> str:
-    return f"{r[name]:.3f} [{r[name + '_low']:.3f}, {r[name + '_high']:.3f}]"
+def results_markdown(experiment: ToyExperiment, results: dict) -> str:
+    """The results tables: per plan its summary, its reference rows and its paired differences."""
+    from dreamguide.evaluation.report import format_difference, format_interval, markdown_table
 
-
-def results_markdown(results: dict) -> str:
-    g = results["generate"]
-    lines = ["## Results tables", ""]
-    lines += ["### Base model: prompt fidelity (attribute classifiers)", "",
-              "| w_text | DDIM noise from clipped x0 | prompts | images | class | scene | style | all three |",
-              "|---|---|---|---|---|---|---|---|"]
-    for b in results["base_bar"]:
-        lines.append(f"| {b['w_text']:g} | {'yes' if b.get('clipped_model_output') else 'no'} | {b['prompt_set']} | "
-                     f"{b['images']} | {b['class']:.3f} | {b['scene']:.3f} | {b['style']:.3f} | {b['all_three']:.3f} |")
-    lines += ["", f"### Main comparison (w_text {g['toy_w_text']:g}, w_cons {g['toy_w_cons']:g}; means over "
-              "(subject, prompt) units with 95% bootstrap intervals)", "",
-              "| adapter | prompts | mode | text alignment | identity | carries prompt | follows style |",
-              "|---|---|---|---|---|---|---|"]
-    order = {"dreambooth": 0, "consistency": 1, "pr": 2, "orthogonal": 3}
-    for r in sorted(results["main"], key=lambda r: (r["method"], r["prompt_set"], order.get(r["mode"], 9))):
-        lines.append(f"| {r['method']} | {r['prompt_set']} | {r['mode']} | {_fmt(r, 'text_alignment')} | "
-                     f"{_fmt(r, 'identity')} | {_fmt(r, 'carries_prompt')} | {r['follows_style']:.2f} |")
-    for key, title in (("pr_vs_consistency", "stylized"), ("pr_vs_consistency_normal", "normal")):
-        lines += ["", f"### PR minus consistency, {title} prompts (paired over subject x adapter x prompt)", "",
-                  "| metric | difference | 95% interval | units |", "|---|---|---|---|"]
-        for name, d in results[key].items():
-            if d["mean"] is not None:
-                lines.append(f"| {name} | {d['mean']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['units']} |")
-    if results["sweep"]:
-        lines += ["", "### Weight sweep (dco adapters, stylized prompts)", "",
-                  "| grid | mode | w_text | w_cons | text alignment | identity | carries prompt |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in sorted(results["sweep"], key=lambda r: (r.get("grid", ""), r["mode"], r["w_text"], r["w_cons"])):
-            lines.append(f"| {r.get('grid', '')} | {r['mode']} | {r['w_text']:g} | {r['w_cons']:g} | "
-                         f"{_fmt(r, 'text_alignment')} | {_fmt(r, 'identity')} | {_fmt(r, 'carries_prompt')} |")
-        lines += ["", "### Weight sweep: PR minus consistency (paired over subject x prompt)", "",
-                  "| w_text | w_cons | text alignment | identity | carries prompt | units |", "|---|---|---|---|---|---|"]
-        for d in results.get("sweep_pr_vs_consistency", []):
-            cells = [f"{d[n]['mean']:+.3f} [{d[n]['low']:+.3f}, {d[n]['high']:+.3f}]"
-                     if d[n]["mean"] is not None else "-" for n in ("text_alignment", "identity", "carries_prompt")]
-            lines.append(f"| {d['w_text']:g} | {d['w_cons']:g} | {' | '.join(cells)} | {d['text_alignment']['units']} |")
-    if results["variants"]:
-        lines += ["", "### PR variants (dco adapters, stylized prompts; 'main' rows: the main comparison on the same "
-                  "prompts; consistency / pr rows without 'main': references sampled with the variants)", "", "| variant | text alignment | identity | carries prompt |", "|---|---|---|---|"]
-        for r in results["variant_reference"]:
-            lines.append(f"| {r['mode']} (main) | {_fmt(r, 'text_alignment')} | {_fmt(r, 'identity')} | "
-                         f"{_fmt(r, 'carries_prompt')} |")
-        for r in results["variants"]:
-            name = r["mode"] if r["variant"] == "reference" else f"pr {r['variant']}"
-            lines.append(f"| {name} | {_fmt(r, 'text_alignment')} | {_fmt(r, 'identity')} | "
-                         f"{_fmt(r, 'carries_prompt')} |")
+    r = experiment.report
+    digits, pct = r.digits, f"{r.confidence:.0%}"
+    lines = ["## Results tables", "",
+             f"Means over (subject, adapter, prompt) units (seeds averaged within a unit) with {pct} percentile-"
+             f"bootstrap intervals ({r.bootstrap_samples} resamples); differences are paired over the same units."]
+    for plan in experiment.plans:
+        if plan.name not in results["plans"]:
+            continue
+        result = results["plans"][plan.name]
+        metrics = list(plan.metrics or r.metrics)
+        entries = [*({**e, "reference": plan.reference} for e in result["reference"]), *result["summary"]]
+        varying = [d for d in _DIMS if len({_cell(e[d]) for e in entries}) > 1]
+        fixed = [f"{d} {_cell(result['summary'][0][d])}" for d in _DIMS
+                 if d not in varying and result["summary"] and _cell(result["summary"][0][d])]
+        if not result["summary"]:
+            continue
+        lines += ["", f"### {result['title']}", "", f"Plan `{plan.name}`: {result['images']} images; "
+                  + "; ".join(fixed) + ".", ""]
+        head = [*(["rows"] if result["reference"] else []), *varying, "images", *metrics]
+        lines += markdown_table(head, [[*([e.get("reference") or plan.name] if result["reference"] else []),
+                                        *(_cell(e[d]) for d in varying), e["images"],
+                                        *(format_interval(e, m, digits) for m in metrics)] for e in entries])
+        for mode in dict.fromkeys(d["mode"] for d in result["differences"]):
+            diffs = [d for d in result["differences"] if d["mode"] == mode]
+            cells = [k for k in ("prompt_set", "w_text", "w_cons", "variant") if len({_cell(d[k]) for d in diffs}) > 1]
+            lines += ["", f"#### {mode} minus {r.baseline_mode} (paired over subject x adapter x prompt)", "",
+                      *markdown_table([*cells, *metrics, "units"],
+                                      [[*(_cell(d[k]) for k in cells),
+                                        *(format_difference(d.get(m, {}), digits + 1) for m in metrics),
+                                        max((d[m]["units"] for m in metrics if m in d), default=0)] for d in diffs])]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs stored by earlier versions (images.npz + rows.json)
+
+
+def import_stored_run(folder, experiment: ToyExperiment, log=print) -> int:
+    """Convert a folder of the earlier layout (``images.npz``, ``rows.json``, ``traces.json``,
+    ``generate.json``) into this module's: one runner folder per plan, images as PNGs, traces as
+    per-image step records. Rows map onto the plans of ``experiment`` (parts ``base``/``main``/
+    ``variants`` and ``sweep`` grids onto the plans of those names, the base bar's default DDIM update
+    onto ``base-unclipped``); returns the number of images imported.
+    """
+    from PIL import Image
+
+    from dreamguide.evaluation.protocol import Generated, uses_consistency
+    from dreamguide.evaluation.runner import _append_record, _check_run_file, _store, build_jobs, group_id, group_jobs
+    from dreamguide.guidance import get_mode
+
+    folder = Path(folder)
+    rows = json.loads((folder / "rows.json").read_text())
+    stored_traces = {t["row"]: t for t in json.loads((folder / "traces.json").read_text())}
+    record = json.loads((folder / "generate.json").read_text())
+    images = np.load(folder / "images.npz")["images"]
+
+    def plan_of(row: dict) -> str:
+        if row["part"] == "base":
+            return "base" if row.get("clipped_model_output", True) else "base-unclipped"
+        return f"sweep-{row.get('grid', 'paper')}" if row["part"] == "sweep" else row["part"]
+
+    def key(plan: str, adapter: str, prompt_set: str, prompt: str, mode: str, w_text, w_cons, variant: str, seed):
+        return (plan, adapter, prompt_set, prompt, mode, float(w_text), None if w_cons is None else float(w_cons),
+                variant, seed)
+
+    stored = {}
+    for index, row in enumerate(rows):
+        mode = get_mode(row["mode"]).name
+        if row["part"] == "base":
+            k = key(plan_of(row), BASE_MODEL, f"random-{row['prompt_set']}", row["prompt"], mode, row["w_text"], None,
+                    "" if row.get("clipped_model_output", True) else "unclipped", row["seed"])
+        else:
+            variant = "" if row.get("variant") in (None, "default", "reference") else row["variant"]
+            w_cons = row["w_cons"] if uses_consistency(mode) else None
+            k = key(plan_of(row), row["method"], row["prompt_set"], row["prompt"], mode, row["w_text"], w_cons,
+                    variant, row["seed"])
+        stored[k] = index
+    steps = record.get("steps", experiment.steps)
+    imported = 0
+    for plan in experiment.plans:
+        world = experiment.world(plan, steps=steps)
+        run = experiment.plan(plan)
+        out = folder / plan.name
+        done = []
+        for group in group_jobs(build_jobs(world, run)):
+            indices = []
+            for job in group:
+                c, s = job.case, job.setting
+                seed = job.seed + (c.prompt_index if c.adapter == BASE_MODEL else 0)
+                indices.append(stored.get(key(plan.name, c.adapter, c.prompt_set, c.token_prompt, s.mode, s.w_text,
+                                              s.w_cons, s.variant_name, seed)))
+            if None not in indices:
+                done.append((group, indices))
+        if not done:
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        _check_run_file(out, {"world": world.name, "world_config": world.describe(), "plan": run.to_dict()}, True)
+        for group, indices in done:
+            stored_rows = []
+            for job, index in zip(group, indices):
+                trace = stored_traces.get(index)
+                steps_ = None if trace is None else [
+                    {"step": i, "timestep": t, "mean": m, "std": s, "fraction_negative": f}
+                    for i, (t, m, s, f) in enumerate(zip(trace["timestep"], trace["mean"], trace["std"],
+                                                         trace["fraction_negative"]))]
+                item = Generated(Image.fromarray(images[index]), steps_, {"imported_from": str(folder / "images.npz"),
+                                                                          "index": index})
+                stored_rows.append(_store(out, world, job, item, {}))
+            _append_record(out / "manifest" / "rank-0.jsonl", {"group": group_id(group), "rank": 0,
+                                                               "rows": stored_rows})
+            imported += len(group)
+    log(f"imported {imported} of the {len(rows)} stored images into per-plan folders under {folder}")
+    return imported

@@ -1,0 +1,138 @@
+"""Toy-world experiments as plans on the shared runner: the config, the runs, and scoring stored runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dreamguide.config import ConfigError
+from dreamguide.toyworld.reproduce import ToyExperiment, load_toy_experiment
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_the_shipped_config_is_the_default_experiment():
+    assert load_toy_experiment(CONFIGS / "toyworld-reproduce.toml") == load_toy_experiment() == ToyExperiment()
+    experiment = ToyExperiment()
+    main = experiment.world(next(p for p in experiment.plans if p.name == "main"), steps=None)
+    # today's reproduction: 6 normal prompts (not the 20 of PROMPT_SETS["normal"]) and 7 stylized
+    assert {name: len(t) for name, t in main.prompt_sets.items()} == {"normal": 6, "stylized": 7}
+    assert len(main.cases()) == 6 * 2 * (6 + 7)
+    plan = experiment.plan(next(p for p in experiment.plans if p.name == "variants"))
+    assert [(s.mode, s.variant.name, s.variant.pr.normalization) for s in plan.settings()][:2] == [
+        ("parallel-rescaled", "clip-negative", "clip-negative"), ("parallel-rescaled", "sample-clip-negative",
+                                                                  "clip-negative")]
+
+
+def test_an_experiment_is_a_config(tmp_path):
+    config = tmp_path / "heldout.toml"
+    config.write_text("""
+subjects = ["sks"]
+[[prompt_sets]]
+name = "normal"                 # all 20 of PROMPT_SETS["normal"]
+[[prompt_sets]]
+name = "heldout"
+templates = ["a {} on top of green grass", "a purple {}"]
+[[variants]]
+name = "half"
+pr = { rescale = 0.5 }
+[[plans]]
+name = "sweep"
+adapters = ["dco"]
+prompt_sets = ["normal", "heldout"]
+modes = ["consistency", "pr"]
+w_text = [5.0, 7.5]
+w_cons = [1.0, 2.0]
+variants = ["half"]
+[report]
+pareto_plans = ["sweep"]
+trace_plans = ["sweep"]
+""")
+    experiment = load_toy_experiment(config, ["steps=8"])
+    (plan,) = experiment.plans
+    world, run = experiment.world(plan, steps=experiment.steps), experiment.plan(plan)
+    assert world.steps == 8 and len(world.cases()) == 20 + 2
+    assert world.cases()[-1].token_prompt == "a purple sks ball"
+    assert len(run.settings()) == 2 * 2 * 2 and {s.variant.pr.rescale for s in run.settings()} == {0.5}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[plans]]\nname = "a"\nmodez = ["pr"]', r"x.toml: unknown key 'plans\[0\].modez'; did you mean 'modes'"),
+    ('[[plans]]\nname = "a"\nprompt_sets = ["nope"]', "x.toml: plan 'a': unknown prompt set 'nope'"),
+    ('[[plans]]\nname = "a"\nvariants = ["nope"]', "x.toml: plan 'a': unknown variant 'nope'"),
+    ('[[plans]]\nname = "a"\nadapters = ["lora"]', "x.toml: plan 'a': adapter 'lora'"),
+    ('[[plans]]\nname = "a"\nmodes = ["nope"]', "x.toml: unknown guidance mode 'nope'"),
+    ('[[plans]]\nname = "a"\nw_text = ["7.5"]', r"x.toml: plans\[0\].w_text\[0\] must be a number"),
+    ('[[plans]]\nname = "a"\nadapters = ["base"]', "x.toml: prompt set 'normal' has templates with '{}'"),
+    ('[[plans]]\nname = "a"\n[report]\ntrace_plans = ["main"]', "x.toml: report names plan 'main'"),
+    ('[[variants]]\nname = "v"\npr = { granularity = "sample" }', "x.toml: .*standardize.*needs granularity"),
+    ('[[prompt_sets]]\nname = "mine"', "x.toml: prompt set 'mine' has no templates"),
+])
+def test_config_errors_name_the_key_and_the_file(tmp_path, text, message):
+    (tmp_path / "x.toml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_toy_experiment(tmp_path / "x.toml")
+
+
+def _tiny_experiment(subjects, adapters=("dco",)):
+    """The default experiment at test size: 1 step, seed 0, 2-step adapters, 2 random base prompts."""
+    import dataclasses
+
+    from dreamguide.toyworld.reproduce import load_toy_experiment
+
+    experiment = load_toy_experiment(None, [f"subjects={list(subjects)!r}", "seeds=[0]", "steps=1",
+                                            "personalize.steps=2", "personalize.batch_size=2"])
+    return dataclasses.replace(
+        experiment, prompt_sets=tuple(dataclasses.replace(s, count=2) if s.random else s for s in experiment.prompt_sets),
+        plans=tuple(dataclasses.replace(p, adapters=adapters) if p.name == "main" else p for p in experiment.plans))
+
+
+def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dreamguide.toyworld.reproduce import generate, score
+
+    experiment = _tiny_experiment(["sks", "zwx"])
+    quiet = dict(log=lambda *a: None)
+    serial = generate(experiment, tmp_path / "serial", plans=["main"], device="cpu", **quiet)
+    sharded = generate(experiment, tmp_path / "sharded", workers=2, device="cpu", **quiet)
+    # base ((6 + 3 with the default DDIM update) weights x 2 prompt sets x 2 prompts) + main (2 subjects x
+    # 13 prompts x 4 modes) + the two sweeps (2 x 4 prompts x 9 weight pairs x 2 modes) + variants (2 x 4 x 5)
+    assert sharded["images"] == 9 * 2 * 2 + 2 * 13 * 4 + 2 * (2 * 4 * 9 * 2) + 2 * 4 * 5
+    assert serial["images"] == 2 * 13 * 4
+    assert sharded["workers"] == 2 and not sharded["pending_groups"]
+    assert (tmp_path / "sharded" / "adapters" / "zwx-dco" / "pytorch_lora_weights.safetensors").exists()
+
+    def images(folder):
+        rows = [row for line in (folder / "main" / "manifest").glob("*.jsonl")
+                for record in map(json.loads, line.read_text().splitlines()) for row in record["rows"]]
+        return {r["key"]: np.asarray(Image.open(folder / "main" / r["image"]), dtype=int) for r in rows}
+
+    a, b = images(tmp_path / "serial"), images(tmp_path / "sharded")
+    assert a.keys() == b.keys() and len(a) == 2 * 13 * 4
+    assert all(np.abs(a[k] - b[k]).max() <= 1 for k in a)
+    results = score(experiment, tmp_path / "sharded", **quiet)
+    plans = results["plans"]
+    assert list(plans) == ["base", "base-unclipped", "main", "sweep-low", "sweep-paper", "variants"]
+    assert [(e["prompt_set"], e["mode"]) for e in plans["main"]["summary"]] == [
+        (s, m) for s in ("normal", "stylized") for m in ("dreambooth", "consistency", "parallel-rescaled", "orthogonal")]
+    assert all(e["units"] == 2 * (6 if e["prompt_set"] == "normal" else 7) for e in plans["main"]["summary"])
+    assert [d["prompt_set"] for d in plans["main"]["differences"]] == ["normal", "stylized"]
+    for name in ("sweep-low", "sweep-paper"):
+        assert len(plans[name]["summary"]) == 2 * 9 and len(plans[name]["differences"]) == 9
+        assert all(d["identity"]["units"] == 2 * 4 for d in plans[name]["differences"])
+    assert [e["variant"] for e in plans["variants"]["summary"]] == [v for v in experiment.plans[-1].variants]
+    assert [e["mode"] for e in plans["variants"]["reference"]] == ["dreambooth", "consistency", "parallel-rescaled",
+                                                                   "orthogonal"]
+    assert len(plans["base"]["summary"]) == 6 * 2 and len(plans["base-unclipped"]["summary"]) == 3 * 2
+    assert set(results["timesteps"]) == {f"{m}|{s}" for m in ("consistency", "parallel-rescaled")
+                                         for s in ("normal", "stylized")}
+    for name in ("results.md", "pareto.png", "timesteps.png"):
+        assert (tmp_path / "sharded" / name).is_file()
+
+
