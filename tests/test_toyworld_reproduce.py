@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from dreamguide.config import ConfigError
 from dreamguide.toyworld.reproduce import ToyExperiment, load_toy_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EARLIER_RUN = Path(__file__).resolve().parent / "data" / "toyworld-earlier-run"
 
 
 def test_the_shipped_config_is_the_default_experiment():
@@ -136,3 +138,93 @@ def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
         assert (tmp_path / "sharded" / name).is_file()
 
 
+
+
+def test_score_only_on_a_run_of_the_earlier_layout_gives_the_earlier_numbers(tmp_path):
+    from dreamguide.toyworld.reproduce import score
+
+    folder = tmp_path / "run"
+    shutil.copytree(EARLIER_RUN, folder)
+    experiment = load_toy_experiment(None, ["subjects=['sks', 'zwx']", "seeds=[0]", "steps=4"])
+    experiment = dataclasses.replace(experiment, prompt_sets=tuple(
+        dataclasses.replace(s, count=8) if s.random else s for s in experiment.prompt_sets))
+    results = score(experiment, folder, log=lambda message: None)
+    earlier = json.loads((EARLIER_RUN / "earlier-results.json").read_text())
+    compared, mismatches = compare_with_earlier_results(earlier, results)
+    assert compared == 716 and mismatches == []
+    # the run is now in per-plan runner folders: scoring it again gives the same results
+    assert not (folder / "results.csv").exists() and (folder / "main" / "run.json").is_file()
+    again = score(experiment, folder, log=lambda message: None)
+    assert again["plans"] == results["plans"] and again["timesteps"] == results["timesteps"]
+    markdown = (folder / "results.md").read_text()
+    cell = next(e for e in results["plans"]["main"]["summary"] if e["prompt_set"] == "stylized"
+                and e["adapter"] == "dco" and e["mode"] == "parallel-rescaled")
+    assert f"{cell['identity']:.3f} [{cell['identity_low']:.3f}, {cell['identity_high']:.3f}]" in markdown
+
+
+def compare_with_earlier_results(old: dict, new: dict) -> tuple[int, list]:
+    """Every figure of an earlier ``results.json`` against the same figure of ours: (compared, mismatches).
+
+    Earlier figures were rounded to 4 decimals (the base-model bar not at all: compared at 4 too).
+    """
+    from dreamguide.guidance import get_mode
+
+    plans, compared, mismatches = new["plans"], 0, []
+    metrics = ("text_alignment", "identity", "carries_prompt", "follows_style")
+
+    def check(where, a, b):
+        nonlocal compared
+        compared += 1
+        if a is None or b is None or not (round(a, 4) == round(b, 4) or math.isnan(a) and math.isnan(b)):
+            mismatches.append((where, a, b))
+
+    def entry(plan, **fields):
+        found = [e for e in plans[plan]["summary"] if all(e[k] == v for k, v in fields.items())]
+        assert len(found) == 1, (plan, fields, found)
+        return found[0]
+
+    def same_summary(where, a, b):
+        check(f"{where} images", a["images"], b["images"])
+        check(f"{where} units", a["units"], b["units"])
+        for m in metrics:
+            for suffix in ("", "_low", "_high"):
+                check(f"{where} {m}{suffix}", a[m + suffix], b[m + suffix])
+
+    def same_difference(where, a, b):
+        for m in metrics:
+            for k in ("mean", "low", "high", "units"):
+                check(f"{where} {m} {k}", a[m][k], b[m][k])
+
+    for e in old["main"]:
+        same_summary(f"main {e['method']} {e['prompt_set']} {e['mode']}", e,
+                     entry("main", adapter=e["method"], prompt_set=e["prompt_set"], mode=get_mode(e["mode"]).name))
+    for e in old["sweep"]:
+        same_summary(f"sweep {e['grid']} {e['mode']} {e['w_text']} {e['w_cons']}", e,
+                     entry(f"sweep-{e['grid']}", mode=get_mode(e["mode"]).name, w_text=e["w_text"], w_cons=e["w_cons"]))
+    for e in old["variants"]:
+        same_summary(f"variant {e['variant']}", e, entry("variants", variant=e["variant"]))
+    for e in old["variant_reference"]:
+        (ours,) = [r for r in plans["variants"]["reference"] if r["mode"] == get_mode(e["mode"]).name]
+        same_summary(f"variant reference {e['mode']}", e, ours)
+    for key, prompt_set in (("pr_vs_consistency", "stylized"), ("pr_vs_consistency_normal", "normal")):
+        (ours,) = [d for d in plans["main"]["differences"] if d["prompt_set"] == prompt_set]
+        same_difference(key, old[key], ours)
+    for d in old["sweep_pr_vs_consistency"]:
+        (ours,) = [o for name in ("sweep-low", "sweep-paper") for o in plans[name]["differences"]
+                   if (o["w_text"], o["w_cons"]) == (d["w_text"], d["w_cons"])]
+        same_difference(f"sweep difference {d['w_text']} {d['w_cons']}", d, ours)
+    for b in old["base_bar"]:
+        ours = entry("base" if b["clipped_model_output"] else "base-unclipped", prompt_set=f"random-{b['prompt_set']}",
+                     w_text=b["w_text"])
+        check(f"base bar {b['w_text']} {b['prompt_set']} images", b["images"], ours["images"])
+        for a, m in (("class", "carries_class"), ("scene", "carries_scene"), ("style", "follows_style"),
+                     ("all_three", "carries_prompt")):
+            check(f"base bar {b['w_text']} {b['prompt_set']} {a}", b[a], ours[m])
+    for key, curve in old["timesteps"].items():
+        mode, prompt_set = key.split("|")
+        ours = new["timesteps"][f"{get_mode(mode).name}|{prompt_set}"]
+        check(f"timesteps {key} images", curve["n"], ours["images"])
+        for name in ("timestep", "mean", "std", "fraction_negative"):
+            for step, (a, b) in enumerate(zip(curve[name], ours[name], strict=True)):
+                check(f"timesteps {key} {name} step {step}", a, b)
+    return compared, mismatches

@@ -9,7 +9,8 @@ index), so many random prompts with one seed each make a sample of the model's p
 Images: each (subject, kind) adapter is read from ``adapters_dir/<token>-<kind>/`` (what
 :func:`~dreamguide.toyworld.personalize.personalize` writes) and sampled with
 :class:`dreamguide.sampling.Sampler`, one call per group (a prompt at one setting: its modes x
-seeds); base-model groups are batched across prompts. A ``generate`` callable replaces this.
+seeds); a world of base-model prompts only batches them across prompts. A ``generate`` callable
+replaces this.
 
 Metrics, from :class:`~dreamguide.toyworld.evaluators.ToyEvaluators` (text metrics read the base prompt):
 
@@ -44,8 +45,6 @@ class ToyBenchWorld:
     """Evaluation world over the miniature world's subjects, adapters and prompt sets."""
 
     name = "toyworld"
-    #: Groups per ``generate`` call: base-model prompts are sampled in batches this large.
-    groups_per_call = 256
 
     def __init__(
         self,
@@ -64,6 +63,9 @@ class ToyBenchWorld:
         self._generate = generate
         self.subjects = [get_subject(s).token for s in (subjects or [s.token for s in SUBJECTS])]
         self.adapters = tuple(adapters)
+        #: Groups per ``generate`` call: a base-model world samples its prompts in batches this large;
+        #: adapter groups go one per call (a time budget and a kill lose at most one group).
+        self.groups_per_call = 256 if set(self.adapters) == {BASE_MODEL} else 1
         if not isinstance(prompt_sets, Mapping):
             unknown = [name for name in prompt_sets if name not in PROMPT_SETS]
             if unknown:
