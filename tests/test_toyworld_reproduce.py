@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dreamguide.config import ConfigError
-from dreamguide.toyworld.reproduce import ToyExperiment, load_toy_experiment
+from dreamguide.toyworld.experiment import ToyExperiment, load_toy_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EARLIER_RUN = Path(__file__).resolve().parent / "data" / "toyworld-earlier-run"
@@ -84,7 +84,7 @@ def _tiny_experiment(subjects, adapters=("dco",)):
     """The default experiment at test size: 1 step, seed 0, 2-step adapters, 2 random base prompts."""
     import dataclasses
 
-    from dreamguide.toyworld.reproduce import load_toy_experiment
+    from dreamguide.toyworld.experiment import load_toy_experiment
 
     experiment = load_toy_experiment(None, [f"subjects={list(subjects)!r}", "seeds=[0]", "steps=1",
                                             "personalize.steps=2", "personalize.batch_size=2"])

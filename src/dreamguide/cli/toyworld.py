@@ -114,14 +114,8 @@ def _reproduce(args) -> int:
     from dreamguide.cli import CommandError
     from dreamguide.config import given
     from dreamguide.sampling import parse_seeds
-    from dreamguide.toyworld.reproduce import (
-        EXPERIMENT_FILE,
-        default_workers,
-        generate,
-        load_toy_experiment,
-        needed_adapters,
-        score,
-    )
+    from dreamguide.toyworld.experiment import EXPERIMENT_FILE, load_toy_experiment
+    from dreamguide.toyworld.reproduce import default_workers, generate, needed_adapters, score
 
     flags = given(steps=args.steps, seeds=None if args.seeds is None else list(parse_seeds(args.seeds)),
                   subjects=args.subjects)

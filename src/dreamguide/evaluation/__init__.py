@@ -7,7 +7,7 @@
                Consistency_p figures
     suites     DreamBench: its folder (``dreambench_data``), run config (``dreambench_config``) and
                world (``dreambench``). The miniature world's suite is ``dreamguide.toyworld.bench_world``,
-               its experiments (a few plans each) ``dreamguide.toyworld.reproduce``.
+               its experiments (a few plans each) ``dreamguide.toyworld.experiment`` and ``reproduce``.
     tiny_backbones   tiny random metric backbones for tests and dry runs
 
 A new experiment is a world (or an existing one) and a ``Plan``:

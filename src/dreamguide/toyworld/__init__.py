@@ -20,8 +20,8 @@ Everything here is procedural and seeded: nothing is downloaded.
   retrain with ``python -m dreamguide.toyworld.train_evaluators``.
 * :mod:`~dreamguide.toyworld.bench_world` -- the world as a ``dreamguide.evaluation`` world (cases,
   base-model and adapter sampling, the evaluators' metrics).
-* :mod:`~dreamguide.toyworld.reproduce` -- experiments (the PR paper's by default) as a config of
-  plans on the shared evaluation runner and report.
+* :mod:`~dreamguide.toyworld.experiment` -- experiments as configs of plans (the PR paper's by default);
+  :mod:`~dreamguide.toyworld.reproduce` runs them on the shared evaluation runner and reports them.
 
 See docs/TOYWORLD.md.
 
