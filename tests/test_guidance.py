@@ -1,11 +1,15 @@
 """The guidance math of SPEC sections 2-3, pinned against independent computations."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from dreamguide.guidance import (
     MODES,
+    SCHEDULES,
+    ConsistencyShaping,
     ParallelRescaling,
     Predictions,
     TRACE_HISTOGRAM_BINS,
@@ -15,7 +19,10 @@ from dreamguide.guidance import (
     guide,
     normalize_consistency_p,
     parallel_rescaled,
+    with_knob,
 )
+
+CONSISTENCY_MODES = [name for name, mode in MODES.items() if "personalized" in mode.needs and "base" in mode.needs]
 
 
 def _predictions(seed=0, shape=(2, 4, 5, 6), dtype=torch.float32):
@@ -210,3 +217,129 @@ def test_stats_survive_non_finite_values():
     k = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0]])
     hist = consistency_p_stats(k)["histogram"][0]
     assert hist.sum() == 4 and hist[0] == 1 and hist[-1] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency shaping: the schedule and interval, and the rules beyond PR.
+
+
+def _old_outputs(p, w_text, w_cons, pr):
+    """The existing modes written out with the float operations of their original code."""
+    g_text, g_cons = p.base - p.uncond, p.personalized - p.base
+    k, parallel, g_orth = decompose(g_cons, g_text, pr.granularity, pr.eps)
+    g_pr = g_cons + (normalize_consistency_p(k, pr) - k) * g_text
+    return {
+        "cfg": p.uncond + w_text * (p.base - p.uncond),
+        "dreambooth": p.personalized_uncond + w_text * (p.personalized - p.personalized_uncond),
+        "consistency": p.uncond + w_text * g_text + w_cons * g_cons,
+        "orthogonal": p.uncond + w_text * g_text + w_cons * g_orth,
+        "parallel-rescaled": p.uncond + w_text * g_text + w_cons * g_pr,
+    }
+
+
+@pytest.mark.parametrize(
+    "pr",
+    [
+        ParallelRescaling(),
+        ParallelRescaling(rescale=0.6),
+        ParallelRescaling(granularity="sample", normalization="clip-negative"),
+        ParallelRescaling(normalization="none"),
+    ],
+)
+def test_existing_modes_unchanged_at_every_progress_with_default_shaping(pr):
+    p = _predictions(20)
+    want = _old_outputs(p, 6.0, 2.5, pr)
+    assert set(want) <= set(MODES)
+    for name, expected in want.items():
+        for progress in (0.0, 0.37, 1.0):
+            got = guide(name, p, 6.0, 2.5, pr, shaping=ConsistencyShaping(), progress=progress)
+            assert torch.equal(got, expected), (name, progress)
+
+
+@pytest.mark.parametrize("mode", CONSISTENCY_MODES)
+def test_interval_gives_cfg_outside_and_full_mode_inside(mode):
+    p = _predictions(21)
+    shaping = ConsistencyShaping(start=0.25, stop=0.75, pr_from=0.0)
+    cfg = guide("cfg", p, w_text=6.0)
+    for progress in (0.0, 0.2, 0.76, 1.0):
+        out, stats = guide(mode, p, w_text=6.0, shaping=shaping, progress=progress, return_stats=True)
+        assert torch.equal(out, cfg), progress
+        assert stats is not None  # Consistency_p is traced on every step, term on or off
+    for progress in (0.25, 0.5, 0.75):  # both ends included
+        inside = guide(mode, p, w_text=6.0, shaping=shaping, progress=progress)
+        assert torch.equal(inside, guide(mode, p, w_text=6.0, shaping=ConsistencyShaping(), progress=progress))
+        assert not torch.equal(inside, cfg)
+
+
+def test_schedules_scale_the_consistency_weight():
+    p = _predictions(22)
+    shaping = ConsistencyShaping(schedule="linear-increase", start=0.25, stop=0.75)
+    # u = 0.5 at progress 0.5: w = 1.5, exactly the consistency mode at w_cons 1.5
+    assert torch.equal(guide("consistency", p, w_cons=3.0, shaping=shaping, progress=0.5),
+                       guide("consistency", p, w_cons=1.5))
+    assert torch.equal(guide("pr", p, w_cons=3.0, shaping=shaping, progress=0.5), guide("pr", p, w_cons=1.5))
+    assert torch.equal(guide("consistency", p, shaping=shaping, progress=0.75), guide("consistency", p))
+    for u in (0.0, 0.3, 1.0):
+        progress = 0.25 + 0.5 * u
+        got = {s: ConsistencyShaping(schedule=s, start=0.25, stop=0.75).weight(2.0, progress) for s in SCHEDULES}
+        want = {
+            "constant": 2.0,
+            "linear-increase": 2.0 * u,
+            "linear-decrease": 2.0 * (1 - u),
+            "cosine-increase": 2.0 * (1 - math.cos(math.pi * u)) / 2,
+            "cosine-decrease": 2.0 * (1 + math.cos(math.pi * u)) / 2,
+        }
+        assert got == pytest.approx(want, abs=1e-12)
+    assert ConsistencyShaping(schedule="cosine-decrease", stop=0.5).weight(2.0, 0.51) == 0.0
+
+
+def test_progress_out_of_range_is_rejected():
+    p = _predictions(23)
+    for progress in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"progress must lie in \[0, 1\].*i / \(steps - 1\)"):
+            guide("consistency", p, progress=progress)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"schedule": "cosine"}, r"schedule 'cosine'.*linear-increase.*e\.g\. schedule="),
+        ({"start": 0.6, "stop": 0.6}, r"start \(0\.6\) must be below stop \(0\.6\).*e\.g\. start="),
+        ({"start": 0.8, "stop": 0.2}, r"start \(0\.8\) must be below stop"),
+        ({"stop": 1.5}, r"ConsistencyShaping\.stop .* \[0, 1\], got 1\.5; e\.g\. stop="),
+        ({"start": float("nan")}, r"ConsistencyShaping\.start must be a finite number, got nan; e\.g\. start="),
+        ({"spread_cap": -0.1}, r"ConsistencyShaping\.spread_cap .* >= 0 .*got -0\.1; e\.g\. spread_cap="),
+        ({"spread_cap": float("inf")}, r"spread_cap must be a finite number or None, got inf; e\.g\."),
+        ({"norm_bound": -1.0}, r"ConsistencyShaping\.norm_bound .* >= 0.*e\.g\. norm_bound="),
+        ({"magnitude_ratio": 0.0}, r"ConsistencyShaping\.magnitude_ratio .* > 0.*e\.g\. magnitude_ratio="),
+        ({"magnitude_power": 0.0}, r"magnitude_power must be > 0, got 0\.0; e\.g\. magnitude_power="),
+        ({"parallel_target": float("-inf")}, r"parallel_target must be a finite number, got -inf; e\.g\."),
+        ({"parallel_target": "0"}, r"parallel_target must be a finite number, got '0'"),
+        ({"pr_from": True}, r"pr_from must be a finite number, got True"),
+        ({"pr_from": -0.5}, r"ConsistencyShaping\.pr_from .* \[0, 1\].*e\.g\. pr_from="),
+    ],
+)
+def test_bad_shaping_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConsistencyShaping(**kwargs)
+
+
+def test_shaping_serializes_and_rejects_unknown_keys():
+    shaping = ConsistencyShaping(schedule="cosine-decrease", start=0.1, spread_cap=0.5, parallel_target=-0.5)
+    assert ConsistencyShaping.from_dict(shaping.to_dict()) == shaping
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tau'\] in run\.toml \[shaping\]; valid keys: schedule"):
+        ConsistencyShaping.from_dict({"tau": 0.5}, "run.toml [shaping]")
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_every_mode_names_a_knob_that_with_knob_sets(name):
+    mode = MODES[name]
+    group, _, field = mode.knob.partition(".")
+    assert group in ("w_text", "w_cons", "pr", "shaping") and bool(field) == (group in ("pr", "shaping"))
+    assert mode.strength
+    settings = with_knob(name, 0.25)
+    assert (settings[group] if not field else getattr(settings[group], field)) == 0.25
+    others = {key: value for key, value in settings.items() if key != group}
+    assert others == {key: value for key, value in with_knob(name, 0.5).items() if key != group}
+    out = guide(name, _predictions(24), **settings)
+    assert torch.isfinite(out).all()
