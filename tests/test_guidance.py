@@ -19,6 +19,7 @@ from dreamguide.guidance import (
     guide,
     normalize_consistency_p,
     parallel_rescaled,
+    recentred_consistency_p,
     with_knob,
 )
 
@@ -343,3 +344,65 @@ def test_every_mode_names_a_knob_that_with_knob_sets(name):
     assert others == {key: value for key, value in with_knob(name, 0.5).items() if key != group}
     out = guide(name, _predictions(24), **settings)
     assert torch.isfinite(out).all()
+
+
+def _split(p):
+    g_text, g_cons = (p.base - p.uncond).double(), (p.personalized - p.base).double()
+    k = (g_cons * g_text).sum(1, keepdim=True) / (g_text.square().sum(1, keepdim=True) + 1e-6)
+    return g_text, g_cons, k
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.4])
+def test_recentred_matches_reference(lam):
+    p = _predictions(30)
+    g_text, g_cons, k = _split(p)
+    k_mean = k.mean(dim=(2, 3), keepdim=True)
+    want = p.uncond.double() + 6.0 * g_text + 2.5 * (g_cons - k * g_text + lam * (k - k_mean) * g_text)
+    got = guide("recentred", p, w_text=6.0, w_cons=2.5, pr=ParallelRescaling(rescale=lam))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if lam == 1.0:  # removes exactly the spatially uniform part of the parallel coefficient
+        torch.testing.assert_close(got.double(), p.uncond.double() + 6.0 * g_text + 2.5 * (g_cons - k_mean * g_text),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.4])
+def test_spread_cap_reductions_are_exact(lam):
+    p = _predictions(31)
+    pr = ParallelRescaling(rescale=lam)
+    recentred = guide("recentred", p, pr=pr)
+    spread = decompose(p.personalized - p.base, p.base - p.uncond).consistency_p.std(dim=(2, 3), correction=0)
+    for cap in (None, float(spread.max()) * 1.01, 1e6):  # no cap, or a cap above every sample's spread
+        assert torch.equal(guide("spread-capped", p, pr=pr, shaping=ConsistencyShaping(spread_cap=cap)), recentred)
+    assert torch.equal(guide("spread-capped", p, pr=pr, shaping=ConsistencyShaping(spread_cap=0.0)),
+                       guide("orthogonal", p, pr=pr))
+    assert torch.equal(guide("recentred", p, pr=ParallelRescaling(rescale=0.0)), guide("orthogonal", p))
+
+
+def test_spread_cap_below_every_spread_is_pr_scaled_by_the_cap():
+    p = _predictions(32)
+    cap = 0.05
+    spread = decompose(p.personalized - p.base, p.base - p.uncond).consistency_p.std(dim=(2, 3), correction=0)
+    assert spread.min() > cap
+    got = guide("spread-capped", p, pr=ParallelRescaling(rescale=0.8), shaping=ConsistencyShaping(spread_cap=cap))
+    # PR divides by std + eps, the cap by std: equal up to eps / std
+    torch.testing.assert_close(got, guide("pr", p, pr=ParallelRescaling(rescale=0.8 * cap)), rtol=1e-5, atol=1e-5)
+
+
+def test_recentred_consistency_p_keeps_the_spread_up_to_the_cap():
+    g = torch.Generator().manual_seed(33)
+    k = torch.randn(3, 1, 6, 7, generator=g).double() * torch.tensor([0.1, 1.0, 3.0]).double().view(3, 1, 1, 1) - 2.0
+    spread = k.std(dim=(2, 3), correction=0).flatten()
+    for cap, lam in ((0.5, 1.0), (0.5, 2.0), (None, 0.5), (0.0, 1.0)):
+        k_new = recentred_consistency_p(k, lam, cap)
+        torch.testing.assert_close(k_new.mean(dim=(2, 3)).flatten(), torch.zeros(3, dtype=k.dtype), atol=1e-12, rtol=0)
+        want = lam * (spread if cap is None else spread.clamp(max=cap))
+        torch.testing.assert_close(k_new.std(dim=(2, 3), correction=0).flatten(), want, atol=1e-12, rtol=1e-12)
+    assert torch.equal(recentred_consistency_p(torch.full((2, 1, 3, 3), -1.5), 1.0, 0.0), torch.zeros(2, 1, 3, 3))
+
+
+@pytest.mark.parametrize("mode", ["recentred", "spread-capped"])
+def test_spatial_rules_refuse_sample_granularity(mode):
+    pr = ParallelRescaling(granularity="sample", normalization="none")
+    for progress in (0.0, 1.0):  # also where the interval leaves the term out
+        with pytest.raises(ValueError, match=f"mode '{mode}' .* needs PR granularity 'location', got 'sample'"):
+            guide(mode, _predictions(34), pr=pr, shaping=ConsistencyShaping(stop=0.5), progress=progress)

@@ -243,6 +243,22 @@ def parallel_rescaled(
     return g_cons + (normalize_consistency_p(k, pr) - k) * g_text, k
 
 
+def recentred_consistency_p(k: torch.Tensor, rescale: float = 1.0, spread_cap: float | None = None) -> torch.Tensor:
+    """k' = rescale (k - mean_hw k) min(1, spread_cap / std_hw k): PR's recentring, spread kept up to a cap.
+
+    Equal to rescale * (k - mean) / std * min(std, spread_cap), written so that no cap (None) or
+    a cap at or above the spread multiplies by exactly 1, and a cap of 0 gives exactly 0.
+    Mean and spread in float64, as in ``normalize_consistency_p``.
+    """
+    spatial = tuple(range(2, k.ndim))
+    wide = k.to(torch.float64 if k.device.type != "mps" else torch.float32)
+    centred = wide - wide.mean(dim=spatial, keepdim=True)
+    if spread_cap is not None:
+        std = wide.std(dim=spatial, keepdim=True, correction=0)
+        centred = centred * torch.where(std > spread_cap, spread_cap / std, 1.0)
+    return (centred * rescale).to(k.dtype)
+
+
 def consistency_p_stats(k: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample statistics of Consistency_p, as tensors (no host sync): the timestep-analysis data."""
     flat = k.float().flatten(1)
@@ -279,14 +295,21 @@ def _dreambooth(p: Predictions, w_text: float, w_cons: float, pr, shaping, progr
     return p.personalized_uncond + w_text * (p.personalized - p.personalized_uncond), None
 
 
-def _with_consistency(g_cons_rule: Callable):
+def _with_consistency(g_cons_rule: Callable, location_only: str | None = None):
     """e_u + w_text g_text + w g', with g' = g_cons_rule(...) and w the scheduled w_cons.
 
     Outside the shaping interval the consistency term is left out (the cfg prediction); inside,
     w = w_cons * schedule(u), which is w_cons itself for the default constant schedule.
+    ``location_only`` names a mode that reshapes Consistency_p across locations and so refuses
+    PR granularity 'sample' (one k per sample has no spatial spread).
     """
 
     def rule(p: Predictions, w_text: float, w_cons: float, pr, shaping, progress: float, want_k: bool):
+        if location_only and pr.granularity != "location":
+            raise ValueError(
+                f"guidance mode {location_only!r} reshapes Consistency_p across locations and needs PR "
+                f"granularity 'location', got {pr.granularity!r}; use ParallelRescaling(granularity='location')"
+            )
         g_text = p.base - p.uncond
         g_cons = p.personalized - p.base
         if not shaping.active(progress):
@@ -315,6 +338,16 @@ def _orthogonal_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, wa
 
 def _parallel_rescaled_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k):
     return parallel_rescaled(g_cons, g_text, pr)
+
+
+def _recentred_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k):
+    k = decompose(g_cons, g_text, pr.granularity, pr.eps).consistency_p
+    return g_cons + (recentred_consistency_p(k, pr.rescale) - k) * g_text, k
+
+
+def _spread_capped_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k):
+    k = decompose(g_cons, g_text, pr.granularity, pr.eps).consistency_p
+    return g_cons + (recentred_consistency_p(k, pr.rescale, shaping.spread_cap) - k) * g_text, k
 
 
 @dataclass(frozen=True)
@@ -383,6 +416,22 @@ MODES: dict[str, GuidanceMode] = {
             "consistency guidance with its text-parallel part dropped",
             "w_cons",
             "higher: more identity; 0: cfg",
+        ),
+        GuidanceMode(
+            "recentred",
+            _CONSISTENCY_NEEDS,
+            _with_consistency(_recentred_consistency, "recentred"),
+            "consistency guidance with the spatial mean of its text-parallel coefficient removed",
+            "w_cons",
+            "higher: more identity; 0: cfg (pr.rescale scales the kept spread; 0: orthogonal)",
+        ),
+        GuidanceMode(
+            "spread-capped",
+            _CONSISTENCY_NEEDS,
+            _with_consistency(_spread_capped_consistency, "spread-capped"),
+            "recentred, with the spatial spread of the text-parallel coefficient capped at shaping.spread_cap",
+            "shaping.spread_cap",
+            "higher: more of the original spread kept; None (no cap): recentred; 0: orthogonal",
         ),
     )
 }
