@@ -17,6 +17,7 @@ from dreamguide.guidance import (
     decompose,
     get_mode,
     guide,
+    norm_bounded,
     normalize_consistency_p,
     parallel_rescaled,
     recentred_consistency_p,
@@ -406,3 +407,34 @@ def test_spatial_rules_refuse_sample_granularity(mode):
     for progress in (0.0, 1.0):  # also where the interval leaves the term out
         with pytest.raises(ValueError, match=f"mode '{mode}' .* needs PR granularity 'location', got 'sample'"):
             guide(mode, _predictions(34), pr=pr, shaping=ConsistencyShaping(stop=0.5), progress=progress)
+
+
+@pytest.mark.parametrize("w_cons, w_text", [(3.0, 7.5), (2.0, 1.0), (-1.5, 4.0)])
+def test_norm_bound_holds_per_location(w_cons, w_text):
+    p = _predictions(40)
+    g_text, g_cons = p.base - p.uncond, p.personalized - p.base
+    size = w_cons * g_cons.norm(dim=1)
+    limit = w_text * g_text.norm(dim=1)
+    bound = float((size.abs() / limit).median())  # about half the locations exceed it
+    guided = guide("norm-bounded", p, w_text, w_cons, shaping=ConsistencyShaping(norm_bound=bound))
+    term = (guided - guide("cfg", p, w_text)).double()
+    bounded = norm_bounded(g_cons, g_text, w_cons, w_text, bound)
+    over = size.abs() > bound * limit
+    assert 0.3 < over.float().mean() < 0.7
+    # the bound holds everywhere (float32 rounding of the rescale: 1e-5 relative)
+    assert ((w_cons * bounded).norm(dim=1) <= bound * limit * (1 + 1e-5)).all()
+    assert (term.norm(dim=1) <= bound * limit.double() * (1 + 1e-4) + 1e-5).all()  # and through guide()
+    # it is met with equality where it was exceeded, the direction kept; elsewhere g_cons is untouched
+    torch.testing.assert_close((w_cons * bounded).norm(dim=1)[over], bound * limit[over], rtol=1e-5, atol=0)
+    cosine = torch.nn.functional.cosine_similarity(bounded, g_cons, dim=1)
+    torch.testing.assert_close(cosine[over], torch.ones_like(cosine[over]))
+    assert torch.equal(bounded.permute(0, 2, 3, 1)[~over], g_cons.permute(0, 2, 3, 1)[~over])
+
+
+def test_norm_bound_reductions():
+    p = _predictions(41)
+    consistency = guide("consistency", p)
+    for bound in (None, 1e6):  # no bound, or one no location reaches: factor exactly 1
+        assert torch.equal(guide("norm-bounded", p, shaping=ConsistencyShaping(norm_bound=bound)), consistency)
+    # bound 0 scales g_cons by exactly 0: the cfg prediction plus exact zeros
+    assert torch.equal(guide("norm-bounded", p, shaping=ConsistencyShaping(norm_bound=0.0)), guide("cfg", p))

@@ -259,6 +259,20 @@ def recentred_consistency_p(k: torch.Tensor, rescale: float = 1.0, spread_cap: f
     return (centred * rescale).to(k.dtype)
 
 
+def norm_bounded(
+    g_cons: torch.Tensor, g_text: torch.Tensor, w_cons: float, w_text: float, bound: float | None
+) -> torch.Tensor:
+    """g_cons scaled down where ||w_cons g_cons|| > bound ||w_text g_text|| (channel norms, per location).
+
+    Where the bound holds the factor is exactly 1; None is no bound.
+    """
+    if bound is None:
+        return g_cons
+    size = abs(w_cons) * torch.linalg.vector_norm(g_cons, dim=1, keepdim=True)
+    limit = bound * abs(w_text) * torch.linalg.vector_norm(g_text, dim=1, keepdim=True)
+    return g_cons * torch.where(size > limit, limit / size, 1.0)
+
+
 def consistency_p_stats(k: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample statistics of Consistency_p, as tensors (no host sync): the timestep-analysis data."""
     flat = k.float().flatten(1)
@@ -350,6 +364,11 @@ def _spread_capped_consistency(g_cons, g_text, w_text, w, pr, shaping, progress,
     return g_cons + (recentred_consistency_p(k, pr.rescale, shaping.spread_cap) - k) * g_text, k
 
 
+def _norm_bounded_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k):
+    k = decompose(g_cons, g_text, pr.granularity, pr.eps).consistency_p if want_k else None
+    return norm_bounded(g_cons, g_text, w, w_text, shaping.norm_bound), k
+
+
 @dataclass(frozen=True)
 class GuidanceMode:
     """A named guidance rule, the predictions (rows of the batched forward) it needs, and its knob.
@@ -432,6 +451,14 @@ MODES: dict[str, GuidanceMode] = {
             "recentred, with the spatial spread of the text-parallel coefficient capped at shaping.spread_cap",
             "shaping.spread_cap",
             "higher: more of the original spread kept; None (no cap): recentred; 0: orthogonal",
+        ),
+        GuidanceMode(
+            "norm-bounded",
+            _CONSISTENCY_NEEDS,
+            _with_consistency(_norm_bounded_consistency),
+            "consistency term bounded per location by shaping.norm_bound times the text term (channel norms)",
+            "shaping.norm_bound",
+            "higher: looser bound; None (no bound): consistency; 0: cfg",
         ),
     )
 }
