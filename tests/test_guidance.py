@@ -17,6 +17,7 @@ from dreamguide.guidance import (
     decompose,
     get_mode,
     guide,
+    magnitude_factor,
     norm_bounded,
     normalize_consistency_p,
     parallel_rescaled,
@@ -438,3 +439,36 @@ def test_norm_bound_reductions():
         assert torch.equal(guide("norm-bounded", p, shaping=ConsistencyShaping(norm_bound=bound)), consistency)
     # bound 0 scales g_cons by exactly 0: the cfg prediction plus exact zeros
     assert torch.equal(guide("norm-bounded", p, shaping=ConsistencyShaping(norm_bound=0.0)), guide("cfg", p))
+
+
+@pytest.mark.parametrize("ratio0, power", [(1.0, 2.0), (0.5, 1.0), (3.0, 4.0)])
+def test_magnitude_weight_matches_reference(ratio0, power):
+    p = _predictions(50)
+    scale = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)  # the two samples get different ratios, so weights
+    p = p._replace(personalized=p.base + scale * (p.personalized - p.base))
+    g_text, g_cons = (p.base - p.uncond).double(), (p.personalized - p.base).double()
+    shaping = ConsistencyShaping(magnitude_ratio=ratio0, magnitude_power=power)
+    got = guide("magnitude-weighted", p, w_text=6.0, w_cons=2.5, shaping=shaping)
+    for i in range(2):
+        ratio = float(g_cons[i].norm() / g_text[i].norm())
+        w_eff = 2.5 / (1 + (ratio / ratio0) ** power)
+        want = p.uncond[i].double() + 6.0 * g_text[i] + w_eff * g_cons[i]
+        torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-5)
+    factor = magnitude_factor(g_cons, g_text, ratio0, power)
+    assert factor.shape == (2, 1, 1, 1) and factor[1] < factor[0]
+
+
+def test_magnitude_weight_reductions():
+    p = _predictions(51)
+    consistency = guide("consistency", p)
+    assert torch.equal(guide("magnitude-weighted", p, shaping=ConsistencyShaping(magnitude_ratio=None)), consistency)
+    # a finite ratio0 leaves a factor 1 / (1 + (ratio / ratio0)^p) that is 1 only in the limit
+    far = guide("magnitude-weighted", p, shaping=ConsistencyShaping(magnitude_ratio=1e4))
+    torch.testing.assert_close(far, consistency, rtol=1e-6, atol=1e-6)
+    near_zero = guide("magnitude-weighted", p, shaping=ConsistencyShaping(magnitude_ratio=1e-4))
+    torch.testing.assert_close(near_zero, guide("cfg", p), rtol=1e-6, atol=1e-6)
+    # where g_text is 0 the ratio is huge but finite: the term is switched off, not blown up
+    flat = Predictions(p.uncond, p.uncond.clone(), p.personalized)
+    out = guide("magnitude-weighted", flat, shaping=ConsistencyShaping(magnitude_ratio=1.0))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, flat.uncond, rtol=0, atol=1e-5)

@@ -273,6 +273,17 @@ def norm_bounded(
     return g_cons * torch.where(size > limit, limit / size, 1.0)
 
 
+def magnitude_factor(
+    g_cons: torch.Tensor, g_text: torch.Tensor, ratio0: float, power: float, eps: float = 1e-6
+) -> torch.Tensor:
+    """1 / (1 + (ratio / ratio0)^power) per sample, ratio = ||g_cons|| / (||g_text|| + eps) over C, H, W."""
+    dims = tuple(range(1, g_cons.ndim))
+    ratio = torch.linalg.vector_norm(g_cons, dim=dims, keepdim=True) / (
+        torch.linalg.vector_norm(g_text, dim=dims, keepdim=True) + eps
+    )
+    return 1.0 / (1.0 + (ratio / ratio0) ** power)
+
+
 def consistency_p_stats(k: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample statistics of Consistency_p, as tensors (no host sync): the timestep-analysis data."""
     flat = k.float().flatten(1)
@@ -369,6 +380,13 @@ def _norm_bounded_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, 
     return norm_bounded(g_cons, g_text, w, w_text, shaping.norm_bound), k
 
 
+def _magnitude_weighted_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k):
+    k = decompose(g_cons, g_text, pr.granularity, pr.eps).consistency_p if want_k else None
+    if shaping.magnitude_ratio is None:
+        return g_cons, k
+    return g_cons * magnitude_factor(g_cons, g_text, shaping.magnitude_ratio, shaping.magnitude_power, pr.eps), k
+
+
 @dataclass(frozen=True)
 class GuidanceMode:
     """A named guidance rule, the predictions (rows of the batched forward) it needs, and its knob.
@@ -459,6 +477,14 @@ MODES: dict[str, GuidanceMode] = {
             "consistency term bounded per location by shaping.norm_bound times the text term (channel norms)",
             "shaping.norm_bound",
             "higher: looser bound; None (no bound): consistency; 0: cfg",
+        ),
+        GuidanceMode(
+            "magnitude-weighted",
+            _CONSISTENCY_NEEDS,
+            _with_consistency(_magnitude_weighted_consistency),
+            "w_cons / (1 + (ratio / shaping.magnitude_ratio)^p), ratio = ||g_cons|| / ||g_text|| per sample",
+            "shaping.magnitude_ratio",
+            "higher: closer to consistency; None: consistency; near 0: cfg",
         ),
     )
 }
