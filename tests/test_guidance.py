@@ -21,6 +21,7 @@ from dreamguide.guidance import (
     norm_bounded,
     normalize_consistency_p,
     parallel_rescaled,
+    parallel_targeted,
     recentred_consistency_p,
     with_knob,
 )
@@ -472,3 +473,67 @@ def test_magnitude_weight_reductions():
     out = guide("magnitude-weighted", flat, shaping=ConsistencyShaping(magnitude_ratio=1.0))
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, flat.uncond, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [0.0, -0.5, 1.25])
+def test_adaptive_parallel_sets_the_net_projection(target):
+    p = _predictions(60)
+    g_text, g_cons = (p.base - p.uncond).double(), (p.personalized - p.base).double() - 2.0 * (p.base - p.uncond)
+    shifted, k_bar = parallel_targeted(g_cons, g_text, target, eps=1e-12)
+    net = (shifted * g_text).sum(dim=(1, 2, 3))
+    text_energy = g_text.square().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(net, target * text_energy, rtol=1e-10, atol=1e-10)
+    # k_bar is the ||g_text||^2-weighted mean of the per-location Consistency_p
+    k, _, _ = decompose(g_cons, g_text, eps=1e-12)
+    n2 = g_text.square().sum(dim=1, keepdim=True)
+    torch.testing.assert_close(k_bar.flatten(), (k * n2).sum(dim=(1, 2, 3)) / n2.sum(dim=(1, 2, 3)))
+    # every location's coefficient moves by the same amount: the spatial spread is kept
+    k_new, _, orthogonal = decompose(shifted, g_text, eps=1e-12)
+    torch.testing.assert_close(k_new - k, (target - k_bar).expand_as(k))
+    torch.testing.assert_close(orthogonal, g_cons - k * g_text)
+    # through guide(), in float32: the consistency term's net projection is w_cons * target ||g_text||^2
+    preds = p._replace(personalized=(p.base + g_cons).float())
+    shaping = ConsistencyShaping(parallel_target=target)
+    term = (guide("adaptive-parallel", preds, w_cons=2.5, shaping=shaping) - guide("cfg", preds)).double()
+    g_text32 = (preds.base - preds.uncond).double()
+    want = 2.5 * target * g_text32.square().sum(dim=(1, 2, 3))
+    torch.testing.assert_close((term * g_text32).sum(dim=(1, 2, 3)), want, rtol=1e-4, atol=1e-2)
+
+
+def test_adaptive_parallel_reductions():
+    p = _predictions(61)
+    orthogonal_sample = guide("orthogonal", p, pr=ParallelRescaling(granularity="sample", normalization="none"))
+    assert torch.equal(guide("adaptive-parallel", p), orthogonal_sample)
+    # a target equal to the sample's own weighted mean coefficient leaves g_cons as it is
+    g_text, g_cons = p.base - p.uncond, p.personalized - p.base
+    k_bar = decompose(g_cons, g_text, "sample").consistency_p
+    same, _ = parallel_targeted(g_cons[:1], g_text[:1], float(k_bar[0]))
+    torch.testing.assert_close(same, g_cons[:1], rtol=1e-6, atol=1e-6)
+
+
+def test_late_pr_switches_rule_at_pr_from():
+    p = _predictions(62)
+    for progress in (0.0, 0.5, 1.0):
+        assert torch.equal(guide("late-pr", p, progress=progress), guide("pr", p))  # default pr_from 0: PR
+    shaping = ConsistencyShaping(pr_from=0.6)
+    for progress in (0.0, 0.59):
+        out, stats = guide("late-pr", p, shaping=shaping, progress=progress, return_stats=True)
+        assert torch.equal(out, guide("consistency", p)) and stats is not None
+    for progress in (0.6, 1.0):
+        out, stats = guide("late-pr", p, shaping=shaping, progress=progress, return_stats=True)
+        assert torch.equal(out, guide("pr", p)) and stats is not None
+    # with the interval and schedule on top: PR at half weight late, nothing before start
+    both = ConsistencyShaping(pr_from=0.6, schedule="linear-decrease", start=0.5, stop=1.0)
+    assert torch.equal(guide("late-pr", p, shaping=both, progress=0.75), guide("pr", p, w_cons=1.5))
+    assert torch.equal(guide("late-pr", p, shaping=both, progress=0.4), guide("cfg", p))
+
+
+def test_every_consistency_mode_traces_the_raw_consistency_p():
+    p = _predictions(63)
+    want = consistency_p_stats(decompose(p.personalized - p.base, p.base - p.uncond).consistency_p)
+    shaping = ConsistencyShaping(spread_cap=0.3, norm_bound=0.5, magnitude_ratio=1.0, parallel_target=-0.5, pr_from=0.5)
+    for name in CONSISTENCY_MODES:
+        for progress in (0.0, 1.0):
+            _, stats = guide(name, p, shaping=shaping, progress=progress, return_stats=True)
+            for key, value in want.items():
+                torch.testing.assert_close(stats[key], value, msg=f"{name} {key}")

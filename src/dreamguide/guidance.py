@@ -284,6 +284,19 @@ def magnitude_factor(
     return 1.0 / (1.0 + (ratio / ratio0) ** power)
 
 
+def parallel_targeted(
+    g_cons: torch.Tensor, g_text: torch.Tensor, target: float = 0.0, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (g', k_bar): g' = g_cons + (target - k_bar) g_text, so sum_hw <g', g_text> = target ||g_text||^2.
+
+    k_bar = <g_cons, g_text> / (||g_text||^2 + eps) over the whole sample: the ||g_text||^2-weighted
+    mean of Consistency_p. Shifting every location's k by target - k_bar keeps its spatial spread
+    and sets the net projection; target 0 is the sample-granularity orthogonal part exactly.
+    """
+    k_bar = decompose(g_cons, g_text, "sample", eps).consistency_p
+    return g_cons + (target - k_bar) * g_text, k_bar
+
+
 def consistency_p_stats(k: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample statistics of Consistency_p, as tensors (no host sync): the timestep-analysis data."""
     flat = k.float().flatten(1)
@@ -387,6 +400,17 @@ def _magnitude_weighted_consistency(g_cons, g_text, w_text, w, pr, shaping, prog
     return g_cons * magnitude_factor(g_cons, g_text, shaping.magnitude_ratio, shaping.magnitude_power, pr.eps), k
 
 
+def _adaptive_parallel_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k):
+    k = decompose(g_cons, g_text, pr.granularity, pr.eps).consistency_p if want_k else None
+    return parallel_targeted(g_cons, g_text, shaping.parallel_target, pr.eps)[0], k
+
+
+def _late_pr_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k):
+    if progress >= shaping.pr_from:
+        return parallel_rescaled(g_cons, g_text, pr)
+    return _plain_consistency(g_cons, g_text, w_text, w, pr, shaping, progress, want_k)
+
+
 @dataclass(frozen=True)
 class GuidanceMode:
     """A named guidance rule, the predictions (rows of the batched forward) it needs, and its knob.
@@ -485,6 +509,22 @@ MODES: dict[str, GuidanceMode] = {
             "w_cons / (1 + (ratio / shaping.magnitude_ratio)^p), ratio = ||g_cons|| / ||g_text|| per sample",
             "shaping.magnitude_ratio",
             "higher: closer to consistency; None: consistency; near 0: cfg",
+        ),
+        GuidanceMode(
+            "adaptive-parallel",
+            _CONSISTENCY_NEEDS,
+            _with_consistency(_adaptive_parallel_consistency),
+            "text-parallel coefficient shifted per step so its net projection on g_text is shaping.parallel_target",
+            "shaping.parallel_target",
+            "higher: more text guidance from the consistency term; 0: orthogonal at PR granularity 'sample'",
+        ),
+        GuidanceMode(
+            "late-pr",
+            _CONSISTENCY_NEEDS,
+            _with_consistency(_late_pr_consistency),
+            "consistency guidance before progress shaping.pr_from, parallel-rescaled from it on",
+            "shaping.pr_from",
+            "higher: consistency for longer; 0: parallel-rescaled",
         ),
     )
 }
