@@ -537,3 +537,19 @@ def test_every_consistency_mode_traces_the_raw_consistency_p():
             _, stats = guide(name, p, shaping=shaping, progress=progress, return_stats=True)
             for key, value in want.items():
                 torch.testing.assert_close(stats[key], value, msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("mode", CONSISTENCY_MODES)
+def test_shaping_rules_stay_finite_where_text_guidance_vanishes(mode):
+    p = _predictions(64)
+    shaping = ConsistencyShaping(spread_cap=0.3, norm_bound=0.5, magnitude_ratio=1.0, parallel_target=-0.5)
+    base = p.uncond.clone()
+    base[:, :, :2] += torch.randn_like(base[:, :, :2])  # g_text = 0 on all other rows
+    for preds in (
+        Predictions(p.uncond, base, p.personalized),
+        Predictions(p.uncond, p.uncond.clone(), p.personalized),  # g_text = 0 everywhere
+        Predictions(p.uncond, base, base + 0.5 * (base - p.uncond)),  # constant Consistency_p
+    ):
+        out, stats = guide(mode, preds, shaping=shaping, return_stats=True)
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(v).all() for v in stats.values())
