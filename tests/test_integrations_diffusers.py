@@ -75,6 +75,25 @@ def test_guider_gives_the_samplers_images(model_and_pipe, mode):
     assert all(not layer._forward_pre_hooks for layer in lora_layers(model.unet))
 
 
+def test_lora_loaded_by_diffusers_gives_the_same_images(model_and_pipe, tmp_path):
+    """The documented path: dreamguide's LoRA file loaded with the pipeline's own load_lora_weights."""
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+    from dreamguide.integrations.diffusers import ConsistencyGuidance
+    from dreamguide.models import save_lora
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    model, _ = model_and_pipe
+    save_lora(model.unet, tmp_path / "pytorch_lora_weights.safetensors", "subject")
+    pipe = tiny_sdxl_pipeline(seed=0)
+    fresh = StableDiffusionXLAutoBlocks().init_pipeline()
+    fresh.update_components(**{k: v for k, v in pipe.components.items() if k in fresh._component_specs})
+    fresh.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors", adapter_name="subject")
+    settings = SampleSettings(**TOKEN_KW, modes="pr", seeds=(5,), steps=STEPS, **SIZE)
+    theirs = guided_images(fresh, ConsistencyGuidance(mode="pr", adapter_name="subject"), settings)
+    assert max_diff(sampler_images(model, settings)[0], theirs[0]) == 0
+
+
 def test_modes_differ_and_pr_options_reach_the_math(model_and_pipe):
     from dreamguide.integrations.diffusers import ConsistencyGuidance
 
