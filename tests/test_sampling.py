@@ -58,7 +58,8 @@ def test_settings_derive_base_prompt_and_canonical_modes():
     "kwargs, message",
     [
         (dict(modes="cfg,fancy"), r"unknown guidance mode 'fancy'; choose one of cfg, dreambooth, consistency, "
-                                  r"parallel-rescaled, orthogonal, pr"),
+                                  r"parallel-rescaled, orthogonal, recentred, spread-capped, norm-bounded, "
+                                  r"magnitude-weighted, adaptive-parallel, late-pr, pr"),
         (dict(prompt="a dog in the snow"), r"the prompt 'a dog in the snow' does not contain the token '<sks>'; "
                                            r"write it into the prompt, e\.g\. 'a photo of <sks> dog'"),
         (dict(class_word=None), r"without a class word; pass class_word \(--class-word"),

@@ -19,7 +19,10 @@ example:
 
 
 # Spelled out here so that ``--help`` does not import torch; tests check them against the library.
-MODE_NAMES = ("cfg", "dreambooth", "consistency", "parallel-rescaled", "pr", "orthogonal")
+MODE_NAMES = (
+    "cfg", "dreambooth", "consistency", "parallel-rescaled", "pr", "orthogonal", "recentred", "spread-capped",
+    "norm-bounded", "magnitude-weighted", "adaptive-parallel", "late-pr",
+)
 GRANULARITIES = ("location", "sample")
 NORMALIZATIONS = ("standardize", "none", "zero", "clip-negative")
 SCHEDULERS = ("default", "euler", "euler-a", "ddim", "dpm++", "ddpm")
