@@ -35,7 +35,7 @@ def main() -> None:
 
     from bench_throughput import sdxl_model, tiny_model
 
-    from dreamguide.models import add_lora
+    from dreamguide.lora_files import add_lora
     from dreamguide.sampling import SampleSettings, Sampler
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"

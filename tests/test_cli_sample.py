@@ -16,7 +16,9 @@ def _personal_files(model_dir, out_dir, seed: int) -> dict[str, str]:
     """A random LoRA and a learned "<sks>" token for the model in ``model_dir``, saved as safetensors."""
     import torch
 
-    from dreamguide.models import add_lora, add_tokens, load_model, save_embeddings, save_lora
+    from dreamguide.lora_files import add_lora, save_lora
+    from dreamguide.models import load_model
+    from dreamguide.token_files import add_tokens, save_embeddings
 
     model = load_model(model_dir)
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dreamguide.bench.dreambench_world import load_config as load_bench_config
-from dreamguide.training import load_config as load_train_config
+from dreamguide.training import load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -20,7 +20,7 @@ ROWS_PER_PROMPT = 2
 
 
 def _tiny_unet(seed: int = 0, **lora):
-    from dreamguide.models import add_lora
+    from dreamguide.lora_files import add_lora
     from dreamguide.testing import tiny_sdxl_pipeline
 
     unet = tiny_sdxl_pipeline(seed).unet
@@ -202,7 +202,8 @@ def test_sampler_fast_path_gives_the_same_images(modes):
     """The sampler's default fast path and PEFT routing (``fast=False``) sample the same images."""
     import numpy as np
 
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.sampling import SampleSettings, Sampler
     from dreamguide.testing import tiny_sdxl_pipeline
 

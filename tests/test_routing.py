@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamguide.models import TextConditioning, add_lora
+from dreamguide.lora_files import add_lora
+from dreamguide.models import TextConditioning
 from dreamguide.routing import BASE, lora_layers, predict_noise, routed_adapters
 from dreamguide.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 

@@ -151,7 +151,8 @@ def max_diff(a, b) -> int:
 @pytest.fixture(scope="module")
 def sd15():
     """Tiny SD 1.x with a random (non-identity) LoRA "subject" and an identity LoRA "identity"."""
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.testing import tiny_sd15_pipeline
 
     model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
@@ -162,7 +163,8 @@ def sd15():
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.testing import tiny_sdxl_pipeline
 
     model = DiffusionModel.from_pipeline(tiny_sdxl_pipeline(seed=0))

@@ -172,7 +172,7 @@ class Bench:
     def _build_unet(self):
         from diffusers import UNet2DConditionModel
 
-        from dreamguide.models import add_lora
+        from dreamguide.lora_files import add_lora
 
         torch = self.torch
         torch.manual_seed(self.args.seed)

@@ -342,7 +342,7 @@ class DreamBenchWorld:
 
     def _train_config(self, subject: str):
         """The subject's `dreamguide train` config: the shared file plus its data, base model and output."""
-        from dreamguide.training import load_config as load_train_config
+        from dreamguide.training import load_train_config
 
         train = self.config.train
         info = self.load_data().subjects[subject]
@@ -353,7 +353,7 @@ class DreamBenchWorld:
         return load_train_config(train.config, overrides=overrides)
 
     def _trained_adapter(self, subject: str) -> SubjectAdapter:
-        from dreamguide.training.outputs import EMBEDDINGS_FILE, LORA_FILE
+        from dreamguide.filenames import EMBEDDINGS_FILE, LORA_FILE
 
         config = self._train_config(subject)
         folder = Path(config.output.dir)
@@ -576,7 +576,7 @@ def _check_embeddings(model, path: Path) -> None:
     """The embedding file's vectors have the width of the model's text encoders (read without loading)."""
     from safetensors import safe_open
 
-    from dreamguide.models import SDXL_EMBEDDING_KEYS
+    from dreamguide.token_files import SDXL_EMBEDDING_KEYS
 
     with safe_open(str(path), framework="pt") as handle:
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}

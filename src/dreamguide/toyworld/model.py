@@ -18,19 +18,16 @@ tokenizer's ``model_max_length``, the text encoder's last hidden state is the UN
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from dreamguide.tokenizers import END_TOKEN, START_TOKEN, bpe, clip_tokenizer
+
 #: The model bundled with the package (trained by ``dreamguide toyworld train-base``).
 BUNDLED_MODEL_DIR = Path(__file__).parent / "weights" / "base"
-
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
 
 #: Rare identifiers kept as single tokens (never in training captions) for new subjects.
 SPARE_IDENTIFIERS: tuple[str, ...] = ("ohwx", "pfo", "kdn", "wje", "hty", "gsq", "yzi", "tcv")
@@ -81,16 +78,8 @@ def tokenizer_words(extra: Sequence[str] = ()) -> tuple[str, ...]:
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Greedy BPE as CLIP applies it: merge the lowest-ranked adjacent pair until none is known."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(pieces) > 1:
-        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
-        known = [p for p in pairs if p[0] is not None]
-        if not known:
-            break
-        _, i = min(known)
-        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
-    return pieces
+    """``word`` split by the tokenizer's byte-pair merges (:func:`dreamguide.tokenizers.bpe`)."""
+    return bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
 
 
 def vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[str]]:
@@ -136,13 +125,8 @@ def vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[str]]:
 
 def build_tokenizer(words: Sequence[str] | None = None, max_length: int = ModelConfig.max_length):
     """A ``CLIPTokenizer`` over ``words`` (default: :func:`tokenizer_words`), read from files written here."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = vocab_and_merges(tokenizer_words() if words is None else words)
-    with tempfile.TemporaryDirectory(prefix="toyworld-tokenizer-") as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+    return clip_tokenizer(vocab, merges, max_length)
 
 
 def encode_text(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
