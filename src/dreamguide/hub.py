@@ -40,18 +40,12 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from dreamguide.atomic import atomic_write_text
+from dreamguide.filenames import CONFIG_FILE, EMBEDDINGS_FILE, KOHYA_FILE, LORA_FILE, METADATA_KEY, SAMPLES_DIR
 
 logger = logging.getLogger(__name__)
 
-#: File names a training run writes (dreamguide.training).
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
-EMBEDDINGS_FILE = "embeddings.safetensors"
-CONFIG_FILE = "config.toml"
-SAMPLES_DIR = "samples"
 SAMPLE_SETTINGS_FILE = "settings.json"
 CARD_FILE = "README.md"
-METADATA_KEY = "dreamguide"
 WEIGHT_FILES: tuple[str, ...] = (LORA_FILE, KOHYA_FILE, EMBEDDINGS_FILE)
 
 #: Marks a card this module wrote, so a card written by hand is never overwritten.

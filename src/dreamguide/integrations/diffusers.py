@@ -271,7 +271,9 @@ class ConsistencyGuidance(BaseGuidance):
             pred = pred_personalized
         else:
             predictions = guidance.Predictions(uncond=pred_uncond, base=pred_base, personalized=pred_personalized)
-            pred = guidance.guide(self.guidance_mode, predictions, self.w_text, self.w_cons, self.pr)
+            steps = self._num_inference_steps or 1
+            progress = min(self._step / max(steps - 1, 1), 1.0)
+            pred = guidance.guide(self.guidance_mode, predictions, self.w_text, self.w_cons, self.pr, progress=progress)
         if not bool(torch.isfinite(pred).all()):
             raise FloatingPointError(
                 f"the guided prediction became non-finite (NaN or inf) at step {self._step} in mode "
