@@ -187,6 +187,17 @@ def test_flags_left_out_take_the_library_defaults_and_given_ones_override():
         prompt="a dog", w_cons=2.0, steps=7, pr=ParallelRescaling(rescale=0.5), seeds=(1, 2), trace=True)
 
 
+def test_top_level_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dreamguide.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "sample" in done.stdout and "train" in done.stdout and "eval" in done.stdout
+    assert done.stdout.strip().endswith("torch not imported"), done.stdout + done.stderr
+
+
 def test_embeddings_need_their_token(tiny_sd15_dir, sd15_personal, tmp_path, capsys):
     assert main(["sample", "--model", str(tiny_sd15_dir), "--embeddings", sd15_personal["embeddings"],
                  "--prompt", "a <sks> dog", "--output", str(tmp_path / "x"), *SMALL]) == 2
