@@ -336,7 +336,8 @@ class Bench:
             mark()
         if watch_syncs:
             torch.cuda.set_sync_debug_mode("warn")
-        x = denoise(rows, x, scheduler, combine, timesteps=scheduler.timesteps[:steps], callbacks=[mark] if timed else [])
+        timesteps = scheduler.timesteps[:steps]
+        x = denoise(rows, x, scheduler, combine, timesteps=timesteps, callbacks=[mark] if timed else [])
         if watch_syncs:
             torch.cuda.set_sync_debug_mode("default")
         if not timed:

@@ -29,7 +29,8 @@ def test_combine_and_callbacks_see_the_step_and_the_step_count():
     x0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     x = denoise(model, x0, scheduler, combine, callbacks=[steps_seen.append])
     assert seen == [(0, 3), (1, 3), (2, 3)]
-    assert [(s.i, s.steps, float(s.t)) for s in steps_seen] == [(i, 3, float(t)) for i, t in enumerate(scheduler.timesteps)]
+    timesteps = [(i, 3, float(t)) for i, t in enumerate(scheduler.timesteps)]
+    assert [(s.i, s.steps, float(s.t)) for s in steps_seen] == timesteps
     assert torch.equal(steps_seen[-1].x, x) and steps_seen[0].sigma is None  # DDIM has no sigmas
     assert torch.equal(steps_seen[0].guided, x0)  # scale_model_input is the identity for DDIM
     # The same steps written out: the loop adds nothing of its own.

@@ -62,7 +62,9 @@ def test_routed_forward_equals_separate_forwards(unet_and_conditioning):
     # The adapters change the prediction, so the equalities below are not trivially base == base.
     assert (reference["subject"] - reference[BASE_ROUTE]).abs().max() > 1e-3
     assert (reference["other"] - reference[BASE_ROUTE]).abs().max() > 1e-3
-    for names in ([BASE_ROUTE, BASE_ROUTE, "subject", "subject"], ["subject", BASE_ROUTE, "other", BASE_ROUTE], [BASE_ROUTE] * 4):
+    layouts = ([BASE_ROUTE, BASE_ROUTE, "subject", "subject"], ["subject", BASE_ROUTE, "other", BASE_ROUTE],
+               [BASE_ROUTE] * 4)
+    for names in layouts:
         routed = predict_rows(unet, sample, timestep, conditioning, routes=names)
         expected = torch.cat([reference[name][i : i + 1] for i, name in enumerate(names)])
         torch.testing.assert_close(routed, expected, rtol=0, atol=TOLERANCE)

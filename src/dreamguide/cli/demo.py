@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--w-text", type=float, help=f"text guidance weight (default {default['w_text']})")
     parser.add_argument("--w-cons", type=float, help=f"consistency guidance weight (default {default['w_cons']})")
     parser.add_argument("--output", help=f"output folder (default {default['output']})")
-    parser.add_argument("--retrain", action="store_true", help="fine-tune the subject afresh instead of the bundled adapter")
+    parser.add_argument("--retrain", action="store_true",
+                        help="fine-tune the subject afresh instead of the bundled adapter")
     parser.add_argument("--retrain-steps", type=int,
                         help="fine-tuning steps with --retrain (default: the toy world's personalization default)")
     parser.add_argument("--method", choices=("dreambooth", "dreambooth-ti", "dco"),

@@ -115,7 +115,8 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
         model, _ = load_personalized(subject.token, settings.method, folder=folder, model=model)
     sampler = Sampler(model, sources={"model": str(BUNDLED_MODEL_DIR), "lora": str(folder)})
 
-    log(f"sampling {len(cases)} prompts x {len(settings.seeds)} seeds x modes {', '.join(MODE_LABELS.get(m, m) for m in settings.modes)} "
+    labels = ", ".join(MODE_LABELS.get(m, m) for m in settings.modes)
+    log(f"sampling {len(cases)} prompts x {len(settings.seeds)} seeds x modes {labels} "
         f"({settings.steps} steps, w_text {settings.w_text}, w_cons {settings.w_cons})")
     keys = [(index, mode, seed) for index in range(len(cases)) for mode in parse_modes(settings.modes)
             for seed in settings.seeds]
