@@ -211,7 +211,7 @@ def test_sampler_fast_path_gives_the_same_images(modes):
         assert diff <= 1, (a.mode, a.seed, diff)
 
 
-def test_fast_unet_call_matches_predict_noise(unet):
+def test_fast_unet_call_matches_predict_rows(unet):
     from dreamguide.models import TextConditioning
     from dreamguide.unet_rows import FastUNetCall, predict_rows
 

@@ -75,8 +75,10 @@ def denoise(
         sigmas = getattr(scheduler, "sigmas", None)
         sigma = None if sigmas is None else sigmas[i]
         x = scheduler.step(guided, t, x.float(), return_dict=False, **kwargs)[0].to(x.dtype)
-        for callback in callbacks:
-            callback(Step(i, steps, t, sigma, x, output, guided))
+        if callbacks:
+            step = Step(i, steps, t, sigma, x, output, guided)
+            for callback in callbacks:
+                callback(step)
     return x
 
 
