@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dreamguide.architectures import SDXL_POOLED_DIM, SDXL_UNET_CONFIG
+from architectures import SDXL_POOLED_DIM, SDXL_UNET_CONFIG
 
 #: A few-thousand-parameter stand-in with the same structure, for checking the script on CPU.
 TINY_UNET_CONFIG = dict(

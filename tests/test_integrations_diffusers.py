@@ -61,7 +61,7 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 @pytest.mark.parametrize("mode", ["consistency", "parallel-rescaled"])
 def test_guider_gives_the_samplers_images(model_and_pipe, mode):
     from dreamguide.integrations.diffusers import ConsistencyGuidance
-    from dreamguide.routing import lora_layers
+    from dreamguide.unet_rows import lora_layers
 
     model, modular = model_and_pipe
     settings = SampleSettings(**TOKEN_KW, modes=mode, seeds=(0, 1), steps=STEPS, batch_size=2, **SIZE)

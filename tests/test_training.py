@@ -332,7 +332,7 @@ def test_cli_trains_and_reports_config_errors(model_dirs, photos, tmp_path, caps
     saved = cfg_module.load_train_config(tmp_path / "out" / "config.toml")
     assert (saved.train.steps, saved.lora.rank, saved.data.resolution, saved.data.allow_upscale) == (1, 2, 128, True)
     assert main(["train", "--config", str(path), "--set", "lora.rnak=2"]) == 2
-    assert "--set 'lora.rnak=2': unknown key 'lora.rnak'; did you mean 'rank'?" in capsys.readouterr().err
+    assert "run.toml (with --set overrides): unknown key 'lora.rnak'; did you mean 'rank'?" in capsys.readouterr().err
     path.write_text(path.read_text() + "[train]\nsteps = 1.5\n", encoding="utf-8")
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err

@@ -47,6 +47,10 @@ TRACE_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 TRACE_HISTOGRAM_RANGE: tuple[float, float] = (-4.0, 4.0)
 TRACE_HISTOGRAM_BINS: int = 32
 
+#: The guidance weights when none are given (SPEC section 2): the sampler's defaults too.
+W_TEXT: float = 7.5
+W_CONS: float = 3.0
+
 #: How the consistency weight moves over its interval, u = 0 at ``start`` and 1 at ``stop``.
 SCHEDULES: dict[str, Callable[[float], float]] = {
     "constant": lambda u: 1.0,
@@ -566,8 +570,8 @@ def with_knob(
 def guide(
     mode: str | GuidanceMode,
     predictions: Predictions,
-    w_text: float = 7.5,
-    w_cons: float = 3.0,
+    w_text: float = W_TEXT,
+    w_cons: float = W_CONS,
     pr: ParallelRescaling = ParallelRescaling(),
     return_stats: bool = False,
     *,

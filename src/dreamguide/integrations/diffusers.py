@@ -30,7 +30,7 @@ prompt itself and puts it into the personalized batch (``time_ids`` and ``image_
 from the conditional side). The pipeline is used unmodified.
 
 Adapters: ``prepare_models`` routes every LoRA layer of the UNet with PEFT's per-row
-``adapter_names`` (``dreamguide.routing``): the named adapter on for the personalized batch,
+``adapter_names`` (``dreamguide.unet_rows``): the named adapter on for the personalized batch,
 off (``"__base__"``) for the other two, and ``cleanup_models`` removes the hooks, so the UNet's
 own adapter state is never changed. ``adapter_name=None`` is for personalization by learned
 tokens alone: then the UNet must carry no LoRA adapter.
@@ -84,7 +84,7 @@ import torch  # noqa: E402
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput  # noqa: E402
 
-from dreamguide import guidance, routing  # noqa: E402
+from dreamguide import guidance, unet_rows  # noqa: E402
 
 #: The 3-prediction guidance modes this guider runs (aliases such as "pr" are accepted too).
 GUIDER_MODES: tuple[str, ...] = tuple(
@@ -255,8 +255,8 @@ class ConsistencyGuidance(BaseGuidance):
                     f"predictions would use them; pass adapter_name={loaded[0]!r}"
                 )
             return
-        route = self.adapter_name if name == "pred_personalized" else routing.BASE
-        self._routing.enter_context(routing.routed_adapters(denoiser, [route] * self._rows))
+        route = self.adapter_name if name == "pred_personalized" else unet_rows.BASE_ROUTE
+        self._routing.enter_context(unet_rows.routed_adapters(denoiser, [route] * self._rows))
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
         self._routing.close()
