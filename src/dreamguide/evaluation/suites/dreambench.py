@@ -99,7 +99,7 @@ class DreamBenchWorld:
 
     def _train_config(self, subject: str):
         """The subject's `dreamguide train` config: the shared file plus its data, base model and output."""
-        from dreamguide.training import load_config as load_train_config
+        from dreamguide.training import load_train_config
 
         train = self.config.train
         info = self.load_data().subjects[subject]
@@ -180,7 +180,7 @@ class DreamBenchWorld:
 
     def check_adapters(self) -> None:
         """Every subject has the adapter files its modes need, and each fits the base model."""
-        from dreamguide import models
+        from dreamguide import lora_files, models, token_files
 
         data = self.load_data()
         if not self.needs_adapters():
@@ -200,7 +200,7 @@ class DreamBenchWorld:
                     raise FileNotFoundError(f"subject {subject!r}: {kind} file {path} does not exist")
             try:
                 if adapter.lora is not None:
-                    models.load_lora(model, adapter.lora, "__check__")
+                    lora_files.load_lora(model, adapter.lora, "__check__")
                     model.unet.delete_adapters("__check__")
                 if adapter.embeddings is not None:
                     _check_embeddings(model, adapter.embeddings)
@@ -238,7 +238,7 @@ class DreamBenchWorld:
     def _base_model(self):
         import torch
 
-        from dreamguide import models
+        from dreamguide import lora_files, models, token_files
 
         if self._model is None:
             device = _device(self.config.model.device)
@@ -260,7 +260,7 @@ class DreamBenchWorld:
 
     def _sampler_for(self, subject: str):
         """A Sampler over the shared base model with this subject's adapter loaded (the previous one removed)."""
-        from dreamguide import models
+        from dreamguide import lora_files, models, token_files
         from dreamguide.sampling import Sampler
 
         if self._loaded_subject == subject and self._sampler is not None:
@@ -274,9 +274,9 @@ class DreamBenchWorld:
             model.unet.delete_adapters("subject")
         adapter = self.adapter(subject)
         if adapter.lora is not None:
-            models.load_lora(model, adapter.lora, "subject")
+            lora_files.load_lora(model, adapter.lora, "subject")
         if adapter.embeddings is not None:
-            models.load_embeddings(model, adapter.embeddings, adapter.token)
+            token_files.load_embeddings(model, adapter.embeddings, adapter.token)
             self._tokens_added = True
         self._sampler = Sampler(
             model, adapter_name="subject" if adapter.lora is not None else None,
@@ -334,7 +334,7 @@ def _check_embeddings(model, path: Path) -> None:
     """The embedding file's vectors have the width of the model's text encoders (read without loading)."""
     from safetensors import safe_open
 
-    from dreamguide.models import SDXL_EMBEDDING_KEYS
+    from dreamguide.token_files import SDXL_EMBEDDING_KEYS
 
     with safe_open(str(path), framework="pt") as handle:
         shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
