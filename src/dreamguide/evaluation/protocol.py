@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from dreamguide.guidance import ParallelRescaling, get_mode
+from dreamguide.guidance import ConsistencyShaping, ParallelRescaling, get_mode
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,24 @@ class PromptCase:
 
 @dataclass(frozen=True)
 class Variant:
-    """Named sampler switches besides the weights: the PR rule's settings (SPEC section 3), the DDIM update."""
+    """Named sampler switches besides the weights: the PR rule's settings (SPEC section 3), the shaping of
+    the consistency term (schedule, interval, the shaping modes' knobs), the DDIM update."""
 
     name: str
     pr: ParallelRescaling = field(default_factory=ParallelRescaling)
     #: False: diffusers' default DDIM update (noise not recomputed from the clipped x0).
     clipped_model_output: bool = True
+    shaping: ConsistencyShaping = field(default_factory=ConsistencyShaping)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name != self.name.strip():
             raise ValueError(f"a variant needs a plain name (no '/', no surrounding spaces), got {self.name!r}")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "pr": self.pr.to_dict(), "clipped_model_output": self.clipped_model_output}
+        data = {"name": self.name, "pr": self.pr.to_dict(), "clipped_model_output": self.clipped_model_output}
+        if self.shaping != ConsistencyShaping():  # written only when used: earlier runs' records stay equal
+            data["shaping"] = self.shaping.to_dict()
+        return data
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,21 @@ class ToyBenchWorld:
         device: str | None = None,
         evaluators=None,
         description: dict | None = None,
+        trace: bool = True,
+        groups_per_call: int = 0,
+        batch_size: int = 0,
     ):
         self._generate = generate
         self.subjects = [get_subject(s).token for s in (subjects or [s.token for s in SUBJECTS])]
         self.adapters = tuple(adapters)
-        #: Groups per ``generate`` call: a base-model world samples its prompts in batches this large;
-        #: adapter groups go one per call (a time budget and a kill lose at most one group).
-        self.groups_per_call = 256 if set(self.adapters) == {BASE_MODEL} else 1
+        #: Groups per ``generate`` call (0: the default): a base-model world samples its prompts in
+        #: batches of 256; adapter groups go one per call by default (a time budget and a kill lose at
+        #: most one group), or ``groups_per_call`` at a time, packed into batched sampler calls of up to
+        #: ``batch_size`` images (0: 4 on a CPU, 256 on a GPU).
+        self.groups_per_call = groups_per_call or (256 if set(self.adapters) == {BASE_MODEL} else 1)
+        self.batch_size = int(batch_size)
+        #: Record the Consistency_p trace of every image (the timestep figures read it).
+        self.trace = bool(trace)
         if not isinstance(prompt_sets, Mapping):
             unknown = [name for name in prompt_sets if name not in PROMPT_SETS]
             if unknown:
@@ -163,12 +171,12 @@ class ToyBenchWorld:
         base = [job for job in jobs if job.case.adapter == BASE_MODEL]
         if base:
             out.update(self._generate_base(base))
-        groups: dict[tuple, list[Job]] = {}
+        by_adapter: dict[tuple[str, str], list[Job]] = {}
         for job in jobs:
             if job.case.adapter != BASE_MODEL:
-                groups.setdefault(job.group, []).append(job)
-        for group in groups.values():
-            out.update(self._generate_group(group))
+                by_adapter.setdefault((job.case.subject, job.case.adapter), []).append(job)
+        for (subject, kind), adapter_jobs in by_adapter.items():
+            out.update(self._generate_adapter_jobs(subject, kind, adapter_jobs))
         return [out[job.key] for job in jobs]
 
     def _device(self) -> str:
@@ -183,29 +191,30 @@ class ToyBenchWorld:
             folder = self._adapter_folder(subject, kind)
             model, token = load_personalized(subject, kind, folder=folder,
                                              model=load_toyworld_model(device=self._device()), device=self._device())
-            self._samplers[(subject, kind)] = (Sampler(model, adapter_name="subject"), token)
+            self._samplers[(subject, kind)] = (Sampler(model), token)
         return self._samplers[(subject, kind)]
 
-    def _generate_group(self, group: Sequence[Job]) -> dict[str, Generated]:
-        from dreamguide.sampling import SampleSettings
+    def _generate_adapter_jobs(self, subject: str, kind: str, jobs: Sequence[Job]) -> dict[str, Generated]:
+        """Images of one subject's adapter, every job an item of one batched sampler call."""
+        from dreamguide.sampling import SampleItem
 
-        case, setting = group[0].case, group[0].setting
-        sampler, token = self._sampler(case.subject, case.adapter)
-        seeds = tuple(dict.fromkeys(job.seed for job in group))
-        variant = {} if setting.variant is None else {"pr": setting.variant.pr,
-                                                      "clipped_model_output": setting.variant.clipped_model_output}
-        settings = SampleSettings(
-            prompt=case.token_prompt, token=token, class_word=case.class_word, base_prompt=case.base_prompt,
-            modes=tuple(dict.fromkeys(job.setting.mode for job in group)), seeds=seeds, batch_size=len(seeds),
-            steps=self.steps, w_text=setting.w_text, trace=True, **variant,
-            **({} if setting.w_cons is None else {"w_cons": setting.w_cons}),
-        )
-        results = {(r.mode, r.seed): r for r in sampler.sample(settings, progress=False)}
-        out = {}
-        for job in group:
-            r = results[(job.setting.mode, job.seed)]
-            out[job.key] = Generated(r.image, r.trace or None, r.metadata)
-        return out
+        sampler, token = self._sampler(subject, kind)
+        items = []
+        for job in jobs:
+            case, setting, variant = job.case, job.setting, job.setting.variant
+            switches = {} if variant is None else {"pr": variant.pr, "shaping": variant.shaping}
+            items.append(SampleItem(
+                prompt=case.token_prompt, base_prompt=case.base_prompt, mode=setting.mode, seed=job.seed,
+                w_text=setting.w_text, token=token, class_word=case.class_word, **switches,
+                **({} if setting.w_cons is None else {"w_cons": setting.w_cons}),
+            ))
+        clipped = {True if job.setting.variant is None else job.setting.variant.clipped_model_output for job in jobs}
+        if len(clipped) > 1:
+            raise ValueError("one generate call mixes DDIM updates (clipped_model_output); give them separate plans")
+        batch_size = self.batch_size or (256 if self._device().startswith("cuda") else 4)
+        results = sampler.sample_items(items, steps=self.steps, batch_size=batch_size, trace=self.trace,
+                                       progress=False, clipped_model_output=clipped.pop())
+        return {job.key: Generated(r.image, r.trace or None, r.metadata) for job, r in zip(jobs, results)}
 
     def _generate_base(self, jobs: Sequence[Job]) -> dict[str, Generated]:
         """Base-model images, batched over prompts that share (w_text, variant); prompt i of a set from seed + i."""
