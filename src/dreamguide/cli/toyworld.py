@@ -4,6 +4,7 @@
     dreamguide toyworld personalize --subject sks --method dco      fine-tune one subject adapter
     dreamguide toyworld reproduce --output runs/reproduce           the paper's experiments in this world
     dreamguide toyworld reproduce --config my.toml --output runs/x  any experiment written as a config
+    dreamguide toyworld frontier --output runs/frontier            every rule's curve against the w_cons knob
 """
 
 from __future__ import annotations
@@ -75,6 +76,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            help="processes (default: one per adapter on a GPU, 1 on a CPU)")
     reproduce.add_argument("--device")
     reproduce.set_defaults(func=_reproduce)
+
+    frontier = commands.add_parser(
+        "frontier", help="each guidance rule's trade-off curve against the w_cons knob (GPU: minutes)",
+        description="Sweep every rule's strength knob, score text alignment and identity, and compare each "
+        "rule's curve with the baseline's (consistency guidance, w_cons swept) at matched text alignment, per "
+        "adapter kind and prompt set, with paired bootstrap intervals. Writes frontier.md, frontier.json and "
+        "frontier.png. The rules are a TOML config (configs/toyworld-frontier.toml spells out the defaults).",
+    )
+    frontier.add_argument("--config", help="frontier config (TOML; default: the built-in rules)")
+    frontier.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key, e.g. --set seeds=[0,1]")
+    frontier.add_argument("--output", default="runs/frontier", help="output folder")
+    frontier.add_argument("--budget-minutes", type=float, help="start no new group after this long (resumable)")
+    frontier.add_argument("--adapters-from", help="sample with the adapters of an earlier run (its adapters/ folder)")
+    frontier.add_argument("--score-only", action="store_true", help="analyse the finished images of --output only")
+    frontier.add_argument("--workers", type=int, default=0, help="processes (default: one per adapter on a GPU)")
+    frontier.add_argument("--device")
+    frontier.set_defaults(func=_frontier)
     return parser
 
 
@@ -136,4 +155,22 @@ def _reproduce(args) -> int:
         raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
     score(experiment, args.output)
     print(f"results: {Path(args.output) / 'results.md'}  plots: pareto.png, timesteps.png")
+    return 0
+
+
+def _frontier(args) -> int:
+    from dreamguide.cli import CommandError
+    from dreamguide.toyworld.frontier import load_frontier_experiment, write_results
+    from dreamguide.toyworld.reproduce import default_workers, generate, needed_adapters
+
+    frontier = load_frontier_experiment(args.config, args.overrides)
+    experiment = frontier.experiment()
+    if not args.score_only:
+        workers = args.workers or default_workers(args.device, len(needed_adapters(experiment, experiment.plans)))
+        generate(experiment, args.output, workers=workers, device=args.device,
+                 budget_s=None if args.budget_minutes is None else args.budget_minutes * 60,
+                 adapters_from=args.adapters_from)
+    elif not Path(args.output).is_dir():
+        raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
+    write_results(frontier, args.output)
     return 0

@@ -134,6 +134,11 @@ class ToyExperiment:
                    title="PR variants (dco adapters, stylized prompts)"),
     )
     report: ExperimentReport = field(default_factory=ExperimentReport)
+    #: Record every image's Consistency_p trace (the timestep figure reads them).
+    trace: bool = True
+    #: Batched sampling: images per sampler call (0: the world's default), groups per generate call.
+    batch_size: int = 0
+    groups_per_call: int = 0
 
     def validate(self, source: str) -> "ToyExperiment":
         from dreamguide.config import ConfigError
@@ -191,7 +196,8 @@ class ToyExperiment:
         return ToyBenchWorld(subjects=self.subjects or None, adapters=plan.adapters,
                              prompt_sets={name: sets[name] for name in plan.prompt_sets},
                              prompts_per_set=plan.prompts_per_set, steps=steps, adapters_dir=adapters_dir,
-                             device=device, evaluators=evaluators, description={"plan": plan.name})
+                             device=device, evaluators=evaluators, description={"plan": plan.name},
+                             trace=self.trace, batch_size=self.batch_size, groups_per_call=self.groups_per_call)
 
     def chosen(self, names: Sequence[str] | None) -> list[PlanConfig]:
         if not names:
