@@ -298,7 +298,7 @@ def write_figures(experiment: ToyExperiment, results: dict, rows: dict[str, list
     points = [{**e, "plan": name} for name in r.pareto_plans if name in results["plans"]
               for e in results["plans"][name]["summary"] if e["prompt_set"] == r.pareto_prompt_set]
     pareto_plot(points, "identity", "text_alignment", out / "pareto.png",
-                line_keys=("plan", "adapter", "mode", "w_text", "variant"),
+                line_keys=("plan", "adapter", "mode", "w_text", "variant"), line_intervals=False,
                 x_label="text alignment (toy CLIP cosine to the base prompt)",
                 y_label="identity (toy DINO cosine to the references)",
                 title=f"{r.pareto_prompt_set} prompts: identity vs text alignment "
