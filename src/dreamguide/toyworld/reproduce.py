@@ -164,10 +164,14 @@ def _device_name(device) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _write_json(path: Path, data) -> None:
+def _write_text(path: Path, text: str) -> None:
     from dreamguide.atomic import atomic_write_text
 
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, text)
+
+
+def _write_json(path: Path, data) -> None:
+    _write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +203,8 @@ def score(experiment: ToyExperiment, out, evaluators=None, log=print) -> dict:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     results = experiment_results(experiment, rows, out, record)
     _write_json(out / "results.json", results)
-    write_figures(experiment, results, rows, out)
-    from dreamguide.atomic import atomic_write_text
-
-    atomic_write_text(out / "results.md", results_markdown(experiment, results))
+    write_figures(experiment, results, out)
+    _write_text(out / "results.md", results_markdown(experiment, results))
     log(f"scored {sum(len(r) for r in rows.values())} images -> {out / 'results.md'}")
     return results
 
@@ -290,7 +292,7 @@ def _timesteps(experiment: ToyExperiment, rows: dict[str, list[dict]], out: Path
             for key, curve in trace_curves(traces).items()}
 
 
-def write_figures(experiment: ToyExperiment, results: dict, rows: dict[str, list[dict]], out: Path) -> None:
+def write_figures(experiment: ToyExperiment, results: dict, out: Path) -> None:
     """pareto.png (identity vs text alignment on the report's prompt set) and timesteps.png."""
     from dreamguide.evaluation.report import consistency_p_plot, pareto_plot
 
