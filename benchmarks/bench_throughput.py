@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dreamguide.architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 

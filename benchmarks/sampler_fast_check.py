@@ -1,8 +1,8 @@
 """The sampler end to end with its fast path on and off: same images, and the time per step.
 
-Samples the same seeds with ``Sampler(..., fast=True)`` (the default: ``dreamguide.fast`` routing
-and CUDA-graph replay) and ``fast=False`` (PEFT ``adapter_names`` routing, eager) on the SDXL base
-architecture with random weights (``bench_throughput.sdxl_model``: UNet, VAE and text encoders)
+Samples the same seeds with ``Sampler(..., fast=True)`` (the default: sliced routing and
+CUDA-graph replay, ``dreamguide.unet_rows.FastUNetCall``) and ``fast=False`` (PEFT
+``adapter_names`` routing, eager) on the SDXL base architecture with random weights (``bench_throughput.sdxl_model``: UNet, VAE and text encoders)
 and a random rank-32 LoRA, and reports wall time per call, seconds per step and the largest
 pixel difference between the two.
 
@@ -35,7 +35,7 @@ def main() -> None:
 
     from bench_throughput import sdxl_model, tiny_model
 
-    from dreamguide.models import add_lora
+    from dreamguide.lora_files import add_lora
     from dreamguide.sampling import SampleSettings, Sampler
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -51,7 +51,7 @@ def main() -> None:
                     "modes": args.modes, "seeds": args.seeds, "size": size, "dtype": str(dtype), "runs": {}}
     images = {}
     for fast in (True, False, True):
-        sampler = Sampler(model, adapter_name="subject", fast=fast)
+        sampler = Sampler(model, fast=fast)  # routes to the UNet's one adapter
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

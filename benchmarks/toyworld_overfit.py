@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from dreamguide.toyworld.personalize import ATTENTION_TARGETS as ATTENTION
+from dreamguide.lora_files import LORA_TARGETS as ATTENTION
 from dreamguide.toyworld.personalize import WIDE_TARGETS as ATTENTION_FF_TIME
 
 ATTENTION_FF = ATTENTION + ("ff.net.0.proj", "ff.net.2")

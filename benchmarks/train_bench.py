@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dreamguide.architectures import SDXL_POOLED_DIM, SDXL_UNET_CONFIG
+from architectures import SDXL_POOLED_DIM, SDXL_UNET_CONFIG
 
 #: A few-thousand-parameter stand-in with the same structure, for checking the script on CPU.
 TINY_UNET_CONFIG = dict(
@@ -47,7 +47,7 @@ TINY_POOLED_DIM = 32
 def build_unet(config: dict, device: torch.device, dtype: torch.dtype, rank: int, alpha: float):
     from diffusers import UNet2DConditionModel
 
-    from dreamguide.training.config import LORA_TARGETS
+    from dreamguide.lora_files import LORA_TARGETS
     from dreamguide.training.trainer import add_trainable_lora
 
     torch.manual_seed(0)
@@ -70,13 +70,13 @@ def make_batch(config: dict, pooled_dim: int, batch: int, device, resolution: in
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=torch.float32)
 
     def cond():
-        return {
-            "encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], generator=g).to(device),
-            "added_cond_kwargs": {
-                "text_embeds": torch.randn(batch, pooled_dim, generator=g).to(device),
-                "time_ids": time_ids.to(device),
-            },
-        }
+        from dreamguide.models import TextConditioning
+
+        return TextConditioning(
+            torch.randn(batch, 77, config["cross_attention_dim"], generator=g).to(device),
+            torch.randn(batch, pooled_dim, generator=g).to(device),
+            time_ids.to(device),
+        )
 
     return dict(
         noisy=noisy.to(device), timesteps=timesteps.to(device), target=noise.to(device), cond=cond(), reference_cond=cond()

@@ -16,7 +16,9 @@ def _personal_files(model_dir, out_dir, seed: int) -> dict[str, str]:
     """A random LoRA and a learned "<sks>" token for the model in ``model_dir``, saved as safetensors."""
     import torch
 
-    from dreamguide.models import add_lora, add_tokens, load_model, save_embeddings, save_lora
+    from dreamguide.lora_files import add_lora, save_lora
+    from dreamguide.models import load_model
+    from dreamguide.token_files import add_tokens, save_embeddings
 
     model = load_model(model_dir)
     torch.manual_seed(seed)
@@ -154,13 +156,48 @@ def test_adapter_for_another_model_and_missing_personalization(tiny_sdxl_dir, ti
     assert "does not match the model's UNet: cross_attention_dim is 64, the model has 32" in capsys.readouterr().err
 
 
-def test_help_lists_what_the_library_accepts():
-    from dreamguide import guidance, sampling
-    from dreamguide.cli import sample
+def test_help_lists_what_the_library_accepts(capsys):
+    from dreamguide import guidance
+    from dreamguide.sampling import SCHEDULERS, SampleSettings
 
-    assert set(sample.MODE_NAMES) == {*guidance.MODES, *guidance.ALIASES}
-    assert sample.GRANULARITIES == guidance.GRANULARITIES and sample.NORMALIZATIONS == guidance.NORMALIZATIONS
-    assert sample.SCHEDULERS == sampling.SCHEDULERS
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    assert f"{', '.join([*guidance.MODES, *guidance.ALIASES])} (default: parallel-rescaled)" in text
+    assert "{" + ",".join(SCHEDULERS) + "}" in text and "{" + ",".join(guidance.NORMALIZATIONS) + "}" in text
+    assert f"text guidance weight (default {SampleSettings.w_text})" in text
+    assert f"consistency guidance weight (default {SampleSettings.w_cons})" in text
+    assert f"denoising steps (default {SampleSettings.steps})" in text
+    assert f"(default {SampleSettings.batch_size})" in text
+
+
+def test_flags_left_out_take_the_library_defaults_and_given_ones_override():
+    import argparse
+
+    from dreamguide.cli import sample
+    from dreamguide.guidance import ParallelRescaling
+    from dreamguide.sampling import SampleSettings
+
+    parser = argparse.ArgumentParser()
+    sample.add_parser(parser.add_subparsers())
+    plain = parser.parse_args(["sample", "--model", "m", "--prompt", "a dog"])
+    assert plain.w_text is plain.w_cons is plain.steps is plain.batch_size is plain.pr_rescale is plain.trace is None
+    assert sample.settings_from_args(plain) == SampleSettings(prompt="a dog")
+    given = parser.parse_args(["sample", "--model", "m", "--prompt", "a dog", "--w-cons", "2", "--steps", "7",
+                               "--pr-rescale", "0.5", "--seeds", "1-2", "--trace"])
+    assert sample.settings_from_args(given) == SampleSettings(
+        prompt="a dog", w_cons=2.0, steps=7, pr=ParallelRescaling(rescale=0.5), seeds=(1, 2), trace=True)
+
+
+def test_top_level_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dreamguide.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "sample" in done.stdout and "train" in done.stdout and "eval" in done.stdout
+    assert done.stdout.strip().endswith("torch not imported"), done.stdout + done.stderr
 
 
 def test_embeddings_need_their_token(tiny_sd15_dir, sd15_personal, tmp_path, capsys):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from dreamguide.evaluation.suites.dreambench_config import load_dreambench_config
-from dreamguide.training import load_config as load_train_config
+from dreamguide.training import load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -1,26 +1,25 @@
-"""The fast routing path computes what PEFT's per-row routing computes (dreamguide.fast)."""
+"""The fast path of the UNet rows (sliced routing, CUDA-graph replay) computes what PEFT's per-row routing computes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dreamguide.fast import (
-    BASE,
+from dreamguide.unet_rows import (
+    BASE_ROUTE,
     fast_routing,
     fast_routing_unsupported,
     install_fast_routing,
     plan_rows,
+    routed_adapters,
     uninstall_fast_routing,
-    use_compile_cache,
 )
-from dreamguide.routing import routed_adapters
 
 ROWS_PER_PROMPT = 2
 
 
 def _tiny_unet(seed: int = 0, **lora):
-    from dreamguide.models import add_lora
+    from dreamguide.lora_files import add_lora
     from dreamguide.testing import tiny_sdxl_pipeline
 
     unet = tiny_sdxl_pipeline(seed).unet
@@ -63,9 +62,9 @@ def _close(a, b):
 @pytest.mark.parametrize(
     "names",
     [
-        [BASE] * 4 + ["subject"] * 2,  # the sampler's layout: one block of adapter rows (static slice)
-        ["subject", BASE, "subject", BASE],  # scattered rows: per-row 0/1 scale
-        [BASE, "other", "subject", "subject", BASE],  # two adapters with different ranks and scaling
+        [BASE_ROUTE] * 4 + ["subject"] * 2,  # the sampler's layout: one block of adapter rows (static slice)
+        ["subject", BASE_ROUTE, "subject", BASE_ROUTE],  # scattered rows: per-row 0/1 scale
+        [BASE_ROUTE, "other", "subject", "subject", BASE_ROUTE],  # two adapters with different ranks and scaling
         ["subject"] * 3,  # dreambooth: every row personalized
     ],
 )
@@ -74,13 +73,13 @@ def test_fast_routing_matches_peft_routing(unet, names):
     reference = _forward(unet, inputs, routed_adapters(unet, names))
     fast = _forward(unet, inputs, fast_routing(unet, names))
     _close(fast, reference)
-    base_rows = [i for i, name in enumerate(names) if name == BASE]
+    base_rows = [i for i, name in enumerate(names) if name == BASE_ROUTE]
     # Rows without an adapter never see a LoRA term: bit for bit the base layers' output.
     assert torch.equal(fast[base_rows], reference[base_rows])
 
 
 def test_fast_routing_matches_separate_forwards(unet):
-    names = [BASE] * ROWS_PER_PROMPT * 2 + ["subject"] * ROWS_PER_PROMPT
+    names = [BASE_ROUTE] * ROWS_PER_PROMPT * 2 + ["subject"] * ROWS_PER_PROMPT
     inputs = _inputs(len(names))
     fast = _forward(unet, inputs, fast_routing(unet, names))
     sample, t, kwargs = inputs
@@ -97,7 +96,7 @@ def test_fast_routing_matches_separate_forwards(unet):
 
 
 def test_all_base_rows_skip_the_adapters_exactly(unet):
-    names = [BASE] * 3
+    names = [BASE_ROUTE] * 3
     inputs = _inputs(3)
     fast = _forward(unet, inputs, fast_routing(unet, names))
     unet.disable_adapters()
@@ -112,7 +111,7 @@ def test_outside_the_block_layers_behave_as_peft_and_uninstall_restores():
     inputs = _inputs(2)
     before = _forward(unet, inputs)
     install_fast_routing(unet)
-    with fast_routing(unet, [BASE, "subject"]):
+    with fast_routing(unet, [BASE_ROUTE, "subject"]):
         pass
     assert torch.equal(_forward(unet, inputs), before)
     uninstall_fast_routing(unet)
@@ -122,32 +121,32 @@ def test_outside_the_block_layers_behave_as_peft_and_uninstall_restores():
 
 def test_plan_is_cached_per_layout(unet):
     state = install_fast_routing(unet)
-    with fast_routing(unet, [BASE, "subject"]):
+    with fast_routing(unet, [BASE_ROUTE, "subject"]):
         first = state.plan
-    with fast_routing(unet, [BASE, "subject"]):
+    with fast_routing(unet, [BASE_ROUTE, "subject"]):
         assert state.plan is first  # stable object: no new device tensors, stable compile guards
     assert state.plan is None
 
 
 def test_plan_rows_blocks_and_scales():
-    plan = plan_rows([BASE, BASE, "a", "a", "b", BASE, "b"])
+    plan = plan_rows([BASE_ROUTE, BASE_ROUTE, "a", "a", "b", BASE_ROUTE, "b"])
     assert plan.rows == 7
     a, b = plan.routes
     assert (a.adapter, a.start, a.stop, a.row_scale) == ("a", 2, 4, None)
     assert b.adapter == "b" and (b.start, b.stop) == (0, 7)
     assert b.row_scale.tolist() == [0, 0, 0, 0, 1, 0, 1]
-    assert plan_rows([BASE, BASE]).routes == ()
+    assert plan_rows([BASE_ROUTE, BASE_ROUTE]).routes == ()
 
 
 def test_wrong_row_count_is_an_error(unet):
     inputs = _inputs(3)
     with pytest.raises(ValueError, match="2 adapter names but a LoRA layer got a batch of 3"):
-        _forward(unet, inputs, fast_routing(unet, [BASE, "subject"]))
+        _forward(unet, inputs, fast_routing(unet, [BASE_ROUTE, "subject"]))
 
 
 def test_unknown_adapter_is_an_error(unet):
     with pytest.raises(ValueError, match="not loaded"):
-        with fast_routing(unet, [BASE, "nobody"]):
+        with fast_routing(unet, [BASE_ROUTE, "nobody"]):
             pass
 
 
@@ -160,13 +159,13 @@ def test_unsupported_adapters_are_reported():
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], use_dora=True), adapter_name="dora")
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_k"], lora_dropout=0.1), adapter_name="dropout")
     unet.eval()
-    assert "DoRA" in fast_routing_unsupported(unet, [BASE, "dora"])
-    assert fast_routing_unsupported(unet, [BASE, "dropout"]) is None  # eval: dropout is the identity
+    assert "DoRA" in fast_routing_unsupported(unet, [BASE_ROUTE, "dora"])
+    assert fast_routing_unsupported(unet, [BASE_ROUTE, "dropout"]) is None  # eval: dropout is the identity
     unet.train()
-    assert "dropout" in fast_routing_unsupported(unet, [BASE, "dropout"])
-    assert fast_routing_unsupported(unet, [BASE, BASE]) is None
+    assert "dropout" in fast_routing_unsupported(unet, [BASE_ROUTE, "dropout"])
+    assert fast_routing_unsupported(unet, [BASE_ROUTE, BASE_ROUTE]) is None
     with pytest.raises(ValueError, match="active dropout.*routed_adapters"):
-        with fast_routing(unet, [BASE, "dropout"]):
+        with fast_routing(unet, [BASE_ROUTE, "dropout"]):
             pass
 
 
@@ -174,7 +173,7 @@ def test_fast_routing_traces_into_one_graph(unet):
     """No graph break and the same numbers under torch.compile (one transformer block, CPU)."""
     torch._dynamo.reset()
     block = unet.down_blocks[1].attentions[0]
-    names = [BASE, BASE, "subject"]
+    names = [BASE_ROUTE, BASE_ROUTE, "subject"]
     g = torch.Generator().manual_seed(2)
     hidden, context = torch.randn(3, 64, 8, 8, generator=g), torch.randn(3, 77, 64, generator=g)
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
@@ -188,21 +187,13 @@ def test_fast_routing_traces_into_one_graph(unet):
     torch._dynamo.reset()
 
 
-def test_compile_cache_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unchanged")
-    folder = use_compile_cache(tmp_path / "cache")
-    assert folder == tmp_path / "cache" and folder.is_dir()
-    import os
-
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
-
-
 @pytest.mark.parametrize("modes", ["pr", "dreambooth,cfg"])
 def test_sampler_fast_path_gives_the_same_images(modes):
     """The sampler's default fast path and PEFT routing (``fast=False``) sample the same images."""
     import numpy as np
 
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.sampling import SampleSettings, Sampler
     from dreamguide.testing import tiny_sdxl_pipeline
 
@@ -212,8 +203,8 @@ def test_sampler_fast_path_gives_the_same_images(modes):
         prompt="a photo of sks dog", token="sks", class_word="dog", modes=modes, seeds="0,1", batch_size=2, steps=3,
         height=32, width=32,
     )
-    fast = Sampler(model, adapter_name="subject").sample(settings, progress=False)
-    peft = Sampler(model, adapter_name="subject", fast=False).sample(settings, progress=False)
+    fast = Sampler(model).sample(settings, progress=False)  # the UNet's one adapter
+    peft = Sampler(model, fast=False).sample(settings, progress=False)
     assert len(fast) == len(peft) == 2 * len(modes.split(","))
     for a, b in zip(fast, peft):
         assert (a.mode, a.seed) == (b.mode, b.seed)
@@ -221,12 +212,11 @@ def test_sampler_fast_path_gives_the_same_images(modes):
         assert diff <= 1, (a.mode, a.seed, diff)
 
 
-def test_fast_unet_call_matches_predict_noise(unet):
-    from dreamguide.fast import FastUNetCall
+def test_fast_unet_call_matches_predict_rows(unet):
     from dreamguide.models import TextConditioning
-    from dreamguide.routing import predict_noise
+    from dreamguide.unet_rows import FastUNetCall, predict_rows
 
-    names = [BASE] * 2 + ["subject"]
+    names = [BASE_ROUTE] * 2 + ["subject"]
     sample, t, kwargs = _inputs(3)
     added = kwargs["added_cond_kwargs"]
     cond = TextConditioning(kwargs["encoder_hidden_states"], added["text_embeds"], added["time_ids"])
@@ -234,20 +224,20 @@ def test_fast_unet_call_matches_predict_noise(unet):
     with torch.no_grad():
         fast = call(sample, t, cond)
         again = call(sample, t, cond)
-        reference = predict_noise(unet, sample, t, cond, names)
+        reference = predict_rows(unet, sample, t, cond, names)
     _close(fast, reference)
     assert torch.equal(fast, again)
     assert install_fast_routing(unet).plan is None  # the plan is on only during a call
-    with pytest.raises(ValueError, match="3 row adapters for a batch of 2"):
+    with pytest.raises(ValueError, match="3 row routes for a batch of 2"):
         call(sample[:2], t, cond.select([0, 1]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_is_bitwise_eager():
-    from dreamguide.fast import FastUNetCall
+    from dreamguide.unet_rows import FastUNetCall
 
     unet = _tiny_unet(seed=6).cuda()
-    names = [BASE] * 2 + ["subject"]
+    names = [BASE_ROUTE] * 2 + ["subject"]
     sample, t, kwargs = _inputs(3)
     sample, t = sample.cuda(), t.cuda()
     kwargs = {"encoder_hidden_states": kwargs["encoder_hidden_states"].cuda(),
@@ -261,44 +251,3 @@ def test_cuda_graph_replay_is_bitwise_eager():
     for out, ref in zip(outputs, references):
         assert torch.equal(out, ref)
     assert not torch.equal(outputs[0], outputs[1])
-
-
-def test_sampling_speed_summary_math():
-    """Utilisation, ratios and targets of ``dreamguide bench sample`` from measured rows."""
-    from dreamguide.sampling_speed import format_table, summarize
-
-    def row(variant, mode, ms, rows, adapter_rows, batch=4):
-        return {"variant": variant, "mode": mode, "batch": batch, "rows": rows, "adapter_rows": adapter_rows, "ms": ms}
-
-    document = {
-        "matmul": {"size": 8192, "dtype": "bfloat16", "ms": 1.0, "tflops": 800.0},
-        "flops": {"base_row": 6e12, "adapter_row": 7e12},
-        "results": [
-            row("fast", "cfg", 100.0, 8, 0),
-            row("fast", "pr", 160.0, 12, 4),
-            row("compiled", "pr", 200.0, 12, 4),
-            row("dco", "pr", 400.0, 12, 4),
-            row("fast", "pr", 50.0, 3, 1, batch=1),
-            row("dco", "pr", 75.0, 3, 1, batch=1),
-            {"variant": "graph", "mode": "pr", "batch": 4, "error": "RuntimeError: capture failed"},
-        ],
-    }
-    summary = summarize(document)
-    compiled = document["results"][2]
-    assert compiled["model_tflop"] == pytest.approx(8 * 6 + 4 * 7)  # base rows + adapter rows
-    assert compiled["tflops"] == pytest.approx(76 / 0.2)
-    assert compiled["mfu"] == pytest.approx(76 / 0.2 / 800)
-    assert summary["pr_over_cfg"] == {"fast@4": pytest.approx(1.6)}
-    assert summary["pr_over_cfg_model_flops"]["4"] == pytest.approx(76 / 48)
-    assert summary["dco_over_pr"]["fast@1"] == pytest.approx(1.5)
-    met = {t["target"]: t["met"] for t in summary["targets"]}
-    assert met == {
-        "pr step <= 1.10x cfg step at batch 4 (fast, eager)": False,
-        "compiled pr batch 4 MFU >= 55% of measured matmul": False,  # 47.5%
-        "eager pr >= 1.6x faster than DCO ordering at batch 1": False,  # 1.5x
-        "eager pr >= 1.0x faster than DCO ordering at batch 4": True,
-    }
-    document["summary"] = summary
-    table = format_table(document)
-    assert "graph pr batch 4 failed: RuntimeError: capture failed" in table
-    assert "    4 pr             12 " in table

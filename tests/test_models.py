@@ -9,21 +9,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreamguide.models import (
-    DiffusionModel,
-    TextConditioning,
+from dreamguide.lora_files import (
     add_lora,
-    add_tokens,
-    detect_kind,
-    encode_prompts,
-    load_embeddings,
+    from_kohya,
     load_lora,
-    load_model,
+    lora_parameters,
     lora_state_dict,
-    save_embeddings,
+    save_kohya_lora,
     save_lora,
-    token_embeddings,
 )
+from dreamguide.models import DiffusionModel, TextConditioning, detect_kind, encode_prompts, load_model, parse_dtype
+from dreamguide.token_files import add_tokens, load_embeddings, save_embeddings, token_embeddings
 from dreamguide.testing import COMMON_WORDS, tiny_clip_tokenizer, tiny_pixel_model, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 BUILDERS = {"sdxl": tiny_sdxl_pipeline, "sd": tiny_sd15_pipeline, "pixel": tiny_pixel_model}
@@ -220,6 +216,57 @@ def test_kohya_lora_loads(tmp_path):
         )
 
 
+def test_lora_parameters_are_the_live_parameters_under_the_file_keys():
+    model = _model("sd")
+    add_lora(model.unet, rank=4)
+    params = lora_parameters(model.unet)
+    state = lora_state_dict(model.unet)
+    assert list(params) == [f"unet.{k}" for k in state]  # same keys, same order as the saved file
+    live = {id(p) for p in model.unet.parameters()}
+    assert all(isinstance(p, torch.nn.Parameter) and id(p) in live for p in params.values())
+    with torch.no_grad():
+        next(iter(params.values())).add_(1.0)  # a step on the parameter is a step on the adapter
+    assert torch.equal(next(iter(lora_state_dict(model.unet).values())), next(iter(params.values())))
+    with pytest.raises(ValueError, match="no LoRA adapter 'other'"):
+        lora_parameters(model.unet, "other")
+
+
+def test_kohya_file_holds_the_adapter_with_its_alpha(tmp_path):
+    model = _model("sd")
+    add_lora(model.unet, rank=4, alpha=2.0)
+    _randomize_lora(model.unet)
+    path = save_kohya_lora(model.unet, tmp_path / "kohya.safetensors", metadata={"note": "x"})
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    assert (header["ss_network_dim"], header["ss_network_alpha"], header["note"]) == ("4", "2.0", "x")
+    state, alphas = from_kohya(load_file(path), [name for name, _ in model.unet.named_modules()])
+    expected = {f"unet.{k}": v for k, v in lora_state_dict(model.unet).items()}
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert set(alphas.values()) == {2.0} and len(alphas) == len(state) // 2
+    fresh = _model("sd")
+    load_lora(fresh, path)  # the sampler reads it back to the same adapter
+    loaded = lora_state_dict(fresh.unet)
+    assert all(torch.equal(loaded[k], v) for k, v in lora_state_dict(model.unet).items())
+
+
+def test_parse_dtype_names_aliases_and_auto():
+    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype("fp16") is torch.float16 and parse_dtype("fp32") is torch.float32
+    assert parse_dtype(torch.float16) is torch.float16
+    assert parse_dtype("auto", "cpu") is parse_dtype(None) is torch.float32
+    assert parse_dtype("auto", torch.device("cuda", 0)) is parse_dtype(None, "cuda") is torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; choose one of auto, float32, float16, bfloat16"):
+        parse_dtype("float8")
+
+
+def test_moved_names_still_resolve_from_models():
+    from dreamguide import lora_files, models, token_files
+
+    assert models.load_lora is lora_files.load_lora and models.save_embeddings is token_files.save_embeddings
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        models.not_a_name
+
+
 def test_mismatched_lora_is_refused_with_key_and_shapes(tmp_path):
     sdxl = _model("sdxl")
     add_lora(sdxl.unet, rank=4)
@@ -295,6 +342,18 @@ def test_embeddings_formats_and_errors(tmp_path):
         load_embeddings(fresh, tmp_path / "wide.safetensors", token="<w>")
     with safe_open(str(path), "pt") as f:
         assert json.loads(f.metadata()["tokens"]) == ["<s0>", "<s1>"]
+
+
+def test_embeddings_file_holds_the_given_vectors(tmp_path):
+    """A run writes its float32 trained vectors, not the table (which may be half precision)."""
+    model = _model("sdxl")
+    add_tokens(model, ["<sks>"], "dog")
+    vectors = [torch.randn(1, enc.config.hidden_size, dtype=torch.float32) for enc in model.text_encoders]
+    path = save_embeddings(model, ["<sks>"], tmp_path / "e.safetensors", vectors=vectors)
+    saved = load_file(path)
+    assert torch.equal(saved["clip_l"], vectors[0]) and torch.equal(saved["clip_g"], vectors[1])
+    with pytest.raises(ValueError, match="has 2 text encoder\\(s\\), got vectors for 1"):
+        save_embeddings(model, ["<sks>"], tmp_path / "e.safetensors", vectors=vectors[:1])
 
 
 def test_added_tokens_keep_legacy_clip_pooling_at_end_of_text():

@@ -58,7 +58,8 @@ def test_settings_derive_base_prompt_and_canonical_modes():
     "kwargs, message",
     [
         (dict(modes="cfg,fancy"), r"unknown guidance mode 'fancy'; choose one of cfg, dreambooth, consistency, "
-                                  r"parallel-rescaled, orthogonal, pr"),
+                                  r"parallel-rescaled, orthogonal, recentred, spread-capped, norm-bounded, "
+                                  r"magnitude-weighted, adaptive-parallel, late-pr, pr"),
         (dict(prompt="a dog in the snow"), r"the prompt 'a dog in the snow' does not contain the token '<sks>'; "
                                            r"write it into the prompt, e\.g\. 'a photo of <sks> dog'"),
         (dict(class_word=None), r"without a class word; pass class_word \(--class-word"),
@@ -150,7 +151,8 @@ def max_diff(a, b) -> int:
 @pytest.fixture(scope="module")
 def sd15():
     """Tiny SD 1.x with a random (non-identity) LoRA "subject" and an identity LoRA "identity"."""
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.testing import tiny_sd15_pipeline
 
     model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
@@ -161,7 +163,8 @@ def sd15():
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.testing import tiny_sdxl_pipeline
 
     model = DiffusionModel.from_pipeline(tiny_sdxl_pipeline(seed=0))
@@ -261,7 +264,7 @@ def test_sdxl_trace_and_metadata(sdxl):
 
 
 def make_scheduler_timesteps(model, steps):
-    from dreamguide.sampling import make_scheduler
+    from dreamguide.denoise import make_scheduler
 
     scheduler = make_scheduler(model.scheduler)
     scheduler.set_timesteps(steps)
@@ -287,7 +290,8 @@ def test_clipping_ddim_steps_with_the_noise_of_the_clipped_x0():
     import torch
     from diffusers import DDIMScheduler
 
-    from dreamguide.sampling import Sampler, clipped_step_kwargs
+    from dreamguide.denoise import clipped_step_kwargs
+    from dreamguide.sampling import Sampler
     from dreamguide.testing import tiny_pixel_model
     from dreamguide.toyworld.model import encode_text
 
@@ -320,7 +324,7 @@ def test_clipping_ddim_steps_with_the_noise_of_the_clipped_x0():
 def test_errors_before_sampling(sd15):
     from dreamguide.sampling import Sampler
 
-    plain = Sampler(sd15)
+    plain = Sampler(sd15, adapter_name=None)  # no adapter routed: the base model alone
     with pytest.raises(ValueError, match=r"mode\(s\) consistency, dreambooth need a personalized model.*--lora"):
         plain.sample(SampleSettings(**TOKEN_KW, modes="cfg,consistency,dreambooth"), progress=False)
     with pytest.raises(ValueError, match=r"height 15 is not divisible by 2 \(the VAE downsampling factor.*14 or 16"):
@@ -333,9 +337,9 @@ def test_errors_before_sampling(sd15):
     "trace, check_every, steps, calls_made", [(False, 10, 4, 4), (False, 2, 6, 4), (True, 10, 4, 3)]
 )
 def test_nonfinite_prediction_names_the_step(sd15, monkeypatch, trace, check_every, steps, calls_made):
-    from dreamguide import sampling
+    from dreamguide import denoise, sampling
 
-    monkeypatch.setattr(sampling, "NONFINITE_CHECK_EVERY", check_every)
+    monkeypatch.setattr(denoise, "NONFINITE_CHECK_EVERY", check_every)
     calls = []
 
     def poison_third_call(module, args, output):
@@ -366,7 +370,7 @@ def test_float16_vae_decodes_in_float32(sd15):
     half = copy.copy(sd15)
     half.vae = copy.deepcopy(sd15.vae).half()
     half.kind = "sdxl"  # the SDXL VAE overflows in float16
-    decoder = Sampler(half)._decoder()
+    decoder = Sampler(half, adapter_name=None)._decoder()
     assert decoder.dtype == torch.float32 and half.vae.dtype == torch.float16
 
 
@@ -382,3 +386,153 @@ def test_learned_variance_is_kept_only_for_schedulers_that_use_it():
     prediction, variance = _split_variance(output, 3, EulerDiscreteScheduler())
     assert torch.equal(prediction, output[:, :3]) and variance is None
     assert _split_variance(output, 6, EulerDiscreteScheduler())[0] is output
+
+
+# ---------------------------------------------------------------------------------------------
+# Items: many prompts, modes, weights and seeds in one call
+
+
+def test_sample_item_is_validated_and_takes_the_settings_defaults():
+    from dreamguide.sampling import SampleItem
+
+    item = SampleItem(prompt="a sks dog", mode="pr", seed=3)
+    assert item.mode == "parallel-rescaled" and item.base_prompt == "a sks dog"
+    assert (item.w_text, item.w_cons, item.pr) == (SampleSettings.w_text, SampleSettings.w_cons, ParallelRescaling())
+    assert SampleItem(prompt="a dog").mode == SampleSettings.modes[0]
+    for kwargs, message in [
+        (dict(prompt=" "), r"the prompt is empty"),
+        (dict(prompt="a dog", mode="fancy"), r"unknown guidance mode 'fancy'"),
+        (dict(prompt="a dog", seed=-1), r"seed -1 is out of range"),
+        (dict(prompt="a dog", seed="1"), r"seed must be an integer, got '1'"),
+        (dict(prompt="a dog", w_cons=float("inf")), r"w_cons must be a finite number"),
+        (dict(prompt="a dog", pr={"rescale": 2}), r"pr must be a guidance.ParallelRescaling"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SampleItem(**kwargs)
+    settings = SampleSettings(**TOKEN_KW, modes="cfg,pr", seeds="4,5", w_cons=2.0)
+    assert [(i.mode, i.seed, i.base_prompt, i.w_cons) for i in settings.items()] == [
+        ("cfg", 4, "a dog in the snow", 2.0), ("cfg", 5, "a dog in the snow", 2.0),
+        ("parallel-rescaled", 4, "a dog in the snow", 2.0), ("parallel-rescaled", 5, "a dog in the snow", 2.0)]
+
+
+def _count_unet_rows(unet):
+    rows = []
+    handle = unet.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    return rows, handle
+
+
+def test_mixed_batch_equals_each_image_alone(sd15, monkeypatch):
+    """Prompts, modes, weights and seeds in one batch: each image as when sampled alone, in item order."""
+    from dreamguide.sampling import SampleItem, Sampler
+
+    sampler = Sampler(sd15, adapter_name="subject")
+    items = [
+        SampleItem(prompt="a sks dog in the snow", base_prompt="a dog in the snow", mode="pr", seed=0),
+        SampleItem(prompt="a red cube", mode="cfg", seed=1, w_text=5.0),
+        SampleItem(prompt="a sks dog on a beach", base_prompt="a dog on a beach", mode="dreambooth", seed=2,
+                   negative_prompt="blurry"),
+        SampleItem(prompt="a sks dog in the snow", base_prompt="a dog in the snow", mode="consistency", seed=3,
+                   w_cons=1.5),
+        SampleItem(prompt="a sks dog in the snow", base_prompt="a dog in the snow", mode="pr", seed=4, w_cons=1.5),
+    ]
+    encoded = []
+    encode = sampler._encode
+    monkeypatch.setattr(sampler, "_encode", lambda texts, h, w: encoded.append(list(texts)) or encode(texts, h, w))
+    rows, handle = _count_unet_rows(sd15.unet)
+    try:
+        together = sampler.sample_items(items, steps=2, batch_size=len(items), height=16, width=16, progress=False)
+    finally:
+        handle.remove()
+    # One forward per step with the rows each image needs (3 + 2 + 2 + 3 + 3); each prompt encoded once.
+    assert rows == [13, 13]
+    assert encoded == [["", "a dog in the snow", "a sks dog in the snow", "a red cube", "blurry", "a dog on a beach",
+                        "a sks dog on a beach"]]
+    assert [(r.mode, r.seed, r.prompt) for r in together] == [(i.mode, i.seed, i.prompt) for i in items]
+    assert together[1].metadata["w_text"] == 5.0 and together[3].metadata["w_cons"] == 1.5
+    assert together[2].metadata["negative_prompt"] == "blurry" and together[2].metadata["steps"] == 2
+    for item, result in zip(items, together):
+        alone = sampler.sample_items([item], steps=2, height=16, width=16, progress=False)[0]
+        assert max_diff(result, alone) <= 1, item
+        assert result.metadata == alone.metadata
+
+
+def test_items_pack_into_batches_of_batch_size_images(sd15):
+    from dreamguide.sampling import Sampler
+
+    sampler = Sampler(sd15, adapter_name="subject")
+    settings = SampleSettings(**TOKEN_KW, modes="cfg,pr", seeds="0-2", steps=2, height=16, width=16)
+    assert settings.batch_size == SampleSettings.batch_size > 1  # seeds are not sampled one by one by default
+    rows, handle = _count_unet_rows(sd15.unet)
+    try:
+        packed = sampler.sample(settings, progress=False)
+        single = sampler.sample(replace(settings, batch_size=1), progress=False)
+    finally:
+        handle.remove()
+    packed_rows = rows[: 2 * 2]  # 6 images in batches of 4 and 2: (cfg x3 + pr x1), (pr x2); 2 steps each
+    assert packed_rows == [3 * 2 + 3, 3 * 2 + 3, 2 * 3, 2 * 3]
+    assert rows[4:] == [2] * 2 * 3 + [3] * 2 * 3
+    assert [(r.mode, r.seed) for r in packed] == [(r.mode, r.seed) for r in single]
+    assert all(max_diff(a, b) <= 1 for a, b in zip(packed, single))
+
+
+def test_mixed_batch_traces_only_consistency_modes(sdxl):
+    from dreamguide.sampling import SampleItem, Sampler
+
+    sampler = Sampler(sdxl)  # its one adapter, found without naming it
+    assert sampler.adapter_name == "subject"
+    items = [SampleItem(**{**dict(prompt="a sks dog", base_prompt="a dog"), "mode": mode, "seed": 0})
+             for mode in ("cfg", "orthogonal", "dreambooth")]
+    traced = sampler.sample_items(items, steps=2, trace=True, height=16, width=16, progress=False)
+    assert traced[0].trace == [] and traced[2].trace == [] and len(traced[1].trace) == 2
+    alone = sampler.sample_items(items[1:2], steps=2, trace=True, height=16, width=16, progress=False)[0]
+    for a, b in zip(traced[1].trace, alone.trace):
+        assert a["step"] == b["step"] and a["histogram"]["counts"] == b["histogram"]["counts"]
+        assert a["mean"] == pytest.approx(b["mean"], abs=1e-5)
+
+
+def test_adapter_is_found_without_its_name(sd15):
+    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.sampling import Sampler
+    from dreamguide.testing import tiny_sd15_pipeline
+
+    with pytest.raises(ValueError, match=r"several LoRA adapters \(subject, identity\); pass adapter_name="):
+        Sampler(sd15)
+    model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
+    assert Sampler(model).adapter_name is None and not Sampler(model).is_personalized()
+    add_lora(model.unet, rank=2, adapter_name="whatever")
+    assert Sampler(model).adapter_name == "whatever"
+    assert Sampler(model, personalized_unet=sd15.unet).adapter_name is None
+
+
+def test_sample_items_errors(sd15):
+    from dreamguide.sampling import SampleItem, Sampler
+
+    sampler = Sampler(sd15, adapter_name="subject")
+    with pytest.raises(TypeError, match="SampleItem objects, got SampleSettings"):
+        sampler.sample_items([SampleSettings(prompt="a dog")])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        sampler.sample_items([SampleItem(prompt="a dog")], batch_size=0)
+    with pytest.raises(ValueError, match=r"mode\(s\) dreambooth need a personalized model"):
+        Sampler(sd15, adapter_name=None).sample_items([SampleItem(prompt="a dog", mode="dreambooth")])
+    assert sampler.sample_items([]) == []
+
+
+def test_learned_variance_comes_from_each_image_last_row():
+    """With a scheduler that uses a learned variance, each image keeps the variance of its last prediction."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from dreamguide.guidance import get_mode
+    from dreamguide.sampling import SampleItem, _combine, _rules
+    from dreamguide.unet_rows import RowLayout
+
+    items = [SampleItem(prompt="a", mode="cfg"), SampleItem(prompt="a", mode="pr", seed=1)]
+    layout = RowLayout.of([get_mode(i.mode).needs for i in items])
+    assert layout.rows == [("uncond", 0), ("uncond", 1), ("base", 0), ("base", 1), ("personalized", 1)]
+    output = torch.randn(len(layout), 6, 4, 4)
+    guided = _combine(layout, _rules(items), 3, DDPMScheduler(variance_type="learned_range"), output, 0, 1)
+    assert guided.shape == (2, 6, 4, 4)
+    assert torch.equal(guided[0, 3:], output[2, 3:]) and torch.equal(guided[1, 3:], output[4, 3:])
+    cfg = output[0, :3] + SampleSettings.w_text * (output[2, :3] - output[0, :3])
+    torch.testing.assert_close(guided[0, :3], cfg)
+    assert _combine(layout, _rules(items), 3, DDPMScheduler(), output, 0, 1).shape == (2, 3, 4, 4)

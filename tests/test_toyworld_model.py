@@ -11,7 +11,7 @@ from dreamguide.toyworld import world
 from dreamguide.toyworld.model import (
     BUNDLED_MODEL_DIR,
     SPARE_IDENTIFIERS,
-    ModelConfig,
+    ToyModelConfig,
     _bpe,
     build_model,
     build_tokenizer,
@@ -23,7 +23,7 @@ from dreamguide.toyworld.model import (
     vocab_and_merges,
 )
 
-TINY = ModelConfig(resolution=8, block_out_channels=(32, 32), attention_head_dim=8, text_hidden_size=32,
+TINY = ToyModelConfig(resolution=8, block_out_channels=(32, 32), attention_head_dim=8, text_hidden_size=32,
                    text_layers=1, text_heads=2, max_length=24)
 
 
@@ -141,7 +141,7 @@ def test_bundled_model_loads_offline_and_samples():
 
 
 def test_bundled_adapter_covers_the_default_targets_and_takes_the_fast_path():
-    from dreamguide.fast import fast_routing_unsupported
+    from dreamguide.unet_rows import fast_routing_unsupported
     from dreamguide.toyworld.personalize import DEFAULTS, load_personalized
 
     model, token = load_personalized()

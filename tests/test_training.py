@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreamguide import models
-from dreamguide.training import DataError, config_from_dict, read_metadata, train
+from dreamguide.training import DataError, read_metadata, train, train_config_from_dict
 from dreamguide.training.checkpoints import list_checkpoints, resolve_checkpoint
 from dreamguide.training.trainer import ADAPTER_NAME, adapters_disabled
 
@@ -54,7 +54,7 @@ def make_config(model_dir, photos, out, method="dreambooth", **sections):
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
-    return config_from_dict(data)
+    return train_config_from_dict(data)
 
 
 def unet_prediction(model, prompt=PROMPT, seed=0):
@@ -285,7 +285,7 @@ def test_train_takes_an_in_memory_pixel_model(photos, tmp_path):
     from dreamguide.testing import tiny_pixel_model
 
     model = tiny_pixel_model(seed=0)
-    config = config_from_dict(
+    config = train_config_from_dict(
         {"data": {"instance_dir": str(photos), "class_word": CLASS_WORD}, "train": {"steps": 2, "lr": 1e-2},
          "lora": {"rank": 2}, "output": {"dir": str(tmp_path / "out"), "checkpoint_every": 0}}
     )
@@ -329,10 +329,10 @@ def test_cli_trains_and_reports_config_errors(model_dirs, photos, tmp_path, caps
     assert main(args + ["--set", "data.resolution=128"]) == 2  # 40x48 photos, far smaller than 128
     assert "far smaller than the training size 128" in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert main(args + ["--set", "data.resolution=128", "--allow-upscale"]) == 0
-    saved = cfg_module.load_config(tmp_path / "out" / "config.toml")
+    saved = cfg_module.load_train_config(tmp_path / "out" / "config.toml")
     assert (saved.train.steps, saved.lora.rank, saved.data.resolution, saved.data.allow_upscale) == (1, 2, 128, True)
     assert main(["train", "--config", str(path), "--set", "lora.rnak=2"]) == 2
-    assert "run.toml" in capsys.readouterr().err
+    assert "run.toml (with --set overrides): unknown key 'lora.rnak'; did you mean 'rank'?" in capsys.readouterr().err
     path.write_text(path.read_text() + "[train]\nsteps = 1.5\n", encoding="utf-8")
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err

@@ -12,7 +12,7 @@ from PIL import Image
 from dreamguide.training import config as cfg
 from dreamguide.training import data as dt
 from dreamguide.training.losses import dco_loss, mse_loss, prediction_target
-from dreamguide.training.outputs import from_kohya, to_kohya
+from dreamguide.lora_files import from_kohya, to_kohya
 
 MINIMAL = """
 [model]
@@ -33,68 +33,77 @@ def write(path, text):
 
 
 def test_config_defaults_follow_the_spec(tmp_path):
-    config = cfg.load_config(write(tmp_path / "run.toml", MINIMAL))
+    config = cfg.load_train_config(write(tmp_path / "run.toml", MINIMAL))
     assert (config.lora.rank, config.lora.alpha, config.train.lr, config.ti.lr) == (32, 32.0, 5e-5, 5e-6)
     assert (config.train.steps, config.train.batch_size, config.dco.beta) == (1000, 1, 1000.0)
     assert config.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert config.train.lr_scheduler == "constant" and config.dco.average == "batch"
 
 
+def test_sample_section_guides_as_the_sampler_does(tmp_path):
+    from dreamguide.sampling import SampleSettings
+
+    sampler = SampleSettings(prompt="a photo of <sks> dog", token="<sks>", class_word="dog")
+    sample = cfg.load_train_config(write(tmp_path / "run.toml", MINIMAL)).sample
+    assert (sample.w_text, sample.w_cons) == (sampler.w_text, sampler.w_cons)
+    assert sample.modes == ["dreambooth", *sampler.modes]
+
+
 def test_saved_config_reads_back_equal(tmp_path):
-    config = cfg.load_config(
+    config = cfg.load_train_config(
         write(tmp_path / "run.toml", MINIMAL),
         ["train.method=dco", "ti.enabled=true", 'data.instance_prompt="a \\"q\\" {token}"', "dco.beta=0.5"],
     )
     cfg.save_config(config, tmp_path / "out" / "config.toml")
-    assert cfg.load_config(tmp_path / "out" / "config.toml") == config
+    assert cfg.load_train_config(tmp_path / "out" / "config.toml") == config
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
     path = write(tmp_path / "run.toml", MINIMAL + "\n[train]\nstepz = 3\n")
     with pytest.raises(cfg.ConfigError, match=r"run\.toml.*'train\.stepz'.*did you mean 'steps'"):
-        cfg.load_config(path)
+        cfg.load_train_config(path)
     with pytest.raises(cfg.ConfigError, match=r"run\.toml.*unknown key 'trian'"):
-        cfg.load_config(write(tmp_path / "run.toml", MINIMAL + "\n[trian]\nsteps = 3\n"))
+        cfg.load_train_config(write(tmp_path / "run.toml", MINIMAL + "\n[trian]\nsteps = 3\n"))
 
 
 def test_wrong_type_names_key_and_file(tmp_path):
     path = write(tmp_path / "run.toml", MINIMAL + '\n[train]\nsteps = "many"\n')
     with pytest.raises(cfg.ConfigError, match=r"run\.toml: train\.steps must be an integer, got 'many'"):
-        cfg.load_config(path)
+        cfg.load_train_config(path)
     path = write(tmp_path / "run.toml", MINIMAL + '\n[train]\nmethod = "lora"\n')
     with pytest.raises(cfg.ConfigError, match=r"train\.method must be one of 'dreambooth'"):
-        cfg.load_config(path)
+        cfg.load_train_config(path)
     with pytest.raises(cfg.ConfigError, match=r"lora\.target_modules\[1\] must be a string"):
-        cfg.load_config(write(tmp_path / "run.toml", MINIMAL + "\n[lora]\ntarget_modules = ['to_q', 3]\n"))
+        cfg.load_train_config(write(tmp_path / "run.toml", MINIMAL + "\n[lora]\ntarget_modules = ['to_q', 3]\n"))
 
 
 def test_overrides_are_typed(tmp_path):
     path = write(tmp_path / "run.toml", MINIMAL)
-    config = cfg.load_config(path, ["train.steps=7", "data.token=<sks>", "lora.alpha=8", "data.class_word=true"])
+    config = cfg.load_train_config(path, ["train.steps=7", "data.token=<sks>", "lora.alpha=8", "data.class_word=true"])
     assert config.train.steps == 7 and config.data.token == "<sks>" and config.lora.alpha == 8.0
     assert config.data.class_word == "true"
     with pytest.raises(cfg.ConfigError, match=r"with --set overrides.*train\.steps must be an integer"):
-        cfg.load_config(path, ["train.steps=1.5"])
+        cfg.load_train_config(path, ["train.steps=1.5"])
     with pytest.raises(cfg.ConfigError, match="section.key=value"):
-        cfg.load_config(path, ["steps"])
+        cfg.load_train_config(path, ["steps"])
 
 
 def test_validation_names_the_key(tmp_path):
     path = write(tmp_path / "run.toml", MINIMAL)
     with pytest.raises(cfg.ConfigError, match=r"run\.toml.*model\.pretrained is required"):
-        cfg.load_config(path, ["model.pretrained=''"])
+        cfg.load_train_config(path, ["model.pretrained=''"])
     with pytest.raises(cfg.ConfigError, match="ti.enabled.*dreambooth-ti"):
-        cfg.load_config(path, ["ti.enabled=true"])
+        cfg.load_train_config(path, ["ti.enabled=true"])
     with pytest.raises(cfg.ConfigError, match="data.class_dir"):
-        cfg.load_config(path, ["train.method=dco", "data.class_dir=cls"])
+        cfg.load_train_config(path, ["train.method=dco", "data.class_dir=cls"])
     with pytest.raises(cfg.ConfigError, match="ti.train_fraction"):
-        cfg.load_config(path, ["ti.train_fraction=1.5"])
+        cfg.load_train_config(path, ["ti.train_fraction=1.5"])
     with pytest.raises(cfg.ConfigError, match="data.resolution"):
-        cfg.load_config(path, ["data.resolution=30"])
+        cfg.load_train_config(path, ["data.resolution=30"])
     with pytest.raises(cfg.ConfigError, match="sample.prompts.*'a dog' without the token"):
-        cfg.load_config(path, ["sample.every=10", "sample.prompts=['a {token} dog', 'a dog']"])
+        cfg.load_train_config(path, ["sample.every=10", "sample.prompts=['a {token} dog', 'a dog']"])
     with pytest.raises(cfg.ConfigError, match="sample.modes.*'prr'"):
-        cfg.load_config(path, ["sample.every=10", "sample.modes=['cfg', 'prr']"])
+        cfg.load_train_config(path, ["sample.every=10", "sample.modes=['cfg', 'prr']"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The main entry points, imported lazily so ``import dreamguide`` stays light::
 
-    from dreamguide import Sampler, SampleSettings, ParallelRescaling
+    from dreamguide import Sampler, SampleItem, SampleSettings, ParallelRescaling
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Sampler": "dreamguide.sampling",
     "SampleSettings": "dreamguide.sampling",
+    "SampleItem": "dreamguide.sampling",
     "SampleResult": "dreamguide.sampling",
     "save_results": "dreamguide.sampling",
     "ParallelRescaling": "dreamguide.guidance",

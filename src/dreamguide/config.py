@@ -145,17 +145,17 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _annotation_at(cls: type, path: list[str], text: str) -> Any:
+def _annotation_at(cls: type, path: list[str]) -> Any:
+    """The type of the dotted key ``path`` in ``cls``, or None where a name is unknown (reported later,
+    with the file, when the merged data is read)."""
     annotation: Any = cls
-    for depth, name in enumerate(path):
+    for name in path:
         annotation = _optional(annotation) or annotation
         if not _is_config(annotation):
-            raise ConfigError(f"--set {text!r}: {'.'.join(path[:depth])} is not a table")
-        hints = _hints(annotation)
-        if name not in hints:
-            where = f"keys in [{'.'.join(path[:depth])}]" if depth else "sections"
-            raise unknown_key(".".join(path[: depth + 1]), list(hints), f"--set {text!r}", where)
-        annotation = hints[name]
+            return None
+        annotation = _hints(annotation).get(name)
+        if annotation is None:
+            return None
     return annotation
 
 
@@ -169,7 +169,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: typing.Iterable[
     for text in overrides:
         key, value = parse_override(text)
         path = key.split(".")
-        annotation = _annotation_at(cls, path, text)
+        annotation = _annotation_at(cls, path)
         # A string-typed key takes the raw text ("--set data.token=<sks>", "--set data.class_word=true").
         if (_optional(annotation) or annotation) is str and not isinstance(value, str):
             value = text.split("=", 1)[1].strip()

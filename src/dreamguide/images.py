@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from dreamguide.atomic import atomic_open  # noqa: F401 (part of this module's API)
+from dreamguide.filenames import METADATA_KEY
 
-METADATA_KEY = "dreamguide"
 PARAMETERS_KEY = "parameters"
 
 

@@ -1,4 +1,4 @@
-"""Models: loading text-to-image diffusion models, encoding prompts, LoRA and learned tokens.
+"""Models: loading text-to-image diffusion models and encoding prompts.
 
 A ``DiffusionModel`` is the handful of components the rest of the project needs, not a pipeline:
 
@@ -11,31 +11,39 @@ Formats read by ``load_model``: a diffusers folder (``model_index.json`` + ``une
 ``tokenizer_2/``), a hub id of one (from the local cache when offline), and the pixel format
 (the same layout without ``vae/``). Weights are read only from safetensors.
 
-LoRA adapters live on the UNet as PEFT layers (``add_lora``/``load_lora``/``save_lora``); learned
-tokens ("textual inversion") live in every tokenizer and text encoder (``add_tokens``,
-``save_embeddings``, ``load_embeddings``).
+What a model is personalized with has modules of its own: LoRA adapters on the UNet and their
+files in :mod:`dreamguide.lora_files`, learned tokens and their files in :mod:`dreamguide.token_files`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from dreamguide.atomic import atomic_directory, save_safetensors
+from dreamguide.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("sdxl", "sd", "pixel")
 PIXEL_CLASS_NAME = "PixelTextToImage"
-LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+#: Names accepted for a dtype (``parse_dtype``), besides a ``torch.dtype`` itself.
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 #: Short scheduler names accepted by ``load_model(scheduler=...)`` besides diffusers class names.
 SCHEDULER_ALIASES: dict[str, str] = {
@@ -166,6 +174,20 @@ class DiffusionModel:
                 requires_safety_checker=False,
             )
         raise ValueError("a 'pixel' model has no diffusers pipeline; use dreamguide's sampler")
+
+
+def parse_dtype(dtype, device=None) -> torch.dtype:
+    """A torch dtype from a dtype or its name (``float32``/``fp32``, ``float16``/``fp16``, ``bfloat16``/``bf16``).
+
+    ``None`` and ``"auto"`` mean float16 on a CUDA ``device`` and float32 anywhere else.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, float32, float16, bfloat16")
+    return DTYPE_NAMES[dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,309 +489,18 @@ def encode_prompts(
     return TextConditioning(prompt_embeds, pooled, time_ids)
 
 
-# ---------------------------------------------------------------------------------------------
-# LoRA adapters on the UNet (PEFT layers)
+# Names that moved to lora_files and token_files stay importable from here for callers not yet
+# updated; they are not part of this module's API.
+_MOVED = {
+    **dict.fromkeys(("add_lora", "load_lora", "lora_state_dict", "save_lora"), "dreamguide.lora_files"),
+    **dict.fromkeys(
+        ("SDXL_EMBEDDING_KEYS", "add_tokens", "load_embeddings", "save_embeddings", "token_embeddings", "token_ids"),
+        "dreamguide.token_files",
+    ),
+}
 
 
-def add_lora(
-    unet,
-    rank: int = 32,
-    alpha: float | None = None,
-    adapter_name: str = "subject",
-    target_modules: Sequence[str] = LORA_TARGET_MODULES,
-    init: str | bool = "gaussian",
-    dora: bool = False,
-):
-    """Add a trainable LoRA adapter to ``unet`` (alpha defaults to rank: scale 1); returns the unet.
-
-    ``init="gaussian"`` starts B at zero, so the adapter is the identity until trained. ``dora``
-    makes it a DoRA adapter (weight-decomposed), which cannot be routed per row at sampling time.
-    """
-    from peft import LoraConfig
-
-    if rank < 1:
-        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank if alpha is None else alpha,
-        init_lora_weights=init,
-        target_modules=list(target_modules),
-        use_dora=dora,
-    )
-    with warnings.catch_warnings():  # PEFT warns on every adapter after the first; several are intended here
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        unet.add_adapter(config, adapter_name=adapter_name)
-    return unet
-
-
-def lora_state_dict(unet, adapter_name: str = "subject") -> dict[str, torch.Tensor]:
-    """The adapter's weights in PEFT naming without the adapter name (``<module>.lora_A.weight``)."""
-    from peft.utils import get_peft_model_state_dict
-
-    _require_adapter(unet, adapter_name)
-    return get_peft_model_state_dict(unet, adapter_name=adapter_name)
-
-
-def _require_adapter(unet, adapter_name: str) -> None:
-    names = list(getattr(unet, "peft_config", {}) or {})
-    if adapter_name not in names:
-        raise ValueError(f"the UNet has no LoRA adapter {adapter_name!r}; it has {names or 'none'}")
-
-
-def save_lora(unet, path, adapter_name: str = "subject", metadata: dict | None = None) -> Path:
-    """Write the adapter as a diffusers-format LoRA file (``unet.<module>.lora_A.weight`` keys).
-
-    The adapter's rank/alpha/targets go in the ``lora_adapter_metadata`` header as diffusers
-    writes them, so ``pipe.load_lora_weights(path)`` and ``load_lora`` restore the same scale.
-    Extra ``metadata`` (str values) is stored in the header too.
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA files are written as .safetensors; got {path}")
-    _require_adapter(unet, adapter_name)
-    config = unet.peft_config[adapter_name].to_dict()
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    packed = {f"unet.{k}": v for k, v in config.items()}
-    header = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True, default=str)}
-    header.update(metadata or {})
-    tensors = {f"unet.{k}": v for k, v in lora_state_dict(unet, adapter_name).items()}
-    return save_safetensors(tensors, path, header)
-
-
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(\.weight)?$")
-
-
-def _check_lora_matches(unet, state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Every key must name a Linear/Conv layer of ``unet`` with shapes that fit; else name the first that does not."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    modules = dict(unet.named_modules())
-    for key, tensor in state_dict.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise ValueError(f"{path}: key {key!r} is not a LoRA weight this loader understands (lora_A/lora_B)")
-        name = match["module"]
-        module = modules.get(name)
-        if isinstance(module, BaseTunerLayer):
-            module = module.get_base_layer()
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            found = "no such module" if module is None else f"a {type(module).__name__}"
-            raise ValueError(
-                f"{path} does not match this UNet: key {key!r} targets {name!r}, which is {found} in this UNet "
-                "(an adapter for a different model architecture?)"
-            )
-        fan_in, fan_out = (
-            (module.in_features, module.out_features)
-            if isinstance(module, torch.nn.Linear)
-            else (module.in_channels, module.out_channels)
-        )
-        shape = tuple(tensor.shape)
-        if match["part"] == "lora_A" and shape[1] != fan_in:
-            expected = f"(rank, {fan_in}{', ...' if len(shape) > 2 else ''})"
-        elif match["part"] == "lora_B" and shape[0] != fan_out:
-            expected = f"({fan_out}, rank{', ...' if len(shape) > 2 else ''})"
-        else:
-            continue
-        raise ValueError(
-            f"{path} does not match this UNet: key {key!r} has shape {shape}, expected {expected} for "
-            f"{name!r} (an adapter trained on a different base model?)"
-        )
-
-
-def load_lora(model: DiffusionModel, path, adapter_name: str = "subject") -> None:
-    """Load a LoRA ``.safetensors`` file into ``model.unet`` as adapter ``adapter_name``.
-
-    Reads diffusers/PEFT files (``unet.<module>.lora_A.weight``, as ``save_lora`` and
-    ``StableDiffusionXLPipeline.save_lora_weights`` write) and Kohya files (``lora_unet_..._lora_down``,
-    ``..._lora_up``, ``.alpha``), converted by diffusers. Text-encoder LoRA weights are refused.
-    """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: LoRA weights are read only from .safetensors files")
-    loader = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
-    state_dict, network_alphas, metadata = loader.lora_state_dict(
-        str(path.parent),
-        weight_name=path.name,
-        use_safetensors=True,
-        local_files_only=True,
-        unet_config=model.unet.config,
-        return_lora_metadata=True,
-    )
-    foreign = [k for k in state_dict if not k.startswith("unet.")]
-    if foreign:
-        raise ValueError(
-            f"{path} holds weights for other components than the UNet (first: {foreign[0]!r}); "
-            "only UNet LoRA adapters are supported: re-save the adapter with the UNet weights only"
-        )
-    if adapter_name in (getattr(model.unet, "peft_config", None) or {}):
-        raise ValueError(f"the UNet already has an adapter named {adapter_name!r}; pick another adapter_name")
-    unet_state = convert_unet_state_dict_to_peft({k[len("unet.") :]: v for k, v in state_dict.items()})
-    _check_lora_matches(model.unet, unet_state, path)
-    alphas = {k: v for k, v in (network_alphas or {}).items() if k.startswith("unet.")} or None
-    model.unet.load_lora_adapter(
-        {f"unet.{k}": v for k, v in unet_state.items()},
-        prefix="unet",
-        network_alphas=alphas,
-        adapter_name=adapter_name,
-        metadata=metadata or None,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Learned tokens (textual inversion / pivotal tuning)
-
-SDXL_EMBEDDING_KEYS: tuple[str, ...] = ("clip_l", "clip_g")
-SD_EMBEDDING_KEY = "emb_params"
-
-
-def _as_list(tokens) -> list[str]:
-    return [tokens] if isinstance(tokens, str) else list(tokens)
-
-
-def _fix_legacy_pooling(tokenizer, encoder) -> None:
-    """CLIP configs with eos_token_id 2 pool at argmax(input_ids), which is wrong once tokens are added
-    after <|endoftext|>; pool at the first <|endoftext|> instead (identical without added tokens)."""
-    eos = tokenizer.eos_token_id
-    text_model = getattr(encoder, "text_model", None)
-    if eos is not None and encoder.config.eos_token_id == 2 and eos != 2:
-        encoder.config.eos_token_id = eos
-        if text_model is not None and hasattr(text_model, "eos_token_id"):
-            text_model.eos_token_id = eos
-
-
-def token_ids(model: DiffusionModel, tokens) -> list[list[int]]:
-    """Ids of ``tokens`` in each tokenizer; unknown tokens are an error that names them."""
-    tokens = _as_list(tokens)
-    result = []
-    for tokenizer in model.tokenizers:
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        missing = [t for t, i in zip(tokens, ids) if i is None or i == tokenizer.unk_token_id]
-        if missing:
-            raise ValueError(f"tokens {missing} are not in the tokenizer; add them with add_tokens first")
-        result.append(list(ids))
-    return result
-
-
-def add_tokens(model: DiffusionModel, tokens, init_word: str) -> list[list[int]]:
-    """Add ``tokens`` to every tokenizer and text encoder, each embedding a copy of ``init_word``'s.
-
-    A multi-token init word ("stuffed animal") gives the mean of its token embeddings. Returns the
-    new token ids per tokenizer.
-    """
-    tokens = _as_list(tokens)
-    if not tokens or len(set(tokens)) != len(tokens):
-        raise ValueError(f"add_tokens needs distinct new tokens, got {tokens}")
-    for tokenizer in model.tokenizers:
-        present = [t for t in tokens if t in tokenizer.get_vocab()]
-        if present:
-            raise ValueError(f"tokens {present} are already in the tokenizer; choose new token strings")
-    all_ids = []
-    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
-        init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
-        if not init_word.strip() or not init_ids:
-            raise ValueError(f"init word {init_word!r} encodes to no tokens; pass the class word, e.g. 'dog'")
-        tokenizer.add_tokens(tokens)
-        encoder.resize_token_embeddings(len(tokenizer))
-        _fix_legacy_pooling(tokenizer, encoder)
-        weight = encoder.get_input_embeddings().weight
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        with torch.no_grad():
-            weight[ids] = weight[init_ids].mean(dim=0, keepdim=True).expand(len(ids), -1)
-        all_ids.append(list(ids))
-    return all_ids
-
-
-def token_embeddings(model: DiffusionModel, tokens) -> list[torch.Tensor]:
-    """The current embeddings of ``tokens``, one [n_tokens, dim] tensor per text encoder."""
-    ids = token_ids(model, tokens)
-    return [enc.get_input_embeddings().weight[i].detach().clone() for enc, i in zip(model.text_encoders, ids)]
-
-
-def save_embeddings(model: DiffusionModel, tokens, path, metadata: dict | None = None) -> Path:
-    """Write the learned tokens' embeddings: SDXL ``clip_l``/``clip_g``, SD/pixel ``emb_params``.
-
-    Each tensor is [n_tokens, dim]. The token strings are stored in the header (``tokens``, JSON)
-    so ``load_embeddings`` can restore them; diffusers' ``load_textual_inversion`` reads the same file.
-    """
-    tokens = _as_list(tokens)
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"embeddings are written as .safetensors; got {path}")
-    embeddings = token_embeddings(model, tokens)
-    keys = SDXL_EMBEDDING_KEYS if model.kind == "sdxl" else (SD_EMBEDDING_KEY,)
-    header = {"tokens": json.dumps(tokens), "model_kind": model.kind, **(metadata or {})}
-    return save_safetensors(dict(zip(keys, embeddings)), path, header)
-
-
-def _read_embedding_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-def load_embeddings(model: DiffusionModel, path, token=None) -> list[str]:
-    """Add (or overwrite) learned tokens from an embeddings file; returns the token strings.
-
-    Formats: SDXL ``clip_l``/``clip_g``, SD 1.x ``emb_params``, and diffusers' ``{"<token>": tensor}``.
-    Token names: ``token`` if given (a string for n vectors gives ``token``, ``token_1``, ... as
-    diffusers does, or pass a list), else those stored by ``save_embeddings``, else the dict key.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"embeddings file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: embeddings are read only from .safetensors files")
-    tensors, header = _read_embedding_file(path)
-    stored_tokens = json.loads(header["tokens"]) if "tokens" in header else None
-    if set(tensors) == set(SDXL_EMBEDDING_KEYS):
-        if model.kind != "sdxl":
-            raise ValueError(f"{path} holds SDXL embeddings (clip_l, clip_g) but the model is {model.kind!r}")
-        per_encoder = [tensors[k] for k in SDXL_EMBEDDING_KEYS]
-    elif len(tensors) == 1:
-        key, tensor = next(iter(tensors.items()))
-        if model.kind == "sdxl":
-            raise ValueError(
-                f"{path} holds one embedding tensor ({key!r}) but an SDXL model needs clip_l and clip_g tensors"
-            )
-        per_encoder = [tensor]
-        if key != SD_EMBEDDING_KEY and stored_tokens is None:
-            stored_tokens = [key]
-    else:
-        raise ValueError(
-            f"{path}: unknown embeddings layout (keys {sorted(tensors)}); expected clip_l + clip_g (SDXL), "
-            f"{SD_EMBEDDING_KEY} (SD 1.x) or one '<token>' tensor"
-        )
-    per_encoder = [t if t.ndim == 2 else t.reshape(1, -1) for t in per_encoder]
-    n = per_encoder[0].shape[0]
-    if token is not None:
-        tokens = _as_list(token)
-        if len(tokens) == 1 and n > 1:
-            tokens = [tokens[0]] + [f"{tokens[0]}_{i}" for i in range(1, n)]
-    elif stored_tokens is not None:
-        tokens = stored_tokens
-    else:
-        raise ValueError(f"{path} does not record its token strings; pass token='<your-token>'")
-    if len(tokens) != n:
-        raise ValueError(f"{path} holds {n} embedding vector(s) but {len(tokens)} token(s) were given: {tokens}")
-    for tokenizer, encoder, vectors in zip(model.tokenizers, model.text_encoders, per_encoder):
-        dim = encoder.get_input_embeddings().weight.shape[1]
-        if vectors.shape[1] != dim:
-            raise ValueError(
-                f"{path}: embedding width {vectors.shape[1]} does not fit a text encoder of width {dim} "
-                "(embeddings trained for another model?)"
-            )
-        new = [t for t in tokens if t not in tokenizer.get_vocab()]
-        if new:
-            tokenizer.add_tokens(new)
-            encoder.resize_token_embeddings(len(tokenizer))
-            _fix_legacy_pooling(tokenizer, encoder)
-        weight = encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            weight[tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(weight.device, weight.dtype)
-    return tokens
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,16 +1,15 @@
-"""Sampling with guidance: a denoising loop over a diffusers scheduler (SPEC sections 1-2).
+"""Sampling with guidance (SPEC sections 1-2): the batched ``Sampler`` and saving its images.
 
-The loop is k-diffusion shaped: the scheduler does the integration, and guidance is a small
-wrapper around the model call. At every step the rows a guidance mode needs are stacked into
-ONE batched UNet forward, routed per row to the pretrained or the personalized weights:
-
-    uncond               negative prompt   pretrained   (adapter off)
-    base                 base prompt       pretrained   (adapter off)
-    personalized         token prompt      personalized (adapter on)
-    personalized_uncond  negative prompt   personalized (adapter on)
-
-and ``guidance.guide`` combines them into the prediction the scheduler steps with. The same
-loop serves SDXL, SD 1.x/2.x (VAE latents) and pixel-space models (no VAE).
+Every image is a :class:`SampleItem` (prompts, guidance mode and weights, seed).
+``Sampler.sample_items`` packs items into batches of up to ``batch_size`` images (modes,
+prompts and weights may differ inside a batch) and runs each batch through the one denoising
+loop, :func:`dreamguide.denoise.denoise`: at every step the rows all its images need go through
+ONE batched UNet forward, each row routed to the pretrained or the personalized weights
+(:mod:`dreamguide.unet_rows`), and ``guidance.guide`` combines each image's rows into the
+prediction the scheduler steps with. The same loop serves SDXL, SD 1.x/2.x (VAE latents) and
+pixel-space models (no VAE). ``Sampler.sample`` does the same for one :class:`SampleSettings`
+(one prompt, its modes x seeds). Settings, items and results are defined in
+:mod:`dreamguide.sample_settings`; import them from here::
 
     sampler = Sampler.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0",
                                       lora="out/lora.safetensors", embeddings="out/embeddings.safetensors",
@@ -22,272 +21,45 @@ loop serves SDXL, SD 1.x/2.x (VAE latents) and pixel-space models (no VAE).
 
 Reproducibility: every image has its own ``torch.Generator`` seeded with its seed, which
 draws its initial noise (on the CPU, so devices agree) and any noise a stochastic scheduler
-adds; so an image does not depend on the batch it was sampled in, and every mode starts
-from the same noise for the same seed.
+adds; so an image does not depend on the batch it was sampled in (up to float rounding), and
+every mode starts from the same noise for the same seed.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 import os
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dreamguide import guidance
+from dreamguide.consistency_trace import trace_document
+from dreamguide.denoise import SCHEDULERS, NonFiniteError, clipped_step_kwargs, make_scheduler  # noqa: F401
 from dreamguide.guidance import ParallelRescaling
-from dreamguide.prompts import base_prompt as derive_base_prompt
-from dreamguide.prompts import contains_token
+from dreamguide.sample_settings import (  # noqa: F401 (the sampling API: defined there, imported from here)
+    SampleItem,
+    SampleResult,
+    SampleSettings,
+    check_run,
+    no_personalization_message,
+    parse_modes,
+    parse_seeds,
+    reads_personalized,
+)
+from dreamguide.unet_rows import PERSONALIZED_UNET_ROUTE
 
-if TYPE_CHECKING:  # heavy imports stay inside functions so the CLI starts fast
+if TYPE_CHECKING:
     import torch
     from PIL import Image
 
     from dreamguide.models import DiffusionModel
+    from dreamguide.unet_rows import RowLayout
 
-#: Scheduler names accepted by ``SampleSettings.scheduler`` / ``--scheduler``.
-SCHEDULERS: tuple[str, ...] = ("default", "euler", "euler-a", "ddim", "dpm++", "ddpm")
-
-#: Which prompt (0 negative, 1 base, 2 token) and which weights (personalized or not) each row uses.
-ROWS: dict[str, tuple[int, bool]] = {
-    "uncond": (0, False),
-    "base": (1, False),
-    "personalized": (2, True),
-    "personalized_uncond": (0, True),
-}
-
-#: Adapter name that means "no adapter" in a routed forward.
-BASE_ROUTE = "__base__"
-
-#: Without tracing, the device-side non-finite flag is read back this often (steps).
-NONFINITE_CHECK_EVERY = 10
-
-
-# ---------------------------------------------------------------------------------------------
-# Settings
-
-
-def parse_modes(modes: str | Iterable[str]) -> tuple[str, ...]:
-    """Canonical mode names from "cfg,pr" or a list (aliases resolved, duplicates dropped, order kept)."""
-    items = [m.strip() for m in modes.split(",")] if isinstance(modes, str) else [str(m).strip() for m in modes]
-    items = [m for m in items if m]
-    if not items:
-        raise ValueError(f"no guidance mode given; choose from {', '.join([*guidance.MODES, *guidance.ALIASES])}")
-    return tuple(dict.fromkeys(guidance.get_mode(m).name for m in items))
-
-
-def parse_seeds(seeds: str | int | Iterable[int]) -> tuple[int, ...]:
-    """Seeds from "0,1,2,3", "0-3", "0-3,10", an int or a list; each must be a non-negative integer."""
-    if isinstance(seeds, int):
-        items: list[int] = [seeds]
-    elif isinstance(seeds, str):
-        items = []
-        for part in (p.strip() for p in seeds.split(",")):
-            if not part:
-                continue
-            match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
-            if match:
-                lo, hi = int(match[1]), int(match[2])
-                if hi < lo:
-                    raise ValueError(f"seed range {part!r} runs backwards; write it as {hi}-{lo}")
-                items.extend(range(lo, hi + 1))
-            elif re.fullmatch(r"\d+", part):
-                items.append(int(part))
-            else:
-                raise ValueError(f"bad seed {part!r}; write seeds as non-negative integers, e.g. 0,1,2,3 or 0-3")
-    else:
-        items = [int(s) for s in seeds]
-    if not items:
-        raise ValueError("no seeds given; pass at least one, e.g. 0 or 0-3")
-    for seed in items:
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed {seed} is out of range; seeds are integers from 0 to 2**63-1")
-    duplicates = sorted({s for s in items if items.count(s) > 1})
-    if duplicates:
-        raise ValueError(f"seeds {duplicates} are given more than once; each seed makes one image, list it once")
-    return tuple(items)
-
-
-def _require_token(prompt: str, token: str, class_word: str | None) -> None:
-    if not contains_token(prompt, token):
-        example = f"{token} {class_word}" if class_word else token
-        raise ValueError(
-            f"the prompt {prompt!r} does not contain the token {token!r}; "
-            f"write it into the prompt, e.g. 'a photo of {example}'"
-        )
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """What to sample: prompts, guidance modes and weights, seeds, size and steps (validated).
-
-    ``prompt`` is the token prompt ("a <sks> dog in the snow"); ``base_prompt`` defaults to it
-    with the token replaced by ``class_word`` ("a dog in the snow"). Without a token (plain
-    ``cfg`` sampling) the base prompt is the prompt itself. ``height``/``width`` of ``None``
-    mean the model's native size; ``seeds`` make one image each per mode.
-    """
-
-    prompt: str
-    token: str | None = None
-    class_word: str | None = None
-    base_prompt: str | None = None
-    negative_prompt: str = ""
-    modes: tuple[str, ...] = ("parallel-rescaled",)
-    seeds: tuple[int, ...] = (0,)
-    batch_size: int = 1
-    height: int | None = None
-    width: int | None = None
-    steps: int = 50
-    w_text: float = 7.5
-    w_cons: float = 3.0
-    pr: ParallelRescaling = field(default_factory=ParallelRescaling)
-    scheduler: str = "default"
-    trace: bool = False
-    #: Where the scheduler clips x0 (pixel models' DDIM), step with the noise recomputed from the
-    #: clipped x0 (see :func:`clipped_step_kwargs`); False reproduces diffusers' default update.
-    clipped_model_output: bool = True
-    #: The base prompt as derived (not given); lets ``dataclasses.replace(s, prompt=...)`` re-derive it.
-    derived_base_prompt: str | None = field(default=None, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError("the prompt is empty; pass what to draw, e.g. 'a photo of <sks> dog'")
-        set_("modes", parse_modes(self.modes))
-        set_("seeds", parse_seeds(self.seeds))
-        if self.token is not None and not self.token.strip():
-            set_("token", None)
-        if self.base_prompt is not None and self.base_prompt == self.derived_base_prompt:
-            set_("base_prompt", None)  # copied from a derived settings object: derive again
-        set_("derived_base_prompt", None)
-        if self.base_prompt is None:
-            if self.token is None:
-                set_("base_prompt", self.prompt)
-                set_("derived_base_prompt", self.prompt)
-            elif not self.class_word:
-                _require_token(self.prompt, self.token, self.class_word)
-                raise ValueError(
-                    f"cannot derive the base prompt of {self.prompt!r} without a class word; "
-                    f"pass class_word (--class-word, e.g. 'dog') or base_prompt (--base-prompt)"
-                )
-            else:
-                set_("base_prompt", derive_base_prompt(self.prompt, self.token, self.class_word))
-                set_("derived_base_prompt", self.base_prompt)
-        elif self.token is not None:
-            _require_token(self.prompt, self.token, self.class_word)
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps <= 0:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}; e.g. steps=30")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}; e.g. batch_size=1")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
-        for name in ("w_text", "w_cons"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            set_(name, float(value))
-        if not isinstance(self.pr, ParallelRescaling):
-            raise ValueError(f"pr must be a guidance.ParallelRescaling, got {type(self.pr).__name__}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-
-    @property
-    def needs_personalized(self) -> bool:
-        """True if any mode reads a prediction of the personalized model."""
-        return any(ROWS[n][1] for m in self.modes for n in guidance.get_mode(m).needs)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SampleSettings":
-        """Settings from ``to_dict()`` output (e.g. the ``settings`` of settings.json); unknown keys are errors."""
-        from dataclasses import fields
-
-        known = {f.name for f in fields(cls)} - {"derived_base_prompt"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown sample setting(s) {unknown}; valid keys: {', '.join(sorted(known))}")
-        data = dict(data)
-        if isinstance(data.get("pr"), dict):
-            data["pr"] = ParallelRescaling(**data["pr"])
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        del data["derived_base_prompt"]
-        data["modes"], data["seeds"], data["pr"] = list(self.modes), list(self.seeds), self.pr.to_dict()
-        return data
-
-
-def no_personalization_message(settings: SampleSettings) -> str:
-    """The error for modes that read the personalized model when none was given."""
-    needing = [m for m in settings.modes if any(ROWS[n][1] for n in guidance.get_mode(m).needs)]
-    return (
-        f"guidance mode(s) {', '.join(needing)} need a personalized model, but none was given; "
-        "pass a LoRA (--lora), token embeddings (--embeddings) or a personalized UNet "
-        "(--personalized-unet), or use --modes cfg"
-    )
-
-
-@dataclass
-class SampleResult:
-    """One sampled image and everything needed to reproduce and describe it."""
-
-    image: "Image.Image"
-    seed: int
-    mode: str
-    prompt: str
-    base_prompt: str
-    metadata: dict
-    trace: list[dict] = field(default_factory=list)
-
-
-class NonFiniteError(FloatingPointError, ValueError):
-    """A guided prediction became NaN or infinite (the step and mode are in the message)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedulers
-
-
-def make_scheduler(model_scheduler, name: str = "default"):
-    """A fresh scheduler: the model's own (``default``) or one of ``SCHEDULERS`` built from its config."""
-    import diffusers
-
-    config = model_scheduler.config
-    if name == "default":
-        return model_scheduler.__class__.from_config(config)
-    if name == "euler":
-        return diffusers.EulerDiscreteScheduler.from_config(config)
-    if name == "euler-a":
-        return diffusers.EulerAncestralDiscreteScheduler.from_config(config)
-    if name == "ddim":
-        return diffusers.DDIMScheduler.from_config(config)
-    if name == "dpm++":
-        return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    if name == "ddpm":
-        return diffusers.DDPMScheduler.from_config(config)
-    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-
-
-def clipped_step_kwargs(scheduler) -> dict:
-    """``{"use_clipped_model_output": True}`` for a scheduler that clips (or thresholds) its x0 estimate
-    and can recompute the noise from the clipped x0 (DDIM); ``{}`` otherwise.
-
-    DDIM by default clips x0 but keeps the *unclipped* predicted noise for the direction to x_{t-1}.
-    With guidance the two disagree more the larger w_text is, and pixel-space samples turn into
-    saturated noise; recomputing the noise from the clipped x0 keeps the update consistent (the
-    miniature world's base model carries its prompt in 97% of normal prompts at w_text 7.5 with it and 2%
-    without; docs/SAMPLING.md). Latent-model schedulers do not clip, so nothing changes for them.
-    """
-    config = scheduler.config
-    clips = bool(config.get("clip_sample", False) or config.get("thresholding", False))
-    if clips and "use_clipped_model_output" in inspect.signature(scheduler.step).parameters:
-        return {"use_clipped_model_output": True}
-    return {}
+#: ``Sampler(adapter_name=AUTO)``: the UNet's one LoRA adapter, if it has exactly one.
+AUTO = "auto"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,30 +108,100 @@ def _split_variance(output, channels: int, scheduler):
     return prediction, (variance if learned else None)
 
 
-def _chunks(items: Sequence, size: int) -> list[Sequence]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+@dataclass(frozen=True)
+class _Rule:
+    """Consecutive images of a batch guided by one rule: mode, weights, PR switches."""
+
+    mode: guidance.GuidanceMode
+    w_text: float
+    w_cons: float
+    pr: ParallelRescaling
+    shaping: guidance.ConsistencyShaping
+    images: tuple[int, ...]
+
+
+def _rules(items: Sequence[SampleItem]) -> list[_Rule]:
+    rules: list[_Rule] = []
+    for j, item in enumerate(items):
+        if rules and items[j - 1].rule == item.rule:
+            last = rules[-1]
+            rules[-1] = dataclasses.replace(last, images=(*last.images, j))
+        else:
+            mode = guidance.get_mode(item.mode)
+            rules.append(_Rule(mode, item.w_text, item.w_cons, item.pr, item.shaping, (j,)))
+    return rules
+
+
+def _combine(layout: "RowLayout", rules: Sequence[_Rule], channels: int, scheduler, output, i: int, steps: int):
+    """The guided prediction of every image of the batch from the UNet rows of step ``i`` of ``steps``.
+
+    Each rule combines the rows of its images (``guidance.guide``); a learned variance (if the
+    scheduler uses one) is taken from the row of each image's last prediction. A rule that
+    depends on the progress through sampling reads ``i / max(steps - 1, 1)``.
+    """
+    import torch
+
+    prediction, variance = _split_variance(output, channels, scheduler)
+    progress = i / max(steps - 1, 1)
+    parts = []
+    for rule in rules:
+        rows = guidance.Predictions(**{need: layout.take(prediction, need, rule.images) for need in rule.mode.needs})
+        parts.append(guidance.guide(rule.mode, rows, rule.w_text, rule.w_cons, rule.pr, shaping=rule.shaping,
+                                    progress=progress))
+    guided = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if variance is not None:
+        kept = [layout.take(variance, rule.mode.needs[-1], rule.images) for rule in rules]
+        guided = torch.cat([guided, kept[0] if len(kept) == 1 else torch.cat(kept)], dim=1)
+    return guided
+
+
+def _batches(items: Sequence[SampleItem], size: int) -> list[list[int]]:
+    """Item indices in consecutive batches of up to ``size``; inside a batch, images of one rule are adjacent."""
+    batches = []
+    for start in range(0, len(items), size):
+        batch = list(range(start, min(start + size, len(items))))
+        order = list(dict.fromkeys(items[k].rule for k in batch))
+        batches.append(sorted(batch, key=lambda k: order.index(items[k].rule)))
+    return batches
+
+
+def _only_adapter(model: "DiffusionModel", personalized_unet) -> str | None:
+    """The adapter ``Sampler(adapter_name=AUTO)`` routes personalized rows to."""
+    if personalized_unet is not None:
+        return None
+    adapters = list(getattr(model.unet, "peft_config", None) or {})
+    if len(adapters) > 1:
+        raise ValueError(
+            f"the UNet has several LoRA adapters ({', '.join(adapters)}); pass adapter_name= the personalized "
+            "one (or adapter_name=None to route none)"
+        )
+    return adapters[0] if adapters else None
 
 
 class Sampler:
     """Samples a ``DiffusionModel`` with any guidance mode (see the module docstring).
 
     The personalized model is one of: a LoRA adapter on ``model.unet`` named ``adapter_name``
-    (routed per row inside one forward), a separate fully fine-tuned ``personalized_unet``, or
+    (routed per row inside one forward; the default ``"auto"`` takes the UNet's adapter when it
+    has exactly one, none when it has none), a separate fully fine-tuned ``personalized_unet``, or
     only learned token embeddings (``embeddings``: then the same UNet serves every row and
     the identity comes from the token prompt alone). ``sources`` records where the weights came
     from (keys ``model``, ``lora``, ``embeddings``, ``personalized_unet``) for the image metadata.
+    ``fast``: the UNet rows of a batch take the fast path where it is exact (``unet_rows.row_function``).
     """
 
     def __init__(
         self,
         model: "DiffusionModel",
-        adapter_name: str | None = None,
+        adapter_name: str | None = AUTO,
         personalized_unet: "torch.nn.Module | None" = None,
         *,
         embeddings: str | os.PathLike | None = None,
         sources: dict | None = None,
         fast: bool = True,
     ) -> None:
+        if adapter_name == AUTO:
+            adapter_name = _only_adapter(model, personalized_unet)
         if adapter_name is not None and personalized_unet is not None:
             raise ValueError("give either adapter_name (a LoRA on model.unet) or personalized_unet, not both")
         if adapter_name is not None:
@@ -368,12 +210,11 @@ class Sampler:
                 known = ", ".join(peft_config) or "none"
                 raise ValueError(
                     f"the UNet has no adapter named {adapter_name!r} (adapters: {known}); load it with "
-                    "dreamguide.models.load_lora(model, path, adapter_name) first"
+                    "dreamguide.models.load_lora(model, path) first"
                 )
         self.model = model
         self.adapter_name = adapter_name
         self.personalized_unet = personalized_unet
-        #: Use dreamguide.fast (routing without indexing, CUDA-graph replay) where it is exact.
         self.fast = fast
         self.sources = {"model": model.source, "lora": None, "embeddings": None, "personalized_unet": None}
         if embeddings is not None:
@@ -393,7 +234,6 @@ class Sampler:
         token: str | None = None,
         dtype: "torch.dtype | str | None" = None,
         device: "torch.device | str | None" = None,
-        adapter_name: str = "subject",
         fast: bool = True,
     ) -> "Sampler":
         """Load a model and its personalized weights: a LoRA, token embeddings and/or a full UNet folder.
@@ -421,12 +261,12 @@ class Sampler:
             models.load_embeddings(model, embeddings_path, token)
         unet = None
         if lora_path is not None:
-            models.load_lora(model, lora_path, adapter_name)
+            models.load_lora(model, lora_path)
         if unet_path is not None:
             unet = load_personalized_unet(unet_path, model, dtype=dtype, device=device)
         return cls(
             model,
-            adapter_name=adapter_name if lora_path is not None else None,
+            adapter_name=AUTO if lora_path is not None else None,
             personalized_unet=unet,
             sources={
                 "model": os.fspath(model_id_or_path),
@@ -468,10 +308,10 @@ class Sampler:
             return True
         return bool(token) and any(token in t.get_added_vocab() for t in self.model.tokenizers)
 
-    def resolve_size(self, settings: SampleSettings) -> tuple[int, int]:
-        """The (height, width) to sample at, checked against ``size_multiple``."""
+    def resolve_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The (height, width) to sample at (``None``: native), checked against ``size_multiple``."""
         native_h, native_w = self.native_size
-        height, width = settings.height or native_h, settings.width or native_w
+        height, width = height or native_h, width or native_w
         multiple = self.size_multiple
         what = "the VAE downsampling factor" if self.model.vae is not None else "the UNet's downsampling factor"
         for name, value in (("height", height), ("width", width)):
@@ -487,152 +327,166 @@ class Sampler:
 
     def sample(self, settings: SampleSettings, progress: bool = True) -> list[SampleResult]:
         """Sample every (mode, seed) of ``settings``; results come mode by mode, seeds in order."""
+        return self.sample_items(
+            settings.items(),
+            steps=settings.steps,
+            scheduler=settings.scheduler,
+            batch_size=settings.batch_size,
+            trace=settings.trace,
+            progress=progress,
+            height=settings.height,
+            width=settings.width,
+            clipped_model_output=settings.clipped_model_output,
+        )
+
+    def sample_items(
+        self,
+        items: Iterable[SampleItem],
+        *,
+        steps: int | None = None,
+        scheduler: str | None = None,
+        batch_size: int | None = None,
+        trace: bool | None = None,
+        progress: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        clipped_model_output: bool | None = None,
+    ) -> list[SampleResult]:
+        """Sample every item; the results come in item order.
+
+        Items are packed in order into batches of up to ``batch_size`` images, whatever their
+        prompts, modes and weights; each batch is one denoising loop with one UNet forward per
+        step. Each distinct prompt is encoded once per call. ``None`` arguments take the
+        :class:`SampleSettings` defaults (``height``/``width``: the model's native size).
+        """
         import torch
         from tqdm.auto import tqdm
 
-        if settings.needs_personalized and not self.is_personalized(settings.token):
-            raise ValueError(no_personalization_message(settings))
-        height, width = self.resolve_size(settings)
-        jobs = [(mode, seeds) for mode in settings.modes for seeds in _chunks(settings.seeds, settings.batch_size)]
-        results: list[SampleResult] = []
+        steps = SampleSettings.steps if steps is None else steps
+        scheduler = SampleSettings.scheduler if scheduler is None else scheduler
+        batch_size = SampleSettings.batch_size if batch_size is None else batch_size
+        trace = SampleSettings.trace if trace is None else trace
+        clipped = SampleSettings.clipped_model_output if clipped_model_output is None else clipped_model_output
+        check_run(steps, batch_size, scheduler)
+        items = list(items)
+        for item in items:
+            if not isinstance(item, SampleItem):
+                raise TypeError(f"sample_items takes SampleItem objects, got {type(item).__name__}")
+        if not items:
+            return []
+        needing = [item for item in items if reads_personalized(item.mode)]
+        if any(not self.is_personalized(token) for token in dict.fromkeys(item.token for item in needing)):
+            raise ValueError(no_personalization_message(item.mode for item in needing))
+        height, width = self.resolve_size(height, width)
+        made = make_scheduler(self.model.scheduler, scheduler)
+        run = {"steps": steps, "scheduler": scheduler, "scheduler_class": type(made).__name__,
+               "clipped_model_output": bool(clipped and clipped_step_kwargs(made)), "height": height, "width": width}
+        results: list[SampleResult | None] = [None] * len(items)
+        batches = _batches(items, batch_size)
         with torch.no_grad():
-            prompts = [settings.negative_prompt, settings.base_prompt, settings.prompt]
-            conditioning = self._encode(prompts, height, width)
-            with tqdm(total=len(jobs) * settings.steps, disable=not progress, desc="sampling", unit="step") as bar:
-                for mode, seeds in jobs:
-                    mode_ = guidance.get_mode(mode)
-                    batch = self._sample_batch(mode_, seeds, settings, conditioning, height, width, bar)
-                    for seed, (image, trace) in zip(seeds, batch):
-                        metadata = self.metadata(settings, mode, seed, height, width)
-                        results.append(
-                            SampleResult(image, seed, mode, settings.prompt, settings.base_prompt, metadata, trace)
-                        )
+            texts = list(dict.fromkeys(t for i in items for t in (i.negative_prompt, i.base_prompt, i.prompt)))
+            conditioning = self._encode(texts, height, width)
+            prompt_rows = {text: row for row, text in enumerate(texts)}
+            with tqdm(total=len(batches) * steps, disable=not progress, desc="sampling", unit="step") as bar:
+                for batch in batches:
+                    batch_items = [items[k] for k in batch]
+                    images = self._sample_batch(batch_items, conditioning, prompt_rows, run, trace, clipped, bar)
+                    for k, item, (image, records) in zip(batch, batch_items, images):
+                        metadata = self._metadata(item, run)
+                        results[k] = SampleResult(image, item.seed, item.mode, item.prompt, item.base_prompt,
+                                                  metadata, records)
         return results
 
-    def metadata(self, settings: SampleSettings, mode: str, seed: int, height: int, width: int) -> dict:
+    def _metadata(self, item: SampleItem, run: dict) -> dict:
         """Everything that determines one image, as stored in its PNG."""
         from dreamguide import __version__
 
-        scheduler = make_scheduler(self.model.scheduler, settings.scheduler)
         return {
-            "prompt": settings.prompt,
-            "base_prompt": settings.base_prompt,
-            "negative_prompt": settings.negative_prompt,
-            "token": settings.token,
-            "class_word": settings.class_word,
-            "mode": guidance.get_mode(mode).name,
-            "w_text": settings.w_text,
-            "w_cons": settings.w_cons,
-            "pr": settings.pr.to_dict(),
-            "seed": seed,
-            "steps": settings.steps,
-            "scheduler": settings.scheduler,
-            "scheduler_class": type(scheduler).__name__,
-            "clipped_model_output": bool(settings.clipped_model_output and clipped_step_kwargs(scheduler)),
+            "prompt": item.prompt,
+            "base_prompt": item.base_prompt,
+            "negative_prompt": item.negative_prompt,
+            "token": item.token,
+            "class_word": item.class_word,
+            "mode": item.mode,
+            "w_text": item.w_text,
+            "w_cons": item.w_cons,
+            "pr": item.pr.to_dict(),
+            "shaping": item.shaping.to_dict(),
+            "seed": item.seed,
+            "steps": run["steps"],
+            "scheduler": run["scheduler"],
+            "scheduler_class": run["scheduler_class"],
+            "clipped_model_output": run["clipped_model_output"],
             "model": self.sources.get("model"),
             "model_kind": self.model.kind,
             "lora": self.sources.get("lora"),
             "embeddings": self.sources.get("embeddings"),
             "personalized_unet": self.sources.get("personalized_unet"),
-            "height": height,
-            "width": width,
+            "height": run["height"],
+            "width": run["width"],
             "dtype": str(self.dtype).removeprefix("torch."),
             "dreamguide_version": __version__,
         }
 
-    def _sample_batch(self, mode, seeds, settings, conditioning, height, width, bar) -> list[tuple]:
-        """Denoise one batch of images with one mode; returns (image, trace) per seed."""
-        import torch
-
-        from dreamguide import routing
+    def _sample_batch(self, items, conditioning, prompt_rows, run, trace, clipped, bar) -> list[tuple]:
+        """Denoise one batch of images; returns (image, trace records) per item."""
+        from dreamguide import unet_rows
+        from dreamguide.consistency_trace import TRACED_NEEDS, ConsistencyTrace, TracedImages
+        from dreamguide.denoise import NonFiniteCheck, denoise, initial_noise
 
         unet = self.model.unet
-        device = self.device
-        scheduler = make_scheduler(self.model.scheduler, settings.scheduler)
-        scheduler.set_timesteps(settings.steps, device=device)
-        step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        clipped = clipped_step_kwargs(scheduler) if settings.clipped_model_output else {}
-
-        # One generator per image: initial noise drawn per image on the CPU (device and batch independent).
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        scheduler = make_scheduler(self.model.scheduler, run["scheduler"])
+        scheduler.set_timesteps(run["steps"], device=self.device)
         factor = self.model.vae_scale_factor if self.model.vae is not None else 1
-        shape = (1, unet.config.in_channels, height // factor, width // factor)
-        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        x = noise.to(device) * scheduler.init_noise_sigma
+        shape = (unet.config.in_channels, run["height"] // factor, run["width"] // factor)
+        noise, generators = initial_noise([item.seed for item in items], shape)
+        x = noise.to(self.device) * scheduler.init_noise_sigma
 
-        # Rows are need-major: [need_0 for every image, need_1 for every image, ...].
-        n_images, needs = len(seeds), mode.needs
-        row_conditioning = conditioning.select([ROWS[n][0] for n in needs for _ in range(n_images)])
-        row_adapters = self._row_adapters([ROWS[n][1] for n in needs for _ in range(n_images)])
-        fast_call = None
-        if self.fast and self.personalized_unet is None:
-            from dreamguide.fast import FastUNetCall
+        rules = _rules(items)
+        layout = unet_rows.RowLayout.of([guidance.get_mode(item.mode).needs for item in items])
+        rows = layout.rows
+        row_conditioning = conditioning.select(
+            [prompt_rows[getattr(items[j], unet_rows.ROWS[need].prompt)] for need, j in rows]
+        )
+        unet_call = unet_rows.row_function(
+            unet, layout.routes(self._personalized_route), personalized_unet=self.personalized_unet, fast=self.fast
+        )
 
-            fast_call = FastUNetCall.create(unet, row_adapters)  # None where the fast path is not exact
+        def model(x_in, t):
+            return unet_call(layout.gather(x_in).to(self.dtype), t, row_conditioning).float()
 
-        first_bad = torch.full((n_images,), -1, dtype=torch.long, device=device)
-        traced: list[tuple[int, float, float | None, dict]] = []
-        timesteps = scheduler.timesteps
-        for i, t in enumerate(timesteps):
-            model_input = scheduler.scale_model_input(x, t).repeat(len(needs), 1, 1, 1)
-            if fast_call is not None:
-                output = fast_call(model_input.to(self.dtype), t, row_conditioning).float()
-            else:
-                output = routing.predict_noise(
-                    unet, model_input.to(self.dtype), t, row_conditioning, row_adapters, self.personalized_unet
-                ).float()
-            output, variance = _split_variance(output, x.shape[1], scheduler)
-            predictions = guidance.Predictions(**dict(zip(needs, output.chunk(len(needs)))))
-            if settings.trace:
-                # Traced steps read their stats anyway: stop before NaNs reach the statistics.
-                bad = ~torch.isfinite(output).flatten(1).all(dim=1).view(len(needs), n_images).any(dim=0)
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
-                self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
-                guided, stats = guidance.guide(
-                    mode, predictions, settings.w_text, settings.w_cons, settings.pr, return_stats=True
-                )
-            else:
-                guided, stats = guidance.guide(mode, predictions, settings.w_text, settings.w_cons, settings.pr), None
-            if stats is not None:
-                sigma = getattr(scheduler, "sigmas", None)
-                traced.append((i, float(t), None if sigma is None else float(sigma[i]), stats))
-            if variance is not None:
-                guided = torch.cat([guided, variance.chunk(len(needs))[-1]], dim=1)
-            step_kwargs = {"generator": generators} if step_takes_generator else {}
-            x = scheduler.step(guided, t, x, return_dict=False, **step_kwargs, **clipped)[0]
-            # A non-finite guided prediction (or scheduler update) shows in x: flag it on the device.
-            bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
-            if settings.trace or (i + 1) % NONFINITE_CHECK_EVERY == 0:
-                self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
-            bar.update(1)
-        self._raise_if_nonfinite(first_bad, seeds, mode, timesteps, settings.steps)
-        images = [self._to_image(x[j : j + 1]) for j in range(n_images)]
-        return list(zip(images, _trace_records(traced, n_images)))
+        channels = x.shape[1]
+
+        def combine(output, i, steps):
+            return _combine(layout, rules, channels, scheduler, output, i, steps)
+
+        labels = [f"mode {item.mode!r} for seed {item.seed}" for item in items]
+        # Traced steps read their predictions anyway: check those too, every step.
+        check = NonFiniteCheck(labels, every=1 if trace else None, row_images=[j for _, j in rows] if trace else None)
+        traced = [TracedImages(r.images, r.pr) for r in rules if trace and TRACED_NEEDS <= set(r.mode.needs)]
+        tracer = ConsistencyTrace(layout, traced, channels)
+        x = denoise(
+            model, x, scheduler, combine,
+            generators=generators,
+            step_kwargs=clipped_step_kwargs(scheduler) if clipped else {},
+            callbacks=[check, tracer, lambda step: bar.update(1)],
+        )
+        images = [self._to_image(x[j : j + 1]) for j in range(len(items))]
+        return list(zip(images, tracer.records()))
+
+    @property
+    def _personalized_route(self) -> str | None:
+        """The route of personalized rows: the adapter or the personalized UNet; None: one UNet for every row."""
+        if self.adapter_name is not None:
+            return self.adapter_name
+        if self.personalized_unet is not None:
+            return PERSONALIZED_UNET_ROUTE
+        return None  # learned tokens only, or no personalization
 
     def _encode(self, prompts: list[str], height: int, width: int):
         from dreamguide.models import encode_prompts
 
         return encode_prompts(self.model, prompts, height=height, width=width)
-
-    def _row_adapters(self, personalized: list[bool]) -> list[str] | None:
-        """Per-row routing names: the adapter (or the personalized UNet) for personalized rows."""
-        if self.adapter_name is not None:
-            return [self.adapter_name if p else BASE_ROUTE for p in personalized]
-        if self.personalized_unet is not None:
-            return ["personalized" if p else BASE_ROUTE for p in personalized]
-        return None  # learned tokens only, or no personalization: one UNet for every row
-
-    @staticmethod
-    def _raise_if_nonfinite(first_bad, seeds, mode, timesteps, steps) -> None:
-        bad_steps = first_bad.tolist()  # the only host sync of the loop, every few steps
-        for seed, step in zip(seeds, bad_steps):
-            if step >= 0:
-                raise NonFiniteError(
-                    f"the sample became non-finite (NaN or inf) at step {step + 1}/{steps} "
-                    f"(timestep {float(timesteps[step]):g}) in mode {mode.name!r} for seed {seed}; "
-                    "sample in float32 (--dtype float32) or lower the guidance weights"
-                )
 
     def _to_image(self, x) -> "Image.Image":
         """Decode one latent (or pixel) tensor to a PIL image; [-1, 1] maps to [0, 255]."""
@@ -670,37 +524,9 @@ class Sampler:
         return self._float32_vae
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Trace, personalized weights, saving
-
-
-def _trace_records(traced: list[tuple[int, float, float | None, dict]], n_images: int) -> list[list[dict]]:
-    """Per image, one dict per traced step: Consistency_p mean, std, quantiles, fraction negative, histogram."""
-    import torch
-
-    if not traced:
-        return [[] for _ in range(n_images)]
-    stacked = {key: torch.stack([s[key] for _, _, _, s in traced]).cpu().tolist() for key in traced[0][3]}
-    lo, hi = guidance.TRACE_HISTOGRAM_RANGE
-    bins = guidance.TRACE_HISTOGRAM_BINS
-    edges = [lo + (hi - lo) * b / bins for b in range(bins + 1)]
-    records: list[list[dict]] = [[] for _ in range(n_images)]
-    for s, (step, timestep, sigma, _) in enumerate(traced):
-        for j in range(n_images):
-            record = {"step": step, "timestep": timestep}
-            if sigma is not None:
-                record["sigma"] = sigma
-            record.update(
-                {
-                    "mean": stacked["mean"][s][j],
-                    "std": stacked["std"][s][j],
-                    "quantiles": {f"{q:g}": v for q, v in zip(guidance.TRACE_QUANTILES, stacked["quantiles"][s][j])},
-                    "fraction_negative": stacked["fraction_negative"][s][j],
-                    "histogram": {"edges": edges, "counts": [int(c) for c in stacked["histogram"][s][j]]},
-                }
-            )
-            records[j].append(record)
-    return records
+# Personalized weights, saving
 
 
 def load_personalized_unet(path: str | os.PathLike, model: "DiffusionModel", dtype=None, device=None):
@@ -734,31 +560,6 @@ def load_personalized_unet(path: str | os.PathLike, model: "DiffusionModel", dty
                 f"the model has {ours!r}; fine-tune from the same base model"
             )
     return unet.to(device or model.unet.device).eval()
-
-
-def trace_document(results: Sequence[SampleResult], files: Sequence[str | os.PathLike] | None = None) -> dict:
-    """The trace JSON: per image (mode, seed, prompts), its per-step Consistency_p records."""
-    lo, hi = guidance.TRACE_HISTOGRAM_RANGE
-    return {
-        "format": "dreamguide.trace/1",
-        "quantity": "consistency_p (k = <g_cons, g_text> / ||g_text||^2 per location, SPEC section 3)",
-        "quantile_levels": list(guidance.TRACE_QUANTILES),
-        "histogram_range": [lo, hi],
-        "histogram_bins": guidance.TRACE_HISTOGRAM_BINS,
-        "images": [
-            {
-                **({"file": Path(files[i]).name} if files else {}),
-                "mode": r.mode,
-                "seed": r.seed,
-                "prompt": r.prompt,
-                "base_prompt": r.base_prompt,
-                "w_text": r.metadata.get("w_text"),
-                "w_cons": r.metadata.get("w_cons"),
-                "steps": r.trace,
-            }
-            for i, r in enumerate(results)
-        ],
-    }
 
 
 def image_filename(result: SampleResult) -> str:

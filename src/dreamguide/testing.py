@@ -1,8 +1,8 @@
 """Tiny random diffusion models built entirely in code, for tests and examples.
 
 Nothing here downloads anything: the CLIP tokenizer is a real ``transformers.CLIPTokenizer``
-over a small byte-level BPE vocabulary written by this module, and every network is a few
-thousand parameters, deterministic by seed, fast on CPU.
+over a small byte-level BPE vocabulary built by this module (:mod:`dreamguide.tokenizers` makes
+the tokenizer), and every network is a few thousand parameters, deterministic by seed, fast on CPU.
 
     tiny_clip_tokenizer()      CLIPTokenizer over the 256 byte symbols + a few hundred common words
     tiny_sd15_pipeline(seed)   StableDiffusionPipeline   (latent, one text encoder)
@@ -13,12 +13,12 @@ thousand parameters, deterministic by seed, fast on CPU.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from dreamguide.tokenizers import END_TOKEN, START_TOKEN, bpe, clip_tokenizer
 
 #: Words the tiny tokenizer knows as single tokens (DreamBench prompts, classes, styles).
 COMMON_WORDS: tuple[str, ...] = tuple(
@@ -40,10 +40,6 @@ COMMON_WORDS: tuple[str, ...] = tuple(
     )
 )
 
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
-
-
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode symbols."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -56,17 +52,6 @@ def _bytes_to_unicode() -> dict[int, str]:
             codes.append(256 + extra)
             extra += 1
     return dict(zip(printable, (chr(c) for c in codes)))
-
-
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one word: merge the lowest-ranked adjacent pair until none applies."""
-    while len(symbols) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
-        rank, i = min(pairs)
-        if rank == len(ranks):
-            break
-        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
-    return symbols
 
 
 def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
@@ -85,7 +70,7 @@ def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]
     for word in words:
         symbols = [byte_map[b] for b in word.encode("utf-8")]
         symbols[-1] += "</w>"
-        pieces = _bpe(symbols, ranks)
+        pieces = bpe(symbols, ranks)
         piece = pieces[0]
         for nxt in pieces[1:]:
             ranks.setdefault((piece, nxt), len(ranks))
@@ -99,16 +84,10 @@ def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[str]
 
 
 def tiny_clip_tokenizer(extra_words: tuple[str, ...] | list[str] = (), model_max_length: int = 77):
-    """A real ``CLIPTokenizer`` read from a small vocab.json + merges.txt written here (offline)."""
-    from transformers import CLIPTokenizer
-
+    """A real ``CLIPTokenizer`` over a small byte-level vocabulary (offline)."""
     words = tuple(dict.fromkeys(w.lower() for w in (*COMMON_WORDS, *extra_words) if w))
     vocab, merges = _cached_vocab(words)
-    with tempfile.TemporaryDirectory(prefix="dreamguide-tokenizer-") as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
-    return tokenizer
+    return clip_tokenizer(vocab, merges, model_max_length)
 
 
 @lru_cache(maxsize=8)

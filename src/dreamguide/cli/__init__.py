@@ -1,8 +1,9 @@
 """The ``dreamguide`` command line: a thin layer over the Python API.
 
 Each sub-command lives in a module of this package that defines ``add_parser(subparsers)``;
-the parser it adds sets ``func`` to the function that runs the command. Modules import their
-heavy dependencies (torch, diffusers) inside that function so ``dreamguide --help`` is fast.
+the parser it adds sets ``func`` to the function that runs the command. Only the command being
+run builds its parser (which may import torch, e.g. to show the library's defaults); the others
+are listed with the first line of their module docstring, so ``dreamguide --help`` stays light.
 """
 
 from __future__ import annotations
@@ -19,23 +20,35 @@ class CommandError(Exception):
     """Bad input found by a command: printed as ``error: ...`` without a traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _summary(module) -> str:
+    """``"``dreamguide x``: does y."`` -> ``"does y"``: the one-line help of a command."""
+    first = (module.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(first.split(": ", 1)[-1].replace("``", "").split()).rstrip(".")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the sub-command it names gets its full parser."""
     parser = argparse.ArgumentParser(
         prog="dreamguide",
         description="Personalized text-to-image diffusion with parallel-rescaled consistency guidance.",
     )
     parser.add_argument("--version", action="version", version=f"dreamguide {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        module.add_parser(subparsers)
+    names = [info.name for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)]
+    names = [name for name in names if not name.startswith("_")]
+    chosen = next((arg for arg in (argv or []) if not arg.startswith("-")), None)
+    for name in names:
+        module = importlib.import_module(f"{__name__}.{name}")
+        if argv is None or name == chosen:
+            module.add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=_summary(module))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

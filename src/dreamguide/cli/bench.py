@@ -33,9 +33,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 @benchmark("sample")
 def _add_sample(subparsers) -> argparse.ArgumentParser:
-    from dreamguide.sampling_speed import add_parser as add_sample_parser  # stdlib-only at import
+    """``bench sample ARGS``: runs ``python benchmarks/sample_speed.py ARGS`` of the source checkout."""
+    parser = subparsers.add_parser(
+        "sample", prefix_chars="+", add_help=False,  # every argument, --help too, goes to the benchmark
+        help="milliseconds per guided denoising step (benchmarks/sample_speed.py of a source checkout)",
+    )
+    parser.add_argument("arguments", nargs="*")
+    parser.set_defaults(func=_run_sample_benchmark)
+    return parser
 
-    return add_sample_parser(subparsers)
+
+def _run_sample_benchmark(args: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    from dreamguide.cli import CommandError
+
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "sample_speed.py"
+    if not script.is_file():
+        raise CommandError("the sampling speed benchmark is benchmarks/sample_speed.py of the source repository, "
+                           "which this installation lacks; run it from a checkout: python benchmarks/sample_speed.py")
+    spec = importlib.util.spec_from_file_location("sample_speed", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.arguments, prog="dreamguide bench sample")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,13 +12,17 @@ import argparse
 EXAMPLE = """\
 examples:
   dreamguide demo
-  dreamguide demo --subject zwx --seeds 0-3 --output demo-zwx          # fine-tunes zwx first (~5 min on 2 cores)
+  dreamguide demo --subject zwx --seeds 0-3 --output demo-zwx          # fine-tunes zwx first
   dreamguide demo --prompts "a zwx cup in the snow" "a neon sign of a zwx cup" --subject zwx
   dreamguide demo --retrain                                            # fine-tune the subject afresh
 """
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from dreamguide.config import defaults
+    from dreamguide.toyworld.demo import DemoSettings
+
+    default = defaults(DemoSettings)
     parser = subparsers.add_parser(
         "demo",
         help="the method end to end in the bundled miniature world (CPU, no downloads)",
@@ -26,64 +30,50 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--subject", default="sks",
-                        help="subject token: sks (ball, bundled adapter), zwx, qlo, vrt, bny, mup (default sks)")
+    parser.add_argument("--subject",
+                        help="subject token: sks (ball, bundled adapter), zwx, qlo, vrt, bny, mup "
+                             f"(default {default['subject']})")
     parser.add_argument("--prompts", nargs="+", metavar="PROMPT",
                         help='token prompts in the world\'s grammar, e.g. "a pencil sketch of a sks ball" '
                              "(default: two background and two stylized prompts)")
-    parser.add_argument("--seeds", default="0,1", help="seeds, e.g. 0,1 or 0-3 (default 0,1)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--w-text", type=float, default=None, help="text guidance weight (default: the demo's)")
-    parser.add_argument("--w-cons", type=float, default=None, help="consistency guidance weight (default: the demo's)")
-    parser.add_argument("--output", default="demo-output", help="output folder (default demo-output)")
-    parser.add_argument("--retrain", action="store_true", help="fine-tune the subject afresh instead of the bundled adapter")
-    parser.add_argument("--retrain-steps", type=int, default=0, help="fine-tuning steps with --retrain (default: the toy default, 1000)")
-    parser.add_argument("--method", default="dreambooth", choices=("dreambooth", "dreambooth-ti", "dco"),
-                        help="fine-tuning method of the adapter (default dreambooth, the bundled one)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--seeds", help=f"seeds, e.g. 0,1 or 0-3 (default {','.join(map(str, default['seeds']))})")
+    parser.add_argument("--steps", type=int, help=f"denoising steps (default {default['steps']})")
+    parser.add_argument("--w-text", type=float, help=f"text guidance weight (default {default['w_text']})")
+    parser.add_argument("--w-cons", type=float, help=f"consistency guidance weight (default {default['w_cons']})")
+    parser.add_argument("--output", help=f"output folder (default {default['output']})")
+    parser.add_argument("--retrain", action="store_true",
+                        help="fine-tune the subject afresh instead of the bundled adapter")
+    parser.add_argument("--retrain-steps", type=int,
+                        help="fine-tuning steps with --retrain (default: the toy world's personalization default)")
+    parser.add_argument("--method", choices=("dreambooth", "dreambooth-ti", "dco"),
+                        help=f"fine-tuning method of the adapter (default {default['method']}, the bundled one)")
+    parser.add_argument("--device", help=f"torch device (default {default['device']})")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads (default: the cores other programs leave idle, by the load average)")
     parser.set_defaults(func=run)
     return parser
 
 
-def idle_cores() -> int:
-    """CPU cores not busy with other programs (by the 1-minute load average), at least one.
-
-    Oversubscribed intra-op threads spin against each other: on a 2-core machine with one other busy
-    process, 2 threads ran a UNet forward 13x slower than 1 thread.
-    """
-    import os
-
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return cores
-    return max(1, min(cores, round(cores - busy + 0.5)))
-
-
 def run(args) -> int:
-    import torch
-
     from dreamguide.cli import CommandError
+    from dreamguide.config import given
+    from dreamguide.cpu_threads import use_idle_cores
     from dreamguide.sampling import parse_seeds
-    from dreamguide.toyworld.demo import DEMO_W_CONS, DEMO_W_TEXT, DemoSettings, run_demo
+    from dreamguide.toyworld.demo import DemoSettings, run_demo
     from dreamguide.toyworld.world import SUBJECT_BY_TOKEN
 
-    if args.subject not in SUBJECT_BY_TOKEN:
-        raise CommandError(f"unknown subject {args.subject!r}; choose one of {', '.join(SUBJECT_BY_TOKEN)}")
-    if args.steps <= 0:
-        raise CommandError(f"--steps must be positive, got {args.steps}")
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads or idle_cores())
-    settings = DemoSettings(
-        subject=args.subject, prompts=tuple(args.prompts or ()), seeds=parse_seeds(args.seeds), steps=args.steps,
-        w_text=DEMO_W_TEXT if args.w_text is None else args.w_text,
-        w_cons=DEMO_W_CONS if args.w_cons is None else args.w_cons,
-        output=args.output, retrain=args.retrain, retrain_steps=args.retrain_steps, method=args.method,
-        device=args.device,
-    )
+    settings = DemoSettings(**given(
+        subject=args.subject, prompts=tuple(args.prompts) if args.prompts else None,
+        seeds=None if args.seeds is None else parse_seeds(args.seeds), steps=args.steps, w_text=args.w_text,
+        w_cons=args.w_cons, output=args.output, retrain=args.retrain or None, retrain_steps=args.retrain_steps,
+        method=args.method, device=args.device,
+    ))
+    if settings.subject not in SUBJECT_BY_TOKEN:
+        raise CommandError(f"unknown subject {settings.subject!r}; choose one of {', '.join(SUBJECT_BY_TOKEN)}")
+    if settings.steps <= 0:
+        raise CommandError(f"--steps must be positive, got {settings.steps}")
+    if settings.device == "cpu":
+        use_idle_cores(args.threads)
     out = run_demo(settings)
     print()
     print(out["paths"]["metrics_md"].read_text(encoding="utf-8"))

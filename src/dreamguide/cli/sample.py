@@ -3,6 +3,7 @@
 Writes one PNG per (mode, seed) with its settings in the PNG metadata, a labelled grid
 (columns = modes, rows = seeds) when there is more than one image, ``settings.json`` (the
 run's settings and files) and, with ``--trace``, ``trace.json`` (per-step Consistency_p stats).
+Options left out take the library's defaults (``dreamguide.sampling.SampleSettings``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ example:
 """
 
 
-# Spelled out here so that ``--help`` does not import torch; tests check them against the library.
-MODE_NAMES = ("cfg", "dreambooth", "consistency", "parallel-rescaled", "pr", "orthogonal")
-GRANULARITIES = ("location", "sample")
-NORMALIZATIONS = ("standardize", "none", "zero", "clip-negative")
-SCHEDULERS = ("default", "euler", "euler-a", "ddim", "dpm++", "ddpm")
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from dreamguide import guidance
+    from dreamguide.config import defaults
+    from dreamguide.sampling import SCHEDULERS, SampleSettings
+
+    default = defaults(SampleSettings)
+    pr = default["pr"]
     parser = subparsers.add_parser(
         "sample",
         help="sample images with (parallel-rescaled) consistency guidance",
@@ -41,7 +41,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     model.add_argument(
         "--dtype",
-        default="auto",
         choices=("auto", "float32", "float16", "bfloat16"),
         help="weights dtype (default auto: float16 on GPU, float32 on CPU)",
     )
@@ -51,30 +50,38 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     prompt.add_argument("--token", help='identifier token of the subject, e.g. "<sks>"')
     prompt.add_argument("--class-word", help='class of the subject, e.g. "dog" (derives the base prompt)')
     prompt.add_argument("--base-prompt", help="prompt for the pretrained model (default: token -> class word)")
-    prompt.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
+    prompt.add_argument("--negative-prompt", help=f"negative prompt (default: {default['negative_prompt']!r})")
 
     guide = parser.add_argument_group("guidance")
+    modes = [*guidance.MODES, *guidance.ALIASES]
     guide.add_argument(
         "--modes",
-        default="parallel-rescaled",
-        help=f"comma-separated guidance modes: {', '.join(MODE_NAMES)} (default: parallel-rescaled)",
+        help=f"comma-separated guidance modes: {', '.join(modes)} (default: {','.join(default['modes'])})",
     )
-    guide.add_argument("--w-text", type=float, default=7.5, help="text guidance weight (default 7.5)")
-    guide.add_argument("--w-cons", type=float, default=3.0, help="consistency guidance weight (default 3.0)")
-    guide.add_argument("--pr-granularity", default="location", choices=GRANULARITIES, help="PR projection scope")
-    guide.add_argument("--pr-normalization", default="standardize", choices=NORMALIZATIONS, help="PR rule for k")
-    guide.add_argument("--pr-rescale", type=float, default=1.0, help="PR rescale factor lambda (default 1.0)")
-    guide.add_argument("--pr-eps", type=float, default=1e-6, help="PR epsilon (default 1e-6)")
+    guide.add_argument("--w-text", type=float, help=f"text guidance weight (default {default['w_text']})")
+    guide.add_argument("--w-cons", type=float, help=f"consistency guidance weight (default {default['w_cons']})")
+    guide.add_argument("--pr-granularity", choices=guidance.GRANULARITIES,
+                       help=f"PR projection scope (default {pr.granularity})")
+    guide.add_argument("--pr-normalization", choices=guidance.NORMALIZATIONS,
+                       help=f"PR rule for k (default {pr.normalization})")
+    guide.add_argument("--pr-rescale", type=float, help=f"PR rescale factor lambda (default {pr.rescale})")
+    guide.add_argument("--pr-eps", type=float, help=f"PR epsilon (default {pr.eps})")
 
     run_ = parser.add_argument_group("sampling")
-    run_.add_argument("--seeds", default="0", help="seeds, one image each: 0,1,2,3 or 0-3 (default 0)")
-    run_.add_argument("--batch-size", type=int, default=1, help="images per batched forward (default 1)")
+    seeds = ",".join(map(str, default["seeds"]))
+    run_.add_argument("--seeds", help=f"seeds, one image each per mode: 0,1,2,3 or 0-3 (default {seeds})")
+    run_.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per batched UNet forward, modes and seeds packed together (default {default['batch_size']})",
+    )
     run_.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     run_.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
-    run_.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    run_.add_argument("--scheduler", default="default", choices=SCHEDULERS, help="default: the model's own")
+    run_.add_argument("--steps", type=int, help=f"denoising steps (default {default['steps']})")
+    run_.add_argument("--scheduler", choices=SCHEDULERS, help=f"default {default['scheduler']!r}: the model's own")
     run_.add_argument("--output", default="samples", help="output folder (default: samples)")
-    run_.add_argument("--trace", action="store_true", help="write per-step Consistency_p stats to trace.json")
+    run_.add_argument("--trace", action="store_true", default=None,
+                      help="write per-step Consistency_p stats to trace.json")
     run_.add_argument("--no-progress", action="store_true", help="no progress bar")
     run_.add_argument(
         "--no-fast",
@@ -86,36 +93,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def settings_from_args(args: argparse.Namespace):
+    """``SampleSettings`` from the flags that were given; the others keep the dataclass defaults."""
+    from dreamguide.config import given
+    from dreamguide.guidance import ParallelRescaling
+    from dreamguide.sampling import SampleSettings
+
+    pr = given(granularity=args.pr_granularity, normalization=args.pr_normalization, rescale=args.pr_rescale,
+               eps=args.pr_eps)
+    return SampleSettings(
+        prompt=args.prompt,
+        **given(
+            token=args.token,
+            class_word=args.class_word,
+            base_prompt=args.base_prompt,
+            negative_prompt=args.negative_prompt,
+            modes=args.modes,
+            seeds=args.seeds,
+            batch_size=args.batch_size,
+            height=args.height,
+            width=args.width,
+            steps=args.steps,
+            w_text=args.w_text,
+            w_cons=args.w_cons,
+            pr=ParallelRescaling(**pr) if pr else None,
+            scheduler=args.scheduler,
+            trace=args.trace,
+        ),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dreamguide.guidance import ParallelRescaling
     from dreamguide.cli import CommandError
-    from dreamguide.sampling import SampleSettings, Sampler, no_personalization_message, save_results
+    from dreamguide.sampling import Sampler, no_personalization_message, save_results
 
-    pr = ParallelRescaling(
-        granularity=args.pr_granularity, normalization=args.pr_normalization, rescale=args.pr_rescale, eps=args.pr_eps
-    )
-    settings = SampleSettings(
-        prompt=args.prompt,
-        token=args.token,
-        class_word=args.class_word,
-        base_prompt=args.base_prompt,
-        negative_prompt=args.negative_prompt,
-        modes=args.modes,
-        seeds=args.seeds,
-        batch_size=args.batch_size,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        w_text=args.w_text,
-        w_cons=args.w_cons,
-        pr=pr,
-        scheduler=args.scheduler,
-        trace=args.trace,
-    )
+    settings = settings_from_args(args)
     if settings.needs_personalized and not (args.lora or args.embeddings or args.personalized_unet):
-        raise CommandError(no_personalization_message(settings))  # before loading a large model for nothing
+        raise CommandError(no_personalization_message(settings.modes))  # before loading a large model for nothing
     sampler = Sampler.from_pretrained(
         args.model,
         lora=args.lora,

@@ -41,10 +41,11 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from dreamguide.training import load_config, train
+    from dreamguide.filenames import CONFIG_FILE
+    from dreamguide.training import load_train_config, train
 
     overrides = list(args.overrides) + (["data.allow_upscale=true"] if args.allow_upscale else [])
-    config = load_config(args.config, overrides)
+    config = load_train_config(args.config, overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if not PartialState().is_main_process:
         return 0
@@ -52,5 +53,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"Kohya LoRA:  {result.kohya_path}")
     if result.embeddings_path is not None:
         print(f"embeddings:  {result.embeddings_path}  (token {config.data.token})")
-    print(f"config:      {result.output_dir / 'config.toml'}")
+    print(f"config:      {result.output_dir / CONFIG_FILE}")
     return 0

@@ -1,4 +1,4 @@
-"""``dreamguide demo``: the method end to end in the miniature world, on a CPU, in a few minutes.
+"""``dreamguide demo``: the method end to end in the miniature world, on a CPU.
 
 1. load the bundled base model and the bundled subject adapter (or fine-tune the subject afresh);
 2. sample normal and stylized prompts with ``dreambooth`` (plain sampling of the personalized
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from dreamguide.sampling import SampleSettings
 
 DEMO_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled")
 MODE_LABELS = {"dreambooth": "dreambooth", "consistency": "consistency", "parallel-rescaled": "pr"}
@@ -34,19 +35,18 @@ DEMO_TEMPLATES: tuple[str, ...] = (
     "a cartoon illustration of a {}",
     "a neon sign of a {}",
 )
-#: Guidance weights of the demo: the SPEC defaults, as in the reproduction's main comparison.
-DEMO_W_TEXT = 7.5
-DEMO_W_CONS = 3.0
 
 
 @dataclass
 class DemoSettings:
+    """What the demo runs; the guidance weights are the sampling defaults (``SampleSettings``)."""
+
     subject: str = "sks"
     prompts: Sequence[str] = ()  # token prompts; empty: DEMO_TEMPLATES filled with the subject
     seeds: Sequence[int] = (0, 1)
     steps: int = 25
-    w_text: float = DEMO_W_TEXT
-    w_cons: float = DEMO_W_CONS
+    w_text: float = SampleSettings.w_text
+    w_cons: float = SampleSettings.w_cons
     output: str = "demo-output"
     retrain: bool = False
     retrain_steps: int = 0  # 0: the personalization default
@@ -74,7 +74,7 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
     ``evaluators``: a :class:`~dreamguide.toyworld.evaluators.ToyEvaluators` (default: the bundled ones).
     """
     from dreamguide.prompts import base_prompt as derive_base_prompt
-    from dreamguide.sampling import Sampler, SampleSettings
+    from dreamguide.sampling import SampleItem, Sampler, parse_modes
     from dreamguide.toyworld.evaluators import ToyEvaluators
     from dreamguide.toyworld.model import BUNDLED_MODEL_DIR, load_toyworld_model
     from dreamguide.toyworld.personalize import (
@@ -113,19 +113,22 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
         log(f"  done in {time.time() - t0:.0f}s")
     else:
         model, _ = load_personalized(subject.token, settings.method, folder=folder, model=model)
-    sampler = Sampler(model, adapter_name="subject",
-                      sources={"model": str(BUNDLED_MODEL_DIR), "lora": str(folder)})
+    sampler = Sampler(model, sources={"model": str(BUNDLED_MODEL_DIR), "lora": str(folder)})
 
-    log(f"sampling {len(cases)} prompts x {len(settings.seeds)} seeds x modes {', '.join(MODE_LABELS.get(m, m) for m in settings.modes)} "
+    labels = ", ".join(MODE_LABELS.get(m, m) for m in settings.modes)
+    log(f"sampling {len(cases)} prompts x {len(settings.seeds)} seeds x modes {labels} "
         f"({settings.steps} steps, w_text {settings.w_text}, w_cons {settings.w_cons})")
-    results = []  # (case index, SampleResult)
-    for index, (prompt, base, _) in enumerate(cases):
-        sample_settings = SampleSettings(
-            prompt=prompt, token=token, class_word=subject.cls, base_prompt=base, modes=tuple(settings.modes),
-            seeds=tuple(settings.seeds), batch_size=len(settings.seeds), steps=settings.steps,
-            w_text=settings.w_text, w_cons=settings.w_cons, trace=True,
-        )
-        results += [(index, r) for r in sampler.sample(sample_settings, progress=False)]
+    keys = [(index, mode, seed) for index in range(len(cases)) for mode in parse_modes(settings.modes)
+            for seed in settings.seeds]
+    items = [
+        SampleItem(prompt=cases[index][0], base_prompt=cases[index][1], mode=mode, seed=seed, w_text=settings.w_text,
+                   w_cons=settings.w_cons, token=token, class_word=subject.cls)
+        for index, mode, seed in keys
+    ]
+    # One batch per (prompt, mode): all seeds of it.
+    sampled = sampler.sample_items(items, steps=settings.steps, batch_size=len(settings.seeds), trace=True,
+                                   progress=False)
+    results = [(index, r) for (index, _, _), r in zip(keys, sampled)]  # (case index, SampleResult)
     sampling_s = time.time() - started
 
     evaluators = evaluators or ToyEvaluators.load()

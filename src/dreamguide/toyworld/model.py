@@ -18,19 +18,16 @@ tokenizer's ``model_max_length``, the text encoder's last hidden state is the UN
 
 from __future__ import annotations
 
-import json
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from dreamguide.tokenizers import END_TOKEN, START_TOKEN, bpe, clip_tokenizer
+
 #: The model bundled with the package (trained by ``dreamguide toyworld train-base``).
 BUNDLED_MODEL_DIR = Path(__file__).parent / "weights" / "base"
-
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
 
 #: Rare identifiers kept as single tokens (never in training captions) for new subjects.
 SPARE_IDENTIFIERS: tuple[str, ...] = ("ohwx", "pfo", "kdn", "wje", "hty", "gsq", "yzi", "tcv")
@@ -40,7 +37,7 @@ _CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789'-,.!?&/:;()"
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ToyModelConfig:
     """Architecture of the toy-world model (all sizes; the defaults are the bundled model's)."""
 
     resolution: int = 32
@@ -54,7 +51,7 @@ class ModelConfig:
     num_train_timesteps: int = 1000
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> "ToyModelConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -81,16 +78,8 @@ def tokenizer_words(extra: Sequence[str] = ()) -> tuple[str, ...]:
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Greedy BPE as CLIP applies it: merge the lowest-ranked adjacent pair until none is known."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(pieces) > 1:
-        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
-        known = [p for p in pairs if p[0] is not None]
-        if not known:
-            break
-        _, i = min(known)
-        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
-    return pieces
+    """``word`` split by the tokenizer's byte-pair merges (:func:`dreamguide.tokenizers.bpe`)."""
+    return bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
 
 
 def vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[str]]:
@@ -134,15 +123,10 @@ def vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
 
 
-def build_tokenizer(words: Sequence[str] | None = None, max_length: int = ModelConfig.max_length):
+def build_tokenizer(words: Sequence[str] | None = None, max_length: int = ToyModelConfig.max_length):
     """A ``CLIPTokenizer`` over ``words`` (default: :func:`tokenizer_words`), read from files written here."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = vocab_and_merges(tokenizer_words() if words is None else words)
-    with tempfile.TemporaryDirectory(prefix="toyworld-tokenizer-") as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+    return clip_tokenizer(vocab, merges, max_length)
 
 
 def encode_text(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
@@ -158,7 +142,7 @@ def encode_text(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor
 # Networks
 
 
-def build_unet(config: ModelConfig = ModelConfig()):
+def build_unet(config: ToyModelConfig = ToyModelConfig()):
     from diffusers import UNet2DConditionModel
 
     n = len(config.block_out_channels)
@@ -176,7 +160,7 @@ def build_unet(config: ModelConfig = ModelConfig()):
     )
 
 
-def build_text_encoder(tokenizer, config: ModelConfig = ModelConfig()):
+def build_text_encoder(tokenizer, config: ToyModelConfig = ToyModelConfig()):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(
@@ -195,7 +179,7 @@ def build_text_encoder(tokenizer, config: ModelConfig = ModelConfig()):
     )
 
 
-def build_scheduler(config: ModelConfig = ModelConfig()):
+def build_scheduler(config: ToyModelConfig = ToyModelConfig()):
     """DDIM over a cosine schedule (suits small pixel images); trailing spacing starts at pure noise."""
     from diffusers import DDIMScheduler
 
@@ -210,7 +194,7 @@ def build_scheduler(config: ModelConfig = ModelConfig()):
     )
 
 
-def build_model(config: ModelConfig = ModelConfig(), seed: int = 0, words: Sequence[str] | None = None):
+def build_model(config: ToyModelConfig = ToyModelConfig(), seed: int = 0, words: Sequence[str] | None = None):
     """A freshly initialized ``DiffusionModel`` (kind "pixel") of this architecture, deterministic by seed."""
     from dreamguide.models import DiffusionModel
 
@@ -261,16 +245,20 @@ def load_toyworld_model(path=None, device="cpu", dtype: torch.dtype = torch.floa
 @torch.no_grad()
 def sample_cfg(model, prompts: Sequence[str], seeds: Sequence[int], steps: int = 30, w_text: float = 5.0,
                batch_size: int = 256, clipped_model_output: bool = True) -> torch.Tensor:
-    """Classifier-free-guided DDIM samples of the base model, one per (prompt, seed) pair, batched
-    across prompts: ``(N, 3, S, S)`` in [-1, 1] on the CPU. Seed ``s`` draws the initial noise from
-    ``torch.Generator().manual_seed(s)`` on the CPU, as :class:`dreamguide.sampling.Sampler` does.
+    """Classifier-free-guided samples of the base model with its own scheduler, one per (prompt, seed)
+    pair, batched across prompts: ``(N, 3, S, S)`` in [-1, 1] on the CPU. Seed ``s`` draws the
+    initial noise on the CPU as :class:`dreamguide.sampling.Sampler` does; the sample stays in the
+    model's dtype between steps.
 
     For scoring many different prompts at once (the base-model bar); personalized sampling with
     guidance modes is :mod:`dreamguide.sampling`'s job.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"sample_cfg needs one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    from dreamguide.sampling import clipped_step_kwargs
+    from dreamguide.denoise import clipped_step_kwargs, denoise, initial_noise
+    from dreamguide.guidance import Predictions, guide
+    from dreamguide.models import TextConditioning
+    from dreamguide.unet_rows import predict_rows
 
     unet, tokenizer, text_encoder = model.unet, model.tokenizers[0], model.text_encoders[0]
     device, dtype = unet.device, unet.dtype
@@ -278,20 +266,21 @@ def sample_cfg(model, prompts: Sequence[str], seeds: Sequence[int], steps: int =
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        n = len(chunk)
-        noise = torch.stack([
-            torch.randn(3, size, size, generator=torch.Generator().manual_seed(int(s)))
-            for s in seeds[start : start + batch_size]
-        ])
-        x = noise.to(device, dtype)
-        context = encode_text(tokenizer, text_encoder, [""] * n + chunk).to(dtype)
+        noise, generators = initial_noise(seeds[start : start + batch_size], (3, size, size))
         scheduler = model.scheduler.__class__.from_config(model.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
-        clipped = clipped_step_kwargs(scheduler) if clipped_model_output else {}
-        for t in scheduler.timesteps:
-            eps = unet(torch.cat([x, x]), t, context).sample.float()
-            uncond, cond = eps.chunk(2)
-            guided = uncond + w_text * (cond - uncond)
-            x = scheduler.step(guided, t, x.float(), **clipped).prev_sample.to(dtype)
+        x = (noise * scheduler.init_noise_sigma).to(device, dtype)
+        # Rows need-major, as the sampler lays them out: [uncond of every image, prompt of every image].
+        context = TextConditioning(encode_text(tokenizer, text_encoder, [""] * len(chunk) + chunk).to(dtype))
+
+        def cfg_rows(x_in, t):
+            return predict_rows(unet, torch.cat([x_in, x_in]), t, context).float()
+
+        def cfg(output, i, steps):
+            uncond, cond = output.chunk(2)
+            return guide("cfg", Predictions(uncond=uncond, base=cond), w_text=w_text)
+
+        x = denoise(cfg_rows, x, scheduler, cfg, generators=generators,
+                    step_kwargs=clipped_step_kwargs(scheduler) if clipped_model_output else {})
         out.append(x.float().clamp(-1, 1).cpu())
     return torch.cat(out)

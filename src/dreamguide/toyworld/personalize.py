@@ -25,22 +25,20 @@ from pathlib import Path
 
 import torch
 
+from dreamguide.filenames import EMBEDDINGS_FILE, LORA_FILE, PERSONALIZATION_RECORD
+from dreamguide.lora_files import ADAPTER_NAME, LORA_TARGETS
 from dreamguide.toyworld.model import BUNDLED_MODEL_DIR, load_toyworld_model
+from dreamguide.training.config import METHODS
+from dreamguide.training.losses import DCO_BETA
 
-METHODS: tuple[str, ...] = ("dreambooth", "dreambooth-ti", "dco")
 BUNDLED_SUBJECTS_DIR = Path(__file__).parent / "weights" / "subjects"
 #: The adapter the demo uses.
 BUNDLED_SUBJECT = "sks"
 BUNDLED_METHOD = "dreambooth"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-EMBEDDINGS_FILE = "embeddings.safetensors"
-RECORD_NAME = "personalization.json"
 
-
-#: LoRA targets: the attention projections (the usual DreamBooth-LoRA choice) ...
-ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-#: ... plus the transformer feed-forward layers and each ResNet's time-embedding projection (all Linear).
-WIDE_TARGETS: tuple[str, ...] = ATTENTION_TARGETS + ("ff.net.0.proj", "ff.net.2", "time_emb_proj")
+#: LoRA targets: the attention projections (the usual DreamBooth-LoRA choice, ``LORA_TARGETS``) plus
+#: the transformer feed-forward layers and each ResNet's time-embedding projection (all Linear).
+WIDE_TARGETS: tuple[str, ...] = LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "time_emb_proj")
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ class PersonalizeSettings:
     lr: float = 2e-3
     rank: int = 32
     ti_lr: float = 5e-3
-    dco_beta: float = 1000.0
+    dco_beta: float = DCO_BETA
     seed: int = 0
     #: UNet Linear layers that get LoRA (names as PEFT matches them).
     lora_targets: tuple[str, ...] = WIDE_TARGETS
@@ -103,12 +101,12 @@ def personalize(
     """Fine-tune ``subject`` with ``method``; writes the adapter to ``out`` and returns ``TrainResult``.
 
     ``model``: a loaded base ``DiffusionModel`` to train in place (else the bundled one, or
-    ``model_path``, is loaded). ``result.model`` carries the adapter (named ``subject``) afterwards.
+    ``model_path``, is loaded). ``result.model`` carries the adapter (``ADAPTER_NAME``) afterwards.
     """
     import time
 
     from dreamguide.toyworld.subjects import get_subject
-    from dreamguide.training import config_from_dict, train
+    from dreamguide.training import train, train_config_from_dict
 
     subject_ = get_subject(subject)
     token = subject_token(subject_.token, method)
@@ -117,7 +115,7 @@ def personalize(
         model = load_toyworld_model(model_path, device=device)
     out = Path(out)
     references = write_reference_folder(subject_.token, out / "references", token)
-    config = config_from_dict(
+    config = train_config_from_dict(
         {
             "data": {
                 "instance_dir": str(references),
@@ -155,7 +153,7 @@ def personalize(
         "seconds": round(time.time() - started, 1),
         "device": str(device),
     }
-    (out / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (out / PERSONALIZATION_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -166,11 +164,12 @@ def adapter_dir(subject: str = BUNDLED_SUBJECT, method: str = BUNDLED_METHOD) ->
 
 def load_personalized(subject: str = BUNDLED_SUBJECT, method: str = BUNDLED_METHOD, folder=None,
                       model=None, device: str = "cpu"):
-    """The base model with an adapter loaded (named ``subject``) and, for pivotal tuning, its token.
+    """The base model with an adapter loaded (``ADAPTER_NAME``) and, for pivotal tuning, its token.
 
     ``folder``: a ``personalize`` output folder (default: the bundled adapter of ``subject``/``method``).
     """
-    from dreamguide import models
+    from dreamguide.lora_files import load_lora
+    from dreamguide.token_files import load_embeddings
 
     folder = Path(folder) if folder is not None else adapter_dir(subject, method)
     lora = folder / LORA_FILE
@@ -182,6 +181,6 @@ def load_personalized(subject: str = BUNDLED_SUBJECT, method: str = BUNDLED_METH
     model = model if model is not None else load_toyworld_model(device=device)
     token = subject_token(subject, method)
     if (folder / EMBEDDINGS_FILE).exists():
-        models.load_embeddings(model, folder / EMBEDDINGS_FILE, token)
-    models.load_lora(model, lora, "subject")
+        load_embeddings(model, folder / EMBEDDINGS_FILE, token)
+    load_lora(model, lora, ADAPTER_NAME)
     return model, token

@@ -60,10 +60,11 @@ def default_workers(device: str | None, jobs: int) -> int:
 def _train_adapter(job: dict) -> str:
     """One worker process: fine-tune one (subject, kind) adapter unless it is there already."""
     from dreamguide.toyworld.model import load_toyworld_model
-    from dreamguide.toyworld.personalize import RECORD_NAME, personalize
+    from dreamguide.filenames import PERSONALIZATION_RECORD
+    from dreamguide.toyworld.personalize import personalize
 
     folder = Path(job["folder"])
-    if not (folder / RECORD_NAME).is_file():
+    if not (folder / PERSONALIZATION_RECORD).is_file():
         if job["single_thread"]:
             import torch
 

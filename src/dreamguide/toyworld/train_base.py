@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dreamguide.toyworld.model import ModelConfig
+from dreamguide.toyworld.model import ToyModelConfig
 
 RECORD_NAME = "training.json"
 PREVIEW_NAME = "preview.png"
@@ -53,7 +53,7 @@ class BaseRecipe:
     cfg_dropout: float = 0.1
     chunk_size: int = 512
     workers: int = 0  # 0: one per CPU core, minus one
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -178,7 +178,7 @@ def _train(stream, workers, started, out, recipe, device, init, log, preview) ->
     torch.manual_seed(recipe.seed)
     if init is not None:
         model = load_toyworld_model(init)
-        if ModelConfig.from_dict(json.loads((Path(init) / RECORD_NAME).read_text())["recipe"]["model"]) != recipe.model:
+        if ToyModelConfig.from_dict(json.loads((Path(init) / RECORD_NAME).read_text())["recipe"]["model"]) != recipe.model:
             raise ValueError(f"--init {init} has a different architecture than the recipe's model config")
     else:
         model = build_model(recipe.model, seed=recipe.seed)

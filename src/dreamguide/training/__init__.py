@@ -1,7 +1,7 @@
 """Fine-tuning a text-to-image model on a few photos of a subject (SPEC section 4).
 
-Three methods, all training a LoRA adapter on the UNet attention projections
-(``to_q``, ``to_k``, ``to_v``, ``to_out.0``):
+Three methods, all training a LoRA adapter on the UNet (by default on the attention projections,
+:data:`dreamguide.lora_files.LORA_TARGETS`):
 
     dreambooth      noise-prediction MSE on the token captions; optional prior preservation
                     with a folder of class images
@@ -20,8 +20,8 @@ parameters spliced into the embedding lookup, never a detached half-precision co
 
 Use from Python::
 
-    from dreamguide.training import load_config, train
-    config = load_config("configs/sdxl-dco.toml", overrides=["train.steps=500"])
+    from dreamguide.training import load_train_config, train
+    config = load_train_config("configs/sdxl-dco.toml", overrides=["train.steps=500"])
     result = train(config)                 # TrainResult: paths, losses, the trained model
     result.lora_path, result.embeddings_path
 
@@ -31,12 +31,16 @@ The modules, in the order data flows:
 
     config        TrainConfig: typed TOML sections, --set overrides, the resolved config file
     data          image folder + captions -> checked, cropped tensors (errors name the file)
+    batches       micro-batches seeded by step: x_0 (cached latents), noise, timesteps, captions
     tokens        trainable token embeddings that survive mixed precision
     losses        mse_loss, dco_loss (batch or per-sample averaging), prediction_target
-    trainer       train(): the accelerate loop, latent caching, progress, logging
+    trainer       train(): its phases, from checking the data to writing the outputs
     checkpoints   checkpoint-<step>/ folders, atomic writes, exact resume
-    outputs       Kohya conversion and the metadata header of the output files
+    outputs       the output files (LoRA in two layouts, embeddings) and their metadata header
     samples       sample images during training with dreamguide.sampling
+
+The files are written by :mod:`dreamguide.lora_files` and :mod:`dreamguide.token_files`, under
+the names in :mod:`dreamguide.filenames`.
 
 Outputs in ``output.dir``: ``pytorch_lora_weights.safetensors`` (diffusers keys),
 ``pytorch_lora_weights_kohya.safetensors`` (ComfyUI/A1111), ``embeddings.safetensors`` (when
@@ -44,26 +48,23 @@ tokens train), ``config.toml`` (the resolved config), ``log.jsonl`` (loss and lr
 ``checkpoint-<step>/`` and ``samples/``. See docs/TRAINING.md.
 """
 
-from dreamguide.training.config import ConfigError, TrainConfig, config_from_dict, load_config, save_config
+from dreamguide.training.config import ConfigError, TrainConfig, load_train_config, save_config, train_config_from_dict
 from dreamguide.training.data import DataError
 from dreamguide.training.losses import dco_loss, mse_loss, prediction_target
-from dreamguide.training.outputs import from_kohya, read_metadata, to_kohya
-from dreamguide.training.trainer import ADAPTER_NAME, TrainResult, train
+from dreamguide.training.outputs import read_metadata
+from dreamguide.training.trainer import TrainResult, train
 
 __all__ = [
-    "ADAPTER_NAME",
     "ConfigError",
     "DataError",
     "TrainConfig",
     "TrainResult",
-    "config_from_dict",
     "dco_loss",
-    "from_kohya",
-    "load_config",
+    "load_train_config",
     "mse_loss",
     "prediction_target",
     "read_metadata",
     "save_config",
-    "to_kohya",
     "train",
+    "train_config_from_dict",
 ]

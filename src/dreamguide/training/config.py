@@ -5,6 +5,10 @@ A config is a :class:`TrainConfig` made of small sections (``[model]``, ``[data]
 or a value of the wrong type is a :class:`ConfigError` that names the key and the file. The
 resolved config (defaults filled in, overrides applied) is written beside the outputs as
 ``config.toml`` and reads back to the same object.
+
+Defaults that belong to other parts are read from them, not restated: the LoRA targets from
+:mod:`dreamguide.lora_files`, DCO's beta from :mod:`dreamguide.training.losses`, and the
+guidance weights of ``[sample]`` from :class:`dreamguide.sampling.SampleSettings`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from dreamguide.config import ConfigError, from_dict, load_toml, save_toml, to_toml
+from dreamguide.config import ConfigError, defaults, from_dict, load_toml, save_toml, to_toml
+from dreamguide.lora_files import LORA_TARGETS
+from dreamguide.sampling import SampleSettings
+from dreamguide.training.losses import DCO_BETA
 
 METHODS: tuple[str, ...] = ("dreambooth", "dreambooth-ti", "dco")
-LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+#: The sampler's defaults, which samples during training share.
+_SAMPLER_DEFAULTS = defaults(SampleSettings)
 
 
 @dataclass
@@ -100,7 +108,7 @@ class TextualInversionConfig:
 
 @dataclass
 class DCOConfig:
-    beta: float = 1000.0
+    beta: float = DCO_BETA
     #: "batch": each MSE averaged over the whole batch before the sigmoid (the reference code);
     #: "sample": one sigmoid term per sample, then the mean.
     average: Literal["batch", "sample"] = "batch"
@@ -123,12 +131,14 @@ class SampleConfig:
     every: int = 0
     #: Token prompts; ``{token}`` and ``{class_word}`` are filled in.
     prompts: list[str] = field(default_factory=lambda: ["a photo of {token} {class_word}"])
-    #: Guidance modes (SPEC section 2), one image per prompt, mode and seed.
-    modes: list[str] = field(default_factory=lambda: ["dreambooth", "parallel-rescaled"])
+    #: Guidance modes (SPEC section 2), one image per prompt, mode and seed: plain DreamBooth
+    #: guidance beside the sampler's default, so the samples show what the guidance corrects.
+    modes: list[str] = field(default_factory=lambda: ["dreambooth", *_SAMPLER_DEFAULTS["modes"]])
     seeds: list[int] = field(default_factory=lambda: [0])
+    #: Fewer denoising steps than the sampler's default: a preview during training, not a final image.
     steps: int = 25
-    w_text: float = 7.5
-    w_cons: float = 3.0
+    w_text: float = _SAMPLER_DEFAULTS["w_text"]
+    w_cons: float = _SAMPLER_DEFAULTS["w_cons"]
 
 
 @dataclass
@@ -223,13 +233,13 @@ class TrainConfig:
         return self
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<config>", validate: bool = True) -> TrainConfig:
+def train_config_from_dict(data: dict[str, Any], source: str = "<config>", validate: bool = True) -> TrainConfig:
     """Build a :class:`TrainConfig` from nested dicts (as TOML reads them), checking every key and type."""
     config = from_dict(TrainConfig, data, source)
     return config.validate(source) if validate else config
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def load_train_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a TOML run config, apply ``--set`` overrides and validate; errors name the key and file."""
     config = load_toml(TrainConfig, path, list(overrides))
     if not config.model.pretrained:
@@ -239,7 +249,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 
 def config_to_toml(config: TrainConfig) -> str:
-    """The config as TOML text that :func:`load_config` reads back to an equal object."""
+    """The config as TOML text that :func:`load_train_config` reads back to an equal object."""
     return to_toml(config)
 
 

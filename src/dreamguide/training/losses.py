@@ -16,6 +16,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+#: DCO's default beta (SPEC section 4); the default of the ``dco.beta`` config key.
+DCO_BETA = 1000.0
+
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each sample, in float32: shape [batch]."""
@@ -32,7 +35,7 @@ def dco_loss(
     prediction: torch.Tensor,
     reference_prediction: torch.Tensor,
     target: torch.Tensor,
-    beta: float = 1000.0,
+    beta: float = DCO_BETA,
     average: Literal["batch", "sample"] = "batch",
 ) -> torch.Tensor:
     """The DCO loss. ``average="batch"``: each MSE over the whole batch, one sigmoid (reference code);

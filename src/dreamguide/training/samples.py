@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
+from dreamguide.filenames import SAMPLES_DIR
+from dreamguide.lora_files import ADAPTER_NAME
 from dreamguide.training.config import TrainConfig
 
 
-def write_samples(config: TrainConfig, model, step: int, adapter_name: str = "subject") -> list[Path]:
+def write_samples(config: TrainConfig, model, step: int, adapter_name: str = ADAPTER_NAME) -> list[Path]:
     """Sample every ``config.sample`` prompt x mode x seed with the current weights; return the folders."""
     from dreamguide.sampling import Sampler, SampleSettings, save_results
 
@@ -40,7 +42,7 @@ def write_samples(config: TrainConfig, model, step: int, adapter_name: str = "su
             )
             with torch.no_grad():
                 results = sampler.sample(settings, progress=False)
-            folder = Path(config.output.dir) / "samples" / f"step-{step:06d}" / f"prompt-{i}"
+            folder = Path(config.output.dir) / SAMPLES_DIR / f"step-{step:06d}" / f"prompt-{i}"
             save_results(results, folder, settings, sampler)
             folders.append(folder)
     finally:

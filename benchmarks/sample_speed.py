@@ -1,7 +1,11 @@
-"""Sampling speed benchmark: milliseconds per guided denoising step (``dreamguide bench sample``).
+"""Sampling speed benchmark: milliseconds per guided denoising step.
 
-Times one denoising step (scheduler input scaling, the UNet forward over every row a guidance
-mode needs, the guidance math, the scheduler step) for ``cfg``, ``dreambooth``, ``consistency``
+    python benchmarks/sample_speed.py --json bench-sample.json     # or: dreamguide bench sample ...
+    python benchmarks/sample_speed.py --tiny --iters 2             # CPU check of the script
+
+Times one step of the project's denoising loop (``dreamguide.denoise.denoise``: scheduler input
+scaling, the UNet forward over every row a guidance mode needs, the guidance math, the
+scheduler step) for ``cfg``, ``dreambooth``, ``consistency``
 and ``pr`` at several batch sizes, on the SDXL base UNet architecture built from its config
 with random weights (timing does not depend on the weights; nothing is downloaded) and a
 random rank-32 LoRA on to_q, to_k, to_v, to_out.0. Text encoders are not run: the prompt
@@ -9,10 +13,10 @@ embeddings are random tensors of SDXL's shapes ([77, 2048] tokens, [1280] pooled
 
 Ways of getting the predictions (``--variants``):
 
-    peft       one routed forward, PEFT ``adapter_names`` per row (dreamguide.routing)
-    fast       one routed forward, dreamguide.fast.fast_routing (no indexing, no host sync)
+    peft       one routed forward, PEFT ``adapter_names`` per row (unet_rows.routed_adapters)
+    fast       one routed forward, sliced routing (unet_rows.fast_routing: no indexing, no host sync)
     graph      ``fast`` captured in a CUDA graph and replayed (no compile time)
-    compiled   ``fast`` under torch.compile (``--compile``; persistent cache)
+    compiled   ``fast`` under torch.compile (``--compile``; persistent cache, compile_cache.py)
     dco        the DCO reference ordering: per image a base call of 2 rows (adapter off),
                then an adapter call of 1 row
     two-call   the DCO ordering batched over images: one base call, one adapter call
@@ -20,6 +24,7 @@ Ways of getting the predictions (``--variants``):
 Model FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forward
 (base rows and adapter rows counted separately) and compared with a bf16 matmul timed in
 the same run. ``--tiny`` runs a miniature SDXL-shaped UNet (CPU is fine) to check the script.
+The targets in ``summarize`` are those of the sampling-speed work (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections import Counter
@@ -36,7 +42,11 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Callable
 
-from dreamguide.architectures import SDXL_POOLED_DIM, SDXL_TOKENS, SDXL_UNET_CONFIG  # noqa: F401 (re-exported)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared modules, also when imported
+
+from architectures import SDXL_POOLED_DIM, SDXL_TOKENS, SDXL_UNET_CONFIG  # noqa: E402
+
+from dreamguide.unet_rows import BASE_ROUTE, ROWS  # noqa: E402
 
 #: A miniature of the same architecture (3 levels, text_time conditioning) for ``--tiny``.
 TINY_UNET_CONFIG: dict = {
@@ -64,15 +74,10 @@ ATTENTION_CHOICES: tuple[str, ...] = ("default", *ATTENTION_BACKENDS, "auto")
 VARIANTS: tuple[str, ...] = ("peft", "fast", "graph", "compiled", "dco", "two-call")
 #: Variants that only make sense for the 3-prediction modes (base rows + adapter rows).
 SPLIT_VARIANTS: tuple[str, ...] = ("dco", "two-call")
+#: The benchmark's own random LoRA adapter.
 ADAPTER = "subject"
-BASE = "__base__"
-#: Prompt kinds per prediction (0 null, 1 base prompt, 2 token prompt) and whether the adapter is on.
-ROWS: dict[str, tuple[int, bool]] = {
-    "uncond": (0, False),
-    "base": (1, False),
-    "personalized": (2, True),
-    "personalized_uncond": (0, True),
-}
+#: The three prompts of a step, in the order their random embeddings are drawn.
+PROMPTS: tuple[str, ...] = ("negative_prompt", "base_prompt", "prompt")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,7 +177,7 @@ class Bench:
     def _build_unet(self):
         from diffusers import UNet2DConditionModel
 
-        from dreamguide.models import add_lora
+        from dreamguide.lora_files import add_lora
 
         torch = self.torch
         torch.manual_seed(self.args.seed)
@@ -211,8 +216,9 @@ class Bench:
         ]
         size = float(self.resolution)
         time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device, dtype=self.dtype)
-        hidden = torch.cat([prompts[ROWS[need][0]][0] for need in needs])
-        pooled = torch.cat([prompts[ROWS[need][0]][1] for need in needs])
+        which = [PROMPTS.index(ROWS[need].prompt) for need in needs]
+        hidden = torch.cat([prompts[k][0] for k in which])
+        pooled = torch.cat([prompts[k][1] for k in which])
         return {
             "encoder_hidden_states": hidden,
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(len(hidden), 6).contiguous()},
@@ -220,7 +226,7 @@ class Bench:
 
     @staticmethod
     def row_names(batch: int, needs: tuple[str, ...]) -> list[str]:
-        return [ADAPTER if ROWS[need][1] else BASE for need in needs for _ in range(batch)]
+        return [ADAPTER if ROWS[need].personalized else BASE_ROUTE for need in needs for _ in range(batch)]
 
     # -- ways to get the predictions ----------------------------------------------------------
 
@@ -229,8 +235,8 @@ class Bench:
 
     def forward_and_context(self, variant: str, batch: int, needs: tuple[str, ...], compiled=None):
         """(context manager to hold around the steps, forward(sample_rows, t, kwargs) -> rows)."""
-        from dreamguide.fast import GraphedForward, fast_routing
-        from dreamguide.routing import routed_adapters
+        from dreamguide.cuda_graph import GraphedForward
+        from dreamguide.unet_rows import fast_routing, routed_adapters
 
         names = self.row_names(batch, needs)
         if variant == "peft":
@@ -258,8 +264,8 @@ class Bench:
 
         torch = self.torch
         names = self.row_names(batch, needs)
-        base_rows = [i for i, n in enumerate(names) if n == BASE]
-        adapter_rows = [i for i, n in enumerate(names) if n != BASE]
+        base_rows = [i for i, n in enumerate(names) if n == BASE_ROUTE]
+        adapter_rows = [i for i, n in enumerate(names) if n != BASE_ROUTE]
         if per_image:
             # Rows are need-major, so image j owns the rows r with r % batch == j.
             groups = [
@@ -297,8 +303,11 @@ class Bench:
     ):
         """Run ``steps`` denoising steps from fresh noise; returns (milliseconds per step, final latents).
 
-        ``watch_syncs``: CUDA's sync debug mode is on for the steps (not the scheduler set-up).
+        The steps are those of ``dreamguide.denoise.denoise``, the sampler's loop, at the default
+        guidance weights; ``watch_syncs``: CUDA's sync debug mode is on for the steps (not the
+        scheduler set-up).
         """
+        from dreamguide.denoise import denoise
         from dreamguide.guidance import Predictions, guide
 
         torch = self.torch
@@ -307,31 +316,36 @@ class Bench:
         scheduler.set_timesteps(50, device=self.device)
         scheduler.set_begin_index(0)  # no timestep search (a host sync) on the first step
         x = self.randn(batch, 4, self.latent, self.latent, dtype=torch.float32) * scheduler.init_noise_sigma
-        times, marks = [], []
-        if watch_syncs:
-            torch.cuda.set_sync_debug_mode("warn")
-        for i in range(steps):
-            t = scheduler.timesteps[i]
-            start = time.perf_counter()
-            if timed and self.cuda:
+
+        def rows(x_in, t):
+            return forward(x_in.repeat(len(needs), 1, 1, 1).to(self.dtype), t, kwargs).float()
+
+        def combine(output, i, n):
+            return guide(mode, Predictions(**dict(zip(needs, output.chunk(len(needs))))))
+
+        marks: list = []
+
+        def mark(step=None) -> None:  # the end of each step (and the start of the first)
+            if self.cuda:
                 marks.append(torch.cuda.Event(enable_timing=True))
                 marks[-1].record()
-            model_input = scheduler.scale_model_input(x, t)
-            rows = model_input.repeat(len(needs), 1, 1, 1).to(self.dtype)
-            out = forward(rows, t, kwargs).float()
-            predictions = Predictions(**dict(zip(needs, out.chunk(len(needs)))))
-            guided = guide(mode, predictions, 7.5, 3.0)
-            x = scheduler.step(guided, t, x, return_dict=False)[0]
-            if timed and not self.cuda:
-                times.append((time.perf_counter() - start) * 1e3)
+            else:
+                marks.append(time.perf_counter())
+
+        if timed:
+            mark()
+        if watch_syncs:
+            torch.cuda.set_sync_debug_mode("warn")
+        timesteps = scheduler.timesteps[:steps]
+        x = denoise(rows, x, scheduler, combine, timesteps=timesteps, callbacks=[mark] if timed else [])
         if watch_syncs:
             torch.cuda.set_sync_debug_mode("default")
-        if timed and self.cuda:
-            marks.append(torch.cuda.Event(enable_timing=True))
-            marks[-1].record()
+        if not timed:
+            return [], x
+        if self.cuda:
             torch.cuda.synchronize()
-            times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-        return times, x
+            return [a.elapsed_time(b) for a, b in zip(marks, marks[1:])], x
+        return [(b - a) * 1e3 for a, b in zip(marks, marks[1:])], x
 
     def time_config(
         self, variant: str, mode: str, batch: int, compiled=None, iters: int | None = None, count_syncs: bool = True
@@ -351,7 +365,7 @@ class Bench:
             "mode": mode,
             "batch": batch,
             "rows": batch * len(needs),
-            "adapter_rows": sum(n != BASE for n in self.row_names(batch, needs)),
+            "adapter_rows": sum(n != BASE_ROUTE for n in self.row_names(batch, needs)),
             "ms": statistics.median(times),
             "ms_min": min(times),
             "ms_max": max(times),
@@ -498,7 +512,7 @@ class Bench:
         """PEFT-routed forward of a float32 copy of the UNet (the UNet itself when already float32)."""
         import copy
 
-        from dreamguide.routing import routed_adapters
+        from dreamguide.unet_rows import routed_adapters
 
         torch = self.torch
         unet = self.unet if self.dtype == torch.float32 else copy.deepcopy(self.unet).float()
@@ -522,7 +536,7 @@ class Bench:
 
         shape = (batch, 4, self.latent, self.latent)
         preds = Predictions(*(self.randn(*shape, dtype=self.torch.float32) for _ in range(4)))
-        return self.elapsed_ms(lambda: guide(mode, preds, 7.5, 3.0), 50)
+        return self.elapsed_ms(lambda: guide(mode, preds), 50)
 
 
 def _versions() -> dict:
@@ -762,7 +776,9 @@ def compile_and_time(bench: Bench, configs, args, document: dict, save: Callable
     """Compile the fast path for each (mode, batch), time it, and record compile cost and payoff."""
     import torch
 
-    from dreamguide.fast import compile_unet, fast_routing, save_compile_cache, use_compile_cache
+    from compile_cache import compile_unet, save_compile_cache, use_compile_cache
+
+    from dreamguide.unet_rows import fast_routing
 
     cache = use_compile_cache(args.compile_cache)
     warm = (cache / "artifacts.bin").is_file()
@@ -806,37 +822,24 @@ def compile_and_time(bench: Bench, configs, args, document: dict, save: Callable
 
 EXAMPLE = """\
 examples:
-  dreamguide bench sample --json bench-sample.json             # eager variants, batch 1 and 4
-  dreamguide bench sample --compile --json bench-sample.json   # + torch.compile of pr at batch 4
-  dreamguide bench sample --tiny --iters 2                     # miniature UNet: checks the script on CPU
+  python benchmarks/sample_speed.py --json bench-sample.json             # eager variants, batch 1 and 4
+  python benchmarks/sample_speed.py --compile --json bench-sample.json   # + torch.compile of pr at batch 4
+  python benchmarks/sample_speed.py --tiny --iters 2                     # miniature UNet: checks the script on CPU
 """
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """The ``sample`` benchmark of ``dreamguide bench``."""
-    parser = subparsers.add_parser(
-        "sample",
-        help="milliseconds per guided denoising step (SDXL UNet architecture, LoRA routing, compile)",
-        description=__doc__.split("\n")[0],
-        epilog=EXAMPLE,
+def main(argv: list[str] | None = None, prog: str = "sample_speed.py") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n")[0], epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    parser.set_defaults(func=run_and_print)
-    return parser
-
-
-def run_and_print(args) -> int:
+    args = parser.parse_args(argv)
     document = run(args)
     print(format_table(document))
     print(f"wrote {args.json}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="sample_bench", description=__doc__.split("\n")[0], epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run_and_print(parser.parse_args(argv))
+if __name__ == "__main__":
+    sys.exit(main())
