@@ -25,22 +25,24 @@ def assets(tmp_path_factory, tiny_sd15_dir):
     """Tiny SD 1.5 base, a LoRA + embeddings for it, a LoRA for tiny SDXL, tiny metric backbones."""
     from dreamguide import models
     from dreamguide.evaluation.tiny_backbones import save_tiny_backbones
+    from dreamguide.lora_files import add_lora, save_lora
     from dreamguide.testing import tiny_sdxl_pipeline
+    from dreamguide.token_files import add_tokens, save_embeddings
 
     root = tmp_path_factory.mktemp("bench-assets")
     model = models.load_model(tiny_sd15_dir)
-    models.add_lora(model.unet, rank=2, adapter_name="subject")
+    add_lora(model.unet, rank=2, adapter_name="subject")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.unet.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    models.save_lora(model.unet, root / "lora.safetensors", "subject")
-    models.add_tokens(model, ["sks"], "dog")
-    models.save_embeddings(model, ["sks"], root / "embeddings.safetensors")
+    save_lora(model.unet, root / "lora.safetensors", "subject")
+    add_tokens(model, ["sks"], "dog")
+    save_embeddings(model, ["sks"], root / "embeddings.safetensors")
     sdxl = models.DiffusionModel.from_pipeline(tiny_sdxl_pipeline(0))
-    models.add_lora(sdxl.unet, rank=2, adapter_name="subject")
-    models.save_lora(sdxl.unet, root / "sdxl_lora.safetensors", "subject")
+    add_lora(sdxl.unet, rank=2, adapter_name="subject")
+    save_lora(sdxl.unet, root / "sdxl_lora.safetensors", "subject")
     backbones = save_tiny_backbones(root / "backbones")
     return {"base": str(tiny_sd15_dir), "root": root, "backbones": backbones}
 

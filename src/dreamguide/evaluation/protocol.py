@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from dreamguide.guidance import ConsistencyShaping, ParallelRescaling, get_mode
+from dreamguide.guidance import W_CONS, W_TEXT, ConsistencyShaping, ParallelRescaling, get_mode
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,6 @@ def uses_consistency(mode: str) -> bool:
     return "personalized" in get_mode(mode).needs and "base" in get_mode(mode).needs
 
 
-def sampling_default(name: str) -> Any:
-    """The sampler's default for ``name`` (w_text, w_cons, steps, ...): defined once, on ``SampleSettings``."""
-    from dreamguide.config import defaults
-    from dreamguide.sampling import SampleSettings
-
-    return defaults(SampleSettings)[name]
-
-
 @dataclass(frozen=True)
 class Plan:
     """The world-independent part of a run: guidance settings, variants and seeds (SPEC: seeds 0-3).
@@ -121,8 +113,8 @@ class Plan:
     """
 
     modes: tuple[str, ...] = ("consistency", "parallel-rescaled")
-    w_text: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_text"),))
-    w_cons: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_cons"),))
+    w_text: tuple[float, ...] = (W_TEXT,)
+    w_cons: tuple[float, ...] = (W_CONS,)
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     variants: tuple[Variant, ...] = ()
 

@@ -368,14 +368,18 @@ def _pyplot():
     return plt
 
 
+_MARKERS = {"cfg": "D", "dreambooth": "s", "consistency": "o", "parallel-rescaled": "^", "orthogonal": "v"}
+
+
 def pareto_plot(points: Sequence[dict], identity: str, text: str, path: Path,
                 line_keys: Sequence[str] = ("mode", "w_text"), x_label: str | None = None,
                 y_label: str | None = None, title: str = "identity vs text alignment across w_cons (labels)",
-                ) -> Path | None:
+                line_intervals: bool = True) -> Path | None:
     """Identity (y) against text alignment (x) of summary entries, with their intervals.
 
     Entries that share the ``line_keys`` values are joined across their w_cons values (each point
-    labelled with its w_cons); an entry alone is a single point.
+    labelled with its w_cons); an entry alone is a single point. ``line_intervals`` False draws the
+    intervals of single points only (for plots with many lines).
     """
     rows = [r for r in points if r.get(identity) is not None and r.get(text) is not None]
     if not rows:
@@ -385,15 +389,19 @@ def pareto_plot(points: Sequence[dict], identity: str, text: str, path: Path,
     lines: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         lines[tuple(row.get(k) for k in line_keys)].append(row)
-    for key, members in lines.items():
+    colors = plt.get_cmap("tab20").colors
+    for index, (key, members) in enumerate(lines.items()):
         members.sort(key=lambda r: -1 if r.get("w_cons") is None else r["w_cons"])
         x = np.array([p[text] for p in members])
         y = np.array([p[identity] for p in members])
         xerr = np.abs(np.array([[p[f"{text}_low"], p[f"{text}_high"]] for p in members], dtype=float).T - x)
         yerr = np.abs(np.array([[p[f"{identity}_low"], p[f"{identity}_high"]] for p in members], dtype=float).T - y)
         xerr, yerr = np.nan_to_num(xerr), np.nan_to_num(yerr)
+        if len(members) > 1 and not line_intervals:
+            xerr = yerr = None
         label = " / ".join(f"w_text={v:g}" if k == "w_text" else str(v) for k, v in zip(line_keys, key) if v != "")
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=2, lw=1, ms=4, label=label)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker=_MARKERS.get(members[0].get("mode"), "o"), capsize=2, lw=1,
+                    ms=4, color=colors[index % len(colors)], ls="-" if len(members) > 1 else "none", label=label)
         if len(members) > 1:
             for p in members:
                 if p.get("w_cons") is not None:
@@ -477,7 +485,8 @@ def consistency_p_plot(curves: dict[tuple, dict[str, np.ndarray]], path: Path,
             ax_neg.plot(step, curve["fraction_negative"], color=line.get_color(), label=label)
     ax_k.axhline(0, color="grey", lw=0.5)
     ax_k.set_xlabel("denoising step (0 = noisiest)")
-    ax_k.set_ylabel("Consistency_p k" + (": band q25-q75" if any("q25" in c for c in curves.values()) else ""))
+    quartiles, spread = (any(name in c for c in curves.values()) for name in ("q25", "std"))
+    ax_k.set_ylabel("Consistency_p k" + (": band q25-q75" if quartiles else ": band +-spatial std" if spread else ""))
     ax_k.set_title(title, fontsize=9)
     ax_neg.set_xlabel("denoising step (0 = noisiest)")
     ax_neg.set_ylabel("fraction of locations with k < 0")

@@ -183,6 +183,7 @@ class ToyBenchWorld:
         return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     def _sampler(self, subject: str, kind: str):
+        from dreamguide.lora_files import ADAPTER_NAME
         from dreamguide.sampling import Sampler
         from dreamguide.toyworld.model import load_toyworld_model
         from dreamguide.toyworld.personalize import load_personalized
@@ -191,7 +192,7 @@ class ToyBenchWorld:
             folder = self._adapter_folder(subject, kind)
             model, token = load_personalized(subject, kind, folder=folder,
                                              model=load_toyworld_model(device=self._device()), device=self._device())
-            self._samplers[(subject, kind)] = (Sampler(model), token)
+            self._samplers[(subject, kind)] = (Sampler(model, adapter_name=ADAPTER_NAME), token)
         return self._samplers[(subject, kind)]
 
     def _generate_adapter_jobs(self, subject: str, kind: str, jobs: Sequence[Job]) -> dict[str, Generated]:

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from dreamguide.evaluation.protocol import Plan, Variant, sampling_default
-from dreamguide.guidance import ParallelRescaling
+from dreamguide.evaluation.protocol import Plan, Variant
+from dreamguide.guidance import W_CONS, W_TEXT, ParallelRescaling
 from dreamguide.toyworld.bench_world import BASE_MODEL
 from dreamguide.toyworld.personalize import PersonalizeSettings
 
@@ -66,8 +66,8 @@ class PlanConfig:
     prompt_sets: tuple[str, ...] = ("normal", "stylized")
     prompts_per_set: int = 0  # 0 = all; n = the first n of each set
     modes: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled", "orthogonal")
-    w_text: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_text"),))
-    w_cons: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_cons"),))
+    w_text: tuple[float, ...] = (W_TEXT,)
+    w_cons: tuple[float, ...] = (W_CONS,)
     variants: tuple[str, ...] = ()  # names of [[variants]]
     seeds: tuple[int, ...] | None = None  # None: the experiment's seeds
     title: str = ""

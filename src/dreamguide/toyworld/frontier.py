@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from dreamguide.evaluation.protocol import Variant, sampling_default
-from dreamguide.guidance import ConsistencyShaping, ParallelRescaling, get_mode
+from dreamguide.evaluation.protocol import Variant
+from dreamguide.guidance import W_CONS, W_TEXT, ConsistencyShaping, ParallelRescaling, get_mode
 from dreamguide.toyworld.experiment import ExperimentReport, PlanConfig, PromptSetConfig, ToyExperiment
 from dreamguide.toyworld.personalize import PersonalizeSettings
 
@@ -39,8 +39,8 @@ class FrontierRule:
     mode: str = "consistency"
     knob: str = "w_cons"
     values: tuple[float, ...] = ()
-    w_text: float = field(default_factory=lambda: sampling_default("w_text"))
-    w_cons: float = field(default_factory=lambda: sampling_default("w_cons"))
+    w_text: float = W_TEXT
+    w_cons: float = W_CONS
     pr: ParallelRescaling = field(default_factory=ParallelRescaling)
     shaping: ConsistencyShaping = field(default_factory=ConsistencyShaping)
     description: str = ""

@@ -165,10 +165,14 @@ def _device_name(device) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _write_json(path: Path, data) -> None:
+def _write_text(path: Path, text: str) -> None:
     from dreamguide.atomic import atomic_write_text
 
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, text)
+
+
+def _write_json(path: Path, data) -> None:
+    _write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,10 +204,8 @@ def score(experiment: ToyExperiment, out, evaluators=None, log=print) -> dict:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     results = experiment_results(experiment, rows, out, record)
     _write_json(out / "results.json", results)
-    write_figures(experiment, results, rows, out)
-    from dreamguide.atomic import atomic_write_text
-
-    atomic_write_text(out / "results.md", results_markdown(experiment, results))
+    write_figures(experiment, results, out)
+    _write_text(out / "results.md", results_markdown(experiment, results))
     log(f"scored {sum(len(r) for r in rows.values())} images -> {out / 'results.md'}")
     return results
 
@@ -291,7 +293,7 @@ def _timesteps(experiment: ToyExperiment, rows: dict[str, list[dict]], out: Path
             for key, curve in trace_curves(traces).items()}
 
 
-def write_figures(experiment: ToyExperiment, results: dict, rows: dict[str, list[dict]], out: Path) -> None:
+def write_figures(experiment: ToyExperiment, results: dict, out: Path) -> None:
     """pareto.png (identity vs text alignment on the report's prompt set) and timesteps.png."""
     from dreamguide.evaluation.report import consistency_p_plot, pareto_plot
 
@@ -299,7 +301,7 @@ def write_figures(experiment: ToyExperiment, results: dict, rows: dict[str, list
     points = [{**e, "plan": name} for name in r.pareto_plans if name in results["plans"]
               for e in results["plans"][name]["summary"] if e["prompt_set"] == r.pareto_prompt_set]
     pareto_plot(points, "identity", "text_alignment", out / "pareto.png",
-                line_keys=("plan", "adapter", "mode", "w_text", "variant"),
+                line_keys=("plan", "adapter", "mode", "w_text", "variant"), line_intervals=False,
                 x_label="text alignment (toy CLIP cosine to the base prompt)",
                 y_label="identity (toy DINO cosine to the references)",
                 title=f"{r.pareto_prompt_set} prompts: identity vs text alignment "

@@ -180,7 +180,7 @@ class DreamBenchWorld:
 
     def check_adapters(self) -> None:
         """Every subject has the adapter files its modes need, and each fits the base model."""
-        from dreamguide import lora_files, models, token_files
+        from dreamguide.lora_files import load_lora
 
         data = self.load_data()
         if not self.needs_adapters():
@@ -200,7 +200,7 @@ class DreamBenchWorld:
                     raise FileNotFoundError(f"subject {subject!r}: {kind} file {path} does not exist")
             try:
                 if adapter.lora is not None:
-                    lora_files.load_lora(model, adapter.lora, "__check__")
+                    load_lora(model, adapter.lora, "__check__")
                     model.unet.delete_adapters("__check__")
                 if adapter.embeddings is not None:
                     _check_embeddings(model, adapter.embeddings)
@@ -210,16 +210,15 @@ class DreamBenchWorld:
 
     def prepare(self) -> None:
         """Validate data and adapters and load the metric backbones, before any generation."""
-        import torch
-
         from dreamguide.evaluation.runner import process_info
         from dreamguide.metrics import Scorer
+        from dreamguide.models import parse_dtype
 
         if self._prepared:
             return
         self.load_data()
         if self.scorer is None:  # first: a missing backbone must not wait for hours of training
-            dtype = getattr(torch, self.config.metrics.dtype)
+            dtype = parse_dtype(self.config.metrics.dtype)
             self.scorer = Scorer(self.config.metrics.backbones, self.config.metrics.names,
                                  _device(self.config.metrics.device), dtype, self.config.metrics.batch_size)
         missing = self.untrained_subjects()
@@ -236,18 +235,12 @@ class DreamBenchWorld:
     # -- generation --------------------------------------------------------------------------
 
     def _base_model(self):
-        import torch
-
-        from dreamguide import lora_files, models, token_files
+        from dreamguide import models
 
         if self._model is None:
             device = _device(self.config.model.device)
-            dtype = self.config.model.dtype
-            if dtype == "auto":
-                dtype = torch.float16 if device.type == "cuda" else torch.float32
-            else:
-                dtype = getattr(torch, dtype)
-            self._model = models.load_model(self.config.model.base, dtype=dtype, device=device)
+            self._model = models.load_model(self.config.model.base, dtype=models.parse_dtype(self.config.model.dtype,
+                                                                                            device), device=device)
         return self._model
 
     def _drop_model(self) -> None:
@@ -260,8 +253,9 @@ class DreamBenchWorld:
 
     def _sampler_for(self, subject: str):
         """A Sampler over the shared base model with this subject's adapter loaded (the previous one removed)."""
-        from dreamguide import lora_files, models, token_files
+        from dreamguide.lora_files import ADAPTER_NAME, load_lora
         from dreamguide.sampling import Sampler
+        from dreamguide.token_files import load_embeddings
 
         if self._loaded_subject == subject and self._sampler is not None:
             return self._sampler
@@ -270,16 +264,16 @@ class DreamBenchWorld:
             # pristine base model, so a subject's images never depend on which subject came before.
             self._drop_model()
         model = self._base_model()
-        if "subject" in (getattr(model.unet, "peft_config", None) or {}):
-            model.unet.delete_adapters("subject")
+        if ADAPTER_NAME in (getattr(model.unet, "peft_config", None) or {}):
+            model.unet.delete_adapters(ADAPTER_NAME)
         adapter = self.adapter(subject)
         if adapter.lora is not None:
-            lora_files.load_lora(model, adapter.lora, "subject")
+            load_lora(model, adapter.lora, ADAPTER_NAME)
         if adapter.embeddings is not None:
-            token_files.load_embeddings(model, adapter.embeddings, adapter.token)
+            load_embeddings(model, adapter.embeddings, adapter.token)
             self._tokens_added = True
         self._sampler = Sampler(
-            model, adapter_name="subject" if adapter.lora is not None else None,
+            model, adapter_name=ADAPTER_NAME if adapter.lora is not None else None,
             embeddings=adapter.embeddings,
             sources={"model": self.config.model.base, "lora": str(adapter.lora) if adapter.lora else None},
         )

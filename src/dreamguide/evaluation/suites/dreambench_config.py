@@ -71,13 +71,20 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from dreamguide.config import ConfigError, apply_overrides, defaults, from_dict, read_toml
-from dreamguide.evaluation.protocol import Plan, sampling_default
+from dreamguide.evaluation.protocol import Plan
 from dreamguide.evaluation.report import ReportSettings
 from dreamguide.evaluation.suites.dreambench_data import DREAMBENCH_PROMPT_SETS, PromptSetName
-from dreamguide.guidance import ParallelRescaling
+from dreamguide.guidance import W_CONS, W_TEXT, ParallelRescaling
 from dreamguide.metrics import METRICS, Backbones, check_metrics
 
 _PLAN = defaults(Plan)
+
+
+def _sampling_default(name: str) -> Any:
+    """The sampler's default for ``name`` (steps, scheduler, ...): defined once, on ``SampleSettings``."""
+    from dreamguide.sampling import SampleSettings
+
+    return defaults(SampleSettings)[name]
 
 
 @dataclass(frozen=True)
@@ -91,14 +98,14 @@ class ModelSection:
 class SamplingSection:
     modes: tuple[str, ...] = _PLAN["modes"]
     seeds: tuple[int, ...] = _PLAN["seeds"]
-    w_text: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_text"),))
-    w_cons: tuple[float, ...] = field(default_factory=lambda: (sampling_default("w_cons"),))
-    steps: int = field(default_factory=lambda: sampling_default("steps"))
+    w_text: tuple[float, ...] = (W_TEXT,)
+    w_cons: tuple[float, ...] = (W_CONS,)
+    steps: int = field(default_factory=lambda: _sampling_default("steps"))
     batch_size: int = 4
     height: int | None = None
     width: int | None = None
-    scheduler: str = field(default_factory=lambda: sampling_default("scheduler"))
-    negative_prompt: str = field(default_factory=lambda: sampling_default("negative_prompt"))
+    scheduler: str = field(default_factory=lambda: _sampling_default("scheduler"))
+    negative_prompt: str = field(default_factory=lambda: _sampling_default("negative_prompt"))
     trace: bool = True
     pr: ParallelRescaling = field(default_factory=ParallelRescaling)
 
