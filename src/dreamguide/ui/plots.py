@@ -80,13 +80,11 @@ def plot_tradeoff(modes: Sequence[str], scores: Sequence["ImageScore"], path: st
         own = [s for m, s in zip(modes, scores) if m == mode]
         dots = ax.scatter([s.text_alignment for s in own], [s.identity for s in own], s=12, alpha=0.35)
         colors[mode] = dots.get_facecolor()[0]
-        ax.scatter([mean.text_alignment], [mean.identity], s=70, color=colors[mode], edgecolor="black",
-                   label=labels.get(mode, mode), zorder=3)
+        ax.scatter([mean.text_alignment], [mean.identity], s=70, color=colors[mode], edgecolor="black", zorder=3)
         ax.annotate(labels.get(mode, mode), (mean.text_alignment, mean.identity), textcoords="offset points",
                     xytext=(6, 4), fontsize=8)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
-    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return _save(fig, plt, path)
 

@@ -23,6 +23,14 @@ def file_url(path: str | Path) -> str:
     return FILE_ROUTE + quote(str(Path(path).resolve()), safe="/")
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it, else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _mode_title(mode: str) -> str:
     from dreamguide.guidance import get_mode
 
@@ -65,7 +73,7 @@ def grid_html(comparison: "Comparison") -> str:
     status = (
         f"{len(comparison.results)} images in {comparison.seconds:.1f} s"
         + ("" if done else f" (of {len(comparison.modes) * len(comparison.seeds)}; sampling the rest)")
-        + f" · <code>{escape(str(comparison.folder))}</code>"
+        + f" · <code>{escape(_shown_path(comparison.folder))}</code>"
     )
     return (
         f'<div class="dg-grid" data-done="{int(done)}"><p class="dg-status">{status}</p>'
