@@ -238,6 +238,22 @@ def test_train_form_setting_errors_match_set_overrides(field, value, key, tmp_pa
     assert ours[field].split(": ", 1)[1] == expected.split(": ", 1)[1]  # the source: the form, or the TOML file
 
 
+def test_train_form_blanks_keep_the_worlds_recipe_and_alpha_follows_the_rank(tmp_path):
+    from dreamguide.toyworld.personalize import DEFAULTS
+    from dreamguide.ui.forms import train_config
+
+    ws = Workspace(output=tmp_path)
+    base = ws.train_base(tmp_path / "photos", tmp_path / "adapter")
+    config = train_config(TrainForm(token="ohwx", class_word="ball", rank="8", lr=" 1e-3 "), base)
+    assert (config.lora.rank, config.lora.alpha, config.train.lr) == (8, 8.0, 1e-3)
+    assert (config.train.steps, config.train.batch_size, config.train.method) == (
+        DEFAULTS.steps, DEFAULTS.batch_size, "dreambooth")
+    assert config.lora.target_modules == list(DEFAULTS.lora_targets) and config.data.resolution == 32
+    shown = ws.train_form_defaults()
+    assert (shown.steps, shown.lr, shown.rank, shown.batch_size) == (
+        str(DEFAULTS.steps), str(DEFAULTS.lr), str(DEFAULTS.rank), str(DEFAULTS.batch_size))
+
+
 def test_training_runs_in_the_background_stops_on_cancel_and_resumes(tmp_path):
     from dreamguide.filenames import KOHYA_FILE, LORA_FILE
 

@@ -35,7 +35,7 @@ class FieldErrors(ValueError):
         super().__init__("; ".join(f"{name}: {message}" for name, message in self.errors.items()))
 
 
-class _Collector:
+class FieldChecks:
     """Runs one check per field and keeps the first message of each field."""
 
     def __init__(self) -> None:
@@ -135,7 +135,7 @@ def sample_settings(form: SampleForm) -> "SampleSettings":
     from dreamguide.guidance import ParallelRescaling
     from dreamguide.sampling import SampleSettings, check_finite, parse_modes, parse_seeds
 
-    found = _Collector()
+    found = FieldChecks()
     seeds = found.check("seeds", lambda: parse_seeds(form.seeds))
     modes = found.check("modes", lambda: parse_modes(form.modes or ()))
     steps = found.check("steps", lambda: read_steps(form.steps))
@@ -182,16 +182,17 @@ TRAIN_SOURCE = "personalize form"
 
 @dataclass
 class TrainForm:
-    """The values of the personalize form (settings as typed text, read like ``--set`` values)."""
+    """The values of the personalize form, as typed (read like ``--set`` values); a blank setting
+    keeps the run's default (:meth:`dreamguide.ui.workspace.Workspace.train_base`)."""
 
     token: str
     class_word: str
-    method: str = "dreambooth"
-    steps: Any = "1000"
-    lr: Any = "2e-3"
-    rank: Any = "32"
-    batch_size: Any = "4"
-    sample_every: Any = "0"
+    method: str = ""
+    steps: Any = ""
+    lr: Any = ""
+    rank: Any = ""
+    batch_size: Any = ""
+    sample_every: Any = ""
 
 
 def _field_of_config_error(message: str) -> str:
@@ -199,26 +200,33 @@ def _field_of_config_error(message: str) -> str:
     return FIELD_OF_KEY.get(match[1], GENERAL) if match else GENERAL
 
 
-def train_config(form: TrainForm, base: dict[str, Any], found: _Collector | None = None) -> "TrainConfig | None":
+def train_config(form: TrainForm, base: dict[str, Any], found: FieldChecks | None = None) -> "TrainConfig | None":
     """The run config: ``base`` (nested sections, as a TOML file holds them) with the form's values
-    set as ``--set key=value`` overrides; a bad value is reported against its field."""
+    set as ``--set key=value`` overrides (LoRA alpha = rank); a bad value is reported against its
+    field, into ``found`` when given (then None is returned for a config that does not build)."""
     from dreamguide.config import ConfigError, parse_override
     from dreamguide.training import train_config_from_dict
 
     own = found is None
-    found = found or _Collector()
+    found = found or FieldChecks()
     data = {section: dict(values) for section, values in base.items()}
     for name, key in TRAIN_KEYS.items():
-        text = getattr(form, name)
-        text = str(text).strip() if not isinstance(text, str) else text.strip()
-        if name in ("token", "class_word", "method"):
+        text = str(getattr(form, name)).strip()
+        if name in ("token", "class_word"):
             value: Any = text  # string keys take the raw text, as --set does for them
+        elif not text:
+            continue  # blank: the run's default
+        elif name == "method":
+            value = text
         else:
             value = found.check(name, lambda: parse_override(f"{key}={text}")[1])
             if name in found.errors:
                 continue
         section, _, option = key.partition(".")
         data.setdefault(section, {})[option] = value
+    rank = data.get("lora", {}).get("rank")
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0:
+        data["lora"]["alpha"] = float(rank)  # alpha follows the rank: the LoRA's scale stays 1
     config = None
     try:
         config = train_config_from_dict(data, source=TRAIN_SOURCE)

@@ -29,8 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dreamguide.filenames import EMBEDDINGS_FILE, LORA_FILE
-from dreamguide.ui.forms import GENERAL, FieldErrors, TrainForm, _Collector, check_photos, photo_error_field, \
-    train_config, write_photos
+from dreamguide.ui.forms import (
+    GENERAL,
+    FieldChecks,
+    FieldErrors,
+    TrainForm,
+    check_photos,
+    photo_error_field,
+    train_config,
+    write_photos,
+)
 from dreamguide.ui.scores import ImageScore, MetricScorer, ToyScorer
 from dreamguide.ui.training_job import TrainingJob
 
@@ -46,6 +54,8 @@ MODE_LABELS: dict[str, str] = {"parallel-rescaled": "pr"}
 TOY_TRAINING_PROMPTS = ("a photo of a {token} {class_word}", "a pencil sketch of a {token} {class_word}")
 TRAINING_PROMPTS = ("a photo of {token} {class_word}", "a watercolor painting of {token} {class_word}")
 TRAINING_SAMPLE_MODES = ("dreambooth", "parallel-rescaled")
+#: Steps between sample images during training, by world (True: the miniature world, whose steps are cheap).
+TRAINING_SAMPLE_EVERY = {True: 100, False: 250}
 
 
 def mode_label(mode: str) -> str:
@@ -354,20 +364,17 @@ class Workspace:
     # -- personalize ---------------------------------------------------------------------------
 
     def train_form_defaults(self) -> TrainForm:
-        """The personalize form's starting values: the toy world's recipe, or the trainer's defaults."""
-        if self.toy:
-            from dreamguide.toyworld.personalize import DEFAULTS
+        """The personalize form's starting values: the settings :meth:`train_base` gives a run."""
+        from dreamguide.training import train_config_from_dict
 
-            return TrainForm(token="ohwx", class_word="", steps=str(DEFAULTS.steps), lr=str(DEFAULTS.lr),
-                             rank=str(DEFAULTS.rank), batch_size=str(DEFAULTS.batch_size), sample_every="100")
-        from dreamguide.training import TrainConfig
+        config = train_config_from_dict(self.train_base(Path("photos"), Path("adapter")), validate=False)
+        return TrainForm(token="ohwx" if self.toy else config.data.token, class_word="", method=config.train.method,
+                         steps=str(config.train.steps), lr=str(config.train.lr), rank=str(config.lora.rank),
+                         batch_size=str(config.train.batch_size), sample_every=str(config.sample.every))
 
-        d = TrainConfig()
-        return TrainForm(token=d.data.token, class_word="", steps=str(d.train.steps), lr=str(d.train.lr),
-                         rank=str(d.lora.rank), batch_size=str(d.train.batch_size), sample_every="250")
-
-    def _train_base(self, photos: Path, out: Path) -> dict[str, Any]:
-        """The config sections the form does not set (a TOML file's worth), for this model."""
+    def train_base(self, photos: Path, out: Path) -> dict[str, Any]:
+        """A run's config before the form's values (a TOML file's worth): the trainer's defaults for
+        this model, or in the miniature world its personalization recipe (``toyworld.personalize``)."""
         import torch
 
         cuda = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -376,13 +383,17 @@ class Workspace:
             "data": {"instance_dir": str(photos)},
             "train": {"mixed_precision": "bf16" if cuda else "no"},
             "output": {"dir": str(out), "checkpoint_every": 250, "keep_checkpoints": 1},
-            "sample": {"modes": list(TRAINING_SAMPLE_MODES), "seeds": [0], "steps": self.training_sample_steps},
+            "sample": {"every": TRAINING_SAMPLE_EVERY[self.toy], "modes": list(TRAINING_SAMPLE_MODES), "seeds": [0],
+                       "steps": self.training_sample_steps},
         }
         if self.toy:
             from dreamguide.toyworld.personalize import DEFAULTS
 
             base["data"].update(resolution=32, cache_latents=False)
-            base["lora"] = {"target_modules": list(DEFAULTS.lora_targets)}
+            base["train"].update(steps=DEFAULTS.steps, lr=DEFAULTS.lr, batch_size=DEFAULTS.batch_size,
+                                 seed=DEFAULTS.seed)
+            base["lora"] = {"rank": DEFAULTS.rank, "alpha": float(DEFAULTS.rank),
+                            "target_modules": list(DEFAULTS.lora_targets)}
             base["ti"] = {"lr": DEFAULTS.ti_lr}
             base["dco"] = {"beta": DEFAULTS.dco_beta}
             base["sample"]["prompts"] = list(TOY_TRAINING_PROMPTS)
@@ -412,7 +423,7 @@ class Workspace:
             token = subject_token(subject_.token, form.method if form.method in METHODS else METHODS[0])
             form = dataclasses.replace(form, token=token, class_word=subject_.cls)
         run = _new_folder(self.output / "runs", f"{_stamp()}-{_slug(form.token)}-{_slug(form.method)}")
-        found = _Collector()
+        found = FieldChecks()
         if toy_subject is not None:
             from dreamguide.toyworld.personalize import write_reference_folder
 
@@ -420,7 +431,7 @@ class Workspace:
         else:
             found.check("captions", lambda: write_photos(list(photos), captions, run / "photos"))
             (run / "photos").mkdir(exist_ok=True)
-        config = train_config(form, self._train_base(run / "photos", run / "adapter"), found)
+        config = train_config(form, self.train_base(run / "photos", run / "adapter"), found)
         if "captions" not in found.errors:
             try:
                 check_photos(run / "photos", form.token.strip(), form.class_word.strip())
