@@ -124,7 +124,9 @@ def build_app(workspace: "Workspace", log: Callable[[str], None] = print):
             log(traceback.format_exc())
             return {**cleared, errors[GENERAL]: error_html(f"unexpected error: {type(error).__name__}: {error}")}
 
-    with gr.Blocks(title="dreamguide") as app:
+    # Gradio copies every file it shows into its cache; files older than a day are deleted hourly
+    # (the originals stay in the workspace's output folder).
+    with gr.Blocks(title="dreamguide", delete_cache=(3600, 86400)) as app:
         gr.Markdown(
             "# dreamguide\n"
             "Personalize a subject, then sample the same seeds in several guidance modes side by side "
