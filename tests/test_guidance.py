@@ -215,6 +215,10 @@ def test_bad_switches_are_rejected():
         ParallelRescaling(granularity="sample")
     with pytest.raises(ValueError, match="eps must be positive"):
         ParallelRescaling(eps=0.0)
+    with pytest.raises(ValueError, match="PR rescale must be a finite number, got nan"):
+        ParallelRescaling(rescale=float("nan"))
+    with pytest.raises(ValueError, match="PR eps must be positive, got nan"):
+        ParallelRescaling(eps=float("nan"))
 
 
 def test_stats_survive_non_finite_values():

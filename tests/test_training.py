@@ -183,6 +183,34 @@ def test_resume_is_exact(model_dirs, photos, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and [r["loss"] for r in log] == straight.losses
 
 
+def test_on_step_stops_a_run_at_a_checkpoint_that_resumes_exactly(model_dirs, photos, tmp_path):
+    """A stop asked by ``on_step`` after step 2 of 4 (no periodic checkpoints): the run saves
+    checkpoint-2, writes no outputs, and resuming it gives the straight run's losses and files."""
+    from dreamguide.training import TrainingStopped
+
+    def config(out):
+        return make_config(model_dirs["sd"], photos, out, "dreambooth-ti", train={"steps": 4})
+
+    straight = train(config(tmp_path / "straight"), progress=False)
+    seen = []
+
+    def stop_after_two(done, loss):
+        seen.append((done, loss))
+        return done == 2
+
+    with pytest.raises(TrainingStopped) as stopped:
+        train(config(tmp_path / "stopped"), progress=False, on_step=stop_after_two)
+    assert seen == list(zip([1, 2], straight.losses[:2]))
+    assert stopped.value.step == 2 and stopped.value.checkpoint == tmp_path / "stopped" / "checkpoint-2"
+    assert [step for step, _ in list_checkpoints(tmp_path / "stopped")] == [2]
+    assert not (tmp_path / "stopped" / "pytorch_lora_weights.safetensors").exists()
+    resumed = train(config(tmp_path / "stopped"), resume="latest", progress=False, on_step=lambda *_: False)
+    assert resumed.losses == straight.losses[2:]
+    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "stopped" / name))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_latest_ignores_partial_checkpoints_and_runs_refuse_to_overwrite(model_dirs, photos, tmp_path):
     out = tmp_path / "out"
     config = make_config(model_dirs["pixel"], photos, out, output={"checkpoint_every": 1, "keep_checkpoints": 2})

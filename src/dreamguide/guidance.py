@@ -84,6 +84,10 @@ class ParallelRescaling:
                 "PR normalization 'standardize' needs granularity 'location': with one k per sample "
                 "there is no spread to standardize over; use normalization 'clip-negative', 'zero' or 'none'"
             )
+        if isinstance(self.rescale, bool) or not isinstance(self.rescale, (int, float)) or not math.isfinite(
+            self.rescale
+        ):
+            raise ValueError(f"PR rescale must be a finite number, got {self.rescale!r}; e.g. rescale=1.0")
         if not self.eps > 0:
             raise ValueError(f"PR eps must be positive, got {self.eps}")
 

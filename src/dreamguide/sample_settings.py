@@ -79,7 +79,8 @@ def reads_personalized(mode: str) -> bool:
     return any(ROWS[need].personalized for need in guidance.get_mode(mode).needs)
 
 
-def _check_finite(name: str, value) -> float:
+def check_finite(name: str, value) -> float:
+    """``value`` as a float; anything but a finite real number is a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
@@ -165,7 +166,7 @@ class SampleSettings:
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
         for name in ("w_text", "w_cons"):
-            set_(name, _check_finite(name, getattr(self, name)))
+            set_(name, check_finite(name, getattr(self, name)))
         _check_switches(self.pr, self.shaping)
 
     @property
@@ -245,7 +246,7 @@ class SampleItem:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         set_("seed", parse_seeds(self.seed)[0])
         for name in ("w_text", "w_cons"):
-            set_(name, _check_finite(name, getattr(self, name)))
+            set_(name, check_finite(name, getattr(self, name)))
         _check_switches(self.pr, self.shaping)
 
     @property

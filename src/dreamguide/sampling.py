@@ -43,6 +43,7 @@ from dreamguide.sample_settings import (  # noqa: F401 (the sampling API: define
     SampleItem,
     SampleResult,
     SampleSettings,
+    check_finite,
     check_run,
     no_personalization_message,
     parse_modes,

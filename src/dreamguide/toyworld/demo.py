@@ -64,6 +64,22 @@ def prompt_set(base_prompt: str) -> str:
     return "normal" if style in (None, DEFAULT_STYLE) else "stylized"
 
 
+def check_grammar(prompt: str, base_prompt: str) -> str:
+    """The prompt set of ``base_prompt``; a prompt the world's grammar cannot read is a ValueError naming it."""
+    try:
+        return prompt_set(base_prompt)
+    except ValueError as error:
+        raise ValueError(f"prompt {prompt!r} is outside the toy world's grammar: {error}") from None
+
+
+def prompt_case(prompt: str, token: str, class_word: str) -> tuple[str, str, str]:
+    """(token prompt, base prompt, prompt set) of a prompt in the world's grammar."""
+    from dreamguide.prompts import base_prompt as derive_base_prompt
+
+    base = derive_base_prompt(prompt, token, class_word)
+    return prompt, base, check_grammar(prompt, base)
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -73,7 +89,6 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
 
     ``evaluators``: a :class:`~dreamguide.toyworld.evaluators.ToyEvaluators` (default: the bundled ones).
     """
-    from dreamguide.prompts import base_prompt as derive_base_prompt
     from dreamguide.sampling import SampleItem, Sampler, parse_modes
     from dreamguide.toyworld.evaluators import ToyEvaluators
     from dreamguide.toyworld.model import BUNDLED_MODEL_DIR, load_toyworld_model
@@ -90,13 +105,7 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
     subject = get_subject(settings.subject)
     token = subject_token(subject.token, settings.method)
     prompts = list(settings.prompts) or [t.format(f"{token} {subject.cls}") for t in DEMO_TEMPLATES]
-    cases = []
-    for prompt in prompts:
-        base = derive_base_prompt(prompt, token, subject.cls)
-        try:
-            cases.append((prompt, base, prompt_set(base)))
-        except ValueError as error:
-            raise ValueError(f"demo prompt {prompt!r} is outside the toy world's grammar: {error}") from None
+    cases = [prompt_case(prompt, token, subject.cls) for prompt in prompts]
     output = Path(settings.output)
     output.mkdir(parents=True, exist_ok=True)
 

@@ -52,13 +52,14 @@ from dreamguide.training.config import ConfigError, TrainConfig, load_train_conf
 from dreamguide.training.data import DataError
 from dreamguide.training.losses import dco_loss, mse_loss, prediction_target
 from dreamguide.training.outputs import read_metadata
-from dreamguide.training.trainer import TrainResult, train
+from dreamguide.training.trainer import TrainingStopped, TrainResult, train
 
 __all__ = [
     "ConfigError",
     "DataError",
     "TrainConfig",
     "TrainResult",
+    "TrainingStopped",
     "dco_loss",
     "load_train_config",
     "mse_loss",

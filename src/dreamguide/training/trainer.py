@@ -13,6 +13,11 @@ the frozen weights are cast to the mixed-precision dtype.
 ``train`` runs its phases in order: check the config and the data (nothing is written before),
 load the model and images, add the trainable weights and the optimizer, restore a checkpoint,
 encode what the steps reuse, run the steps, write the outputs.
+
+A caller that watches a run (a progress display, a cancel button) passes ``on_step``: it is
+called after every optimizer step with the number of steps done and the step's loss; when it
+returns True the run saves a checkpoint of that step and raises :class:`TrainingStopped`, and
+``train(config, resume="latest")`` continues it exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -55,6 +60,14 @@ class TrainResult:
     config: TrainConfig
     model: Any = field(repr=False, default=None)
     adapter_name: str = ADAPTER_NAME
+
+
+class TrainingStopped(Exception):
+    """A run stopped early because its ``on_step`` asked it to; ``checkpoint`` resumes it."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training stopped after step {step}; resume from {checkpoint} (resume='latest')")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @contextmanager
@@ -133,10 +146,17 @@ class _Trainables:
         return list(self.lora.values()) + self.token_params
 
 
-def train(config: TrainConfig, resume: str | None = None, model=None, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    resume: str | None = None,
+    model=None,
+    progress: bool = True,
+    on_step: Callable[[int, float], bool | None] | None = None,
+) -> TrainResult:
     """Fine-tune ``config.model.pretrained`` (or the given ``DiffusionModel``, modified in place) on
     ``config.data``; ``resume`` is ``"latest"`` or a checkpoint folder. Bad data or config raise
-    before anything is written."""
+    before anything is written. ``on_step(steps_done, loss)`` returning True stops the run after a
+    checkpoint (:class:`TrainingStopped`; single-process runs)."""
     config = _checked_config(config, model)
     checkpoint_path = _checkpoint_to_resume(Path(config.output.dir), resume)
     instance_entries, class_entries = _scan_images(config)
@@ -149,7 +169,7 @@ def train(config: TrainConfig, resume: str | None = None, model=None, progress: 
     start_step = _restore_checkpoint(state, checkpoint_path, config.train.steps) if checkpoint_path else 0
     _start_outputs(accelerator, config, start_step)
     batches, parked = _prepare_batches(config, model, accelerator, instance_images, class_images)
-    losses = _run_steps(config, model, state, batches, start_step, progress)
+    losses = _run_steps(config, model, state, batches, start_step, progress, on_step)
     files = _finish(config, model, state, start_step)
     for module in parked:
         module.to(accelerator.device)
@@ -379,10 +399,12 @@ def _prepare_batches(
 
 
 def _run_steps(
-    config: TrainConfig, model, state: _Trainables, batches: TrainingBatches, start_step: int, progress: bool
+    config: TrainConfig, model, state: _Trainables, batches: TrainingBatches, start_step: int, progress: bool,
+    on_step: Callable[[int, float], bool | None] | None = None,
 ) -> list[float]:
     """Run the optimizer steps ``start_step .. train.steps``, logging, checkpointing and sampling as
-    configured; return the loss of each."""
+    configured; return the loss of each. ``on_step`` returning True before the last step saves a
+    checkpoint and raises :class:`TrainingStopped`."""
     t, accelerator = config.train, state.accelerator
     ti_steps = math.ceil(config.ti.train_fraction * t.steps)
     losses: list[float] = []
@@ -402,6 +424,13 @@ def _run_steps(
             _save_checkpoint(config, state, done)
         if config.sample.every and done % config.sample.every == 0 and done < t.steps:
             _write_samples(accelerator, config, model, done)
+        if on_step is not None and on_step(done, loss) and done < t.steps:
+            saved = config.output.checkpoint_every and done % config.output.checkpoint_every == 0
+            if not saved:
+                _save_checkpoint(config, state, done)
+            bar.close()
+            state.unet.eval()
+            raise TrainingStopped(done, Path(config.output.dir) / f"checkpoint-{done}")
     bar.close()
     state.unet.eval()
     return losses
