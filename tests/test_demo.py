@@ -57,6 +57,22 @@ def test_demo_writes_grid_metrics_and_plot(demo):
     assert len(list((out / "images").glob("*.png"))) == 6
 
 
+def test_demo_draws_each_modes_trade_off_curve(demo):
+    """The consistency modes are also sampled at curve_w_cons: three points each, dreambooth one."""
+    result, out = demo
+    assert (out / "tradeoff.png").is_file()
+    record = json.loads((out / "demo.json").read_text())
+    points = {(p["prompt_set"], p["mode"]): [] for p in record["curve"]}
+    for p in record["curve"]:
+        points[(p["prompt_set"], p["mode"])].append(p["w_cons"])
+    assert points[("stylized", "consistency")] == [1.0, 2.0, 3.0] == points[("normal", "pr")]
+    assert points[("normal", "dreambooth")] == [None]
+    main = next(p for p in record["curve"] if p["prompt_set"] == "normal" and p["mode"] == "pr" and p["w_cons"] == 3.0)
+    row = next(r for r in record["rows"] if r["prompt_set"] == "normal" and r["mode"] == "pr")
+    assert main["text_alignment"] == round(row["text_alignment"], 4)  # the grid's images are the curve's w_cons 3 point
+    assert len(record["curve_rows"]) == 2 * 2 * 2  # 2 weights x 2 consistency modes x 2 prompts x 1 seed
+
+
 def test_demo_traces_consistency_p_for_consistency_modes(demo):
     result, out = demo
     from dreamguide.toyworld.demo import consistency_p_curves  # noqa: F401  (public helper)

@@ -40,6 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help=f"denoising steps (default {default['steps']})")
     parser.add_argument("--w-text", type=float, help=f"text guidance weight (default {default['w_text']})")
     parser.add_argument("--w-cons", type=float, help=f"consistency guidance weight (default {default['w_cons']})")
+    parser.add_argument("--curve-w-cons", metavar="W,W",
+                        help="further w_cons values the consistency modes are sampled at for the trade-off plot; "
+                             f"'' for none (default {','.join(f'{w:g}' for w in default['curve_w_cons'])})")
     parser.add_argument("--output", help=f"output folder (default {default['output']})")
     parser.add_argument("--retrain", action="store_true",
                         help="fine-tune the subject afresh instead of the bundled adapter")
@@ -54,6 +57,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _weights(text: str | None) -> tuple[float, ...] | None:
+    """``"1,2"`` -> (1.0, 2.0); ``""`` -> (); None (not given) -> None."""
+    import math
+
+    from dreamguide.cli import CommandError
+
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CommandError(f"--curve-w-cons {text!r}: write comma-separated numbers, e.g. 1,2") from None
+    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    if bad:
+        raise CommandError(f"--curve-w-cons {text!r}: weights must be finite and >= 0, got {bad[0]}")
+    return values
+
+
 def run(args) -> int:
     from dreamguide.cli import CommandError
     from dreamguide.config import given
@@ -66,7 +87,7 @@ def run(args) -> int:
         subject=args.subject, prompts=tuple(args.prompts) if args.prompts else None,
         seeds=None if args.seeds is None else parse_seeds(args.seeds), steps=args.steps, w_text=args.w_text,
         w_cons=args.w_cons, output=args.output, retrain=args.retrain or None, retrain_steps=args.retrain_steps,
-        method=args.method, device=args.device,
+        method=args.method, device=args.device, curve_w_cons=_weights(args.curve_w_cons),
     ))
     if settings.subject not in SUBJECT_BY_TOKEN:
         raise CommandError(f"unknown subject {settings.subject!r}; choose one of {', '.join(SUBJECT_BY_TOKEN)}")
@@ -80,6 +101,7 @@ def run(args) -> int:
     print(f"comparison grid:      {out['paths']['grid']}")
     print(f"metrics table:        {out['paths']['metrics_md']}  (per image: {out['paths']['metrics_csv']})")
     print(f"Consistency_p plot:   {out['paths']['consistency_p']}")
+    print(f"trade-off plot:       {out['paths']['tradeoff']}")
     print(f"images + settings:    {out['paths']['images']}  {out['paths']['record']}")
     print(f"took {out['record']['seconds']['total']:.0f}s")
     return 0

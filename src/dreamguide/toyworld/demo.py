@@ -9,7 +9,9 @@
    image carries the prompt's class, scene and style (attribute classifiers);
 4. write ``grid.png`` (rows: prompt x seed, columns: mode), ``metrics.md`` / ``metrics.csv``
    (per mode and prompt set), ``consistency_p.png`` (Consistency_p per step, mean and spread,
-   normal vs stylized), ``images/`` and ``demo.json``.
+   normal vs stylized), ``tradeoff.png`` (each mode's text alignment against identity, the
+   consistency modes also at the ``curve_w_cons`` weights: a curve, not one point), ``images/``
+   and ``demo.json``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class DemoSettings:
     method: str = "dreambooth"
     device: str = "cpu"
     modes: Sequence[str] = DEMO_MODES
+    #: Further w_cons values the consistency modes are sampled at for the trade-off curve (the grid
+    #: and the metrics table stay at ``w_cons``); empty: one point per mode.
+    curve_w_cons: Sequence[float] = (1.0, 2.0)
     extra: dict = field(default_factory=dict)
 
 
@@ -127,8 +132,8 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
     labels = ", ".join(MODE_LABELS.get(m, m) for m in settings.modes)
     log(f"sampling {len(cases)} prompts x {len(settings.seeds)} seeds x modes {labels} "
         f"({settings.steps} steps, w_text {settings.w_text}, w_cons {settings.w_cons})")
-    keys = [(index, mode, seed) for index in range(len(cases)) for mode in parse_modes(settings.modes)
-            for seed in settings.seeds]
+    modes = parse_modes(settings.modes)
+    keys = [(index, mode, seed) for index in range(len(cases)) for mode in modes for seed in settings.seeds]
     items = [
         SampleItem(prompt=cases[index][0], base_prompt=cases[index][1], mode=mode, seed=seed, w_text=settings.w_text,
                    w_cons=settings.w_cons, token=token, class_word=subject.cls)
@@ -138,23 +143,37 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
     sampled = sampler.sample_items(items, steps=settings.steps, batch_size=len(settings.seeds), trace=True,
                                    progress=False)
     results = [(index, r) for (index, _, _), r in zip(keys, sampled)]  # (case index, SampleResult)
+    curve_keys = [(index, mode, seed, w) for w in settings.curve_w_cons if w != settings.w_cons
+                  for index in range(len(cases)) for mode in modes if _moves_with_w_cons(mode) for seed in settings.seeds]
+    if curve_keys:
+        log(f"  and the consistency modes at w_cons {', '.join(f'{w:g}' for w in settings.curve_w_cons)} "
+            f"for the trade-off curve")
+    curve_items = [
+        SampleItem(prompt=cases[index][0], base_prompt=cases[index][1], mode=mode, seed=seed, w_text=settings.w_text,
+                   w_cons=w, token=token, class_word=subject.cls)
+        for index, mode, seed, w in curve_keys
+    ]
+    curve_results = [(index, r) for (index, *_), r in zip(curve_keys, sampler.sample_items(
+        curve_items, steps=settings.steps, batch_size=len(settings.seeds), progress=False))] if curve_items else []
     sampling_s = time.time() - started
 
     evaluators = evaluators or ToyEvaluators.load()
     from dreamguide.toyworld.render import from_pil
 
-    images = from_pil([r.image for _, r in results])
-    bases = [cases[i][1] for i, _ in results]
+    scored = results + curve_results
+    images = from_pil([r.image for _, r in scored])
+    bases = [cases[i][1] for i, _ in scored]
     text = evaluators.text_alignment(images, bases)
     identity = evaluators.identity(images, reference_images(subject))
     carries = evaluators.judge(images, bases).all.float()
-    rows = []
-    for j, (i, r) in enumerate(results):
-        rows.append({
+    all_rows = []
+    for j, (i, r) in enumerate(scored):
+        all_rows.append({
             "mode": MODE_LABELS.get(r.mode, r.mode), "prompt_set": cases[i][2], "prompt": r.prompt,
-            "base_prompt": r.base_prompt, "seed": r.seed, "text_alignment": float(text[j]),
-            "identity": float(identity[j]), "carries_prompt": float(carries[j]),
+            "base_prompt": r.base_prompt, "seed": r.seed, "w_cons": r.metadata["w_cons"],
+            "text_alignment": float(text[j]), "identity": float(identity[j]), "carries_prompt": float(carries[j]),
         })
+    rows, curve_rows = all_rows[: len(results)], all_rows[len(results):]
 
     paths = {
         "grid": _write_grid(results, cases, settings, output / "grid.png"),
@@ -162,6 +181,7 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
         "metrics_md": output / "metrics.md",
         "metrics_csv": output / "metrics.csv",
         "consistency_p": _plot_consistency_p(results, cases, output / "consistency_p.png"),
+        "tradeoff": plot_tradeoff(rows + curve_rows, output / "tradeoff.png", settings.w_text),
     }
     summary = _summarize(rows)
     _write_metrics(rows, summary, settings, paths["metrics_md"], paths["metrics_csv"])
@@ -170,13 +190,67 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
         "adapter": str(folder), "retrained": bool(settings.retrain or folder.parent == output),
         "prompts": [{"prompt": p, "base_prompt": b, "set": s} for p, b, s in cases],
         "seeds": list(settings.seeds), "steps": settings.steps, "w_text": settings.w_text,
-        "w_cons": settings.w_cons, "summary": summary, "rows": rows,
+        "w_cons": settings.w_cons, "summary": summary, "rows": rows, "curve_w_cons": list(settings.curve_w_cons),
+        "curve": tradeoff_points(rows + curve_rows), "curve_rows": curve_rows,
         "seconds": {"sampling": round(sampling_s, 1), "total": round(time.time() - started, 1)},
         "files": {k: str(v) for k, v in paths.items()},
     }
     (output / "demo.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     paths["record"] = output / "demo.json"
     return {"paths": paths, "summary": summary, "record": record}
+
+
+def _moves_with_w_cons(mode: str) -> bool:
+    """Whether ``mode`` has a consistency term, so w_cons moves it along a curve."""
+    from dreamguide.guidance import get_mode
+
+    return get_mode(mode).knob == "w_cons"
+
+
+def tradeoff_points(rows: list[dict]) -> list[dict]:
+    """Mean text alignment and identity per (prompt set, mode, w_cons): the points of the trade-off plot."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        w = row["w_cons"] if row["mode"] != MODE_LABELS["dreambooth"] else None
+        groups.setdefault((row["prompt_set"], row["mode"], w), []).append(row)
+    return [{"prompt_set": s, "mode": m, "w_cons": w, "images": len(items),
+             "text_alignment": round(sum(r["text_alignment"] for r in items) / len(items), 4),
+             "identity": round(sum(r["identity"] for r in items) / len(items), 4)}
+            for (s, m, w), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))]
+
+
+def plot_tradeoff(rows: list[dict], path: Path, w_text: float) -> Path:
+    """Per prompt set, each mode's (text alignment, identity) points, joined in w_cons order and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = tradeoff_points(rows)
+    sets = list(dict.fromkeys(p["prompt_set"] for p in points))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        for mode in dict.fromkeys(p["mode"] for p in points):
+            curve = [p for p in points if p["prompt_set"] == set_name and p["mode"] == mode]
+            if not curve:
+                continue
+            xs, ys = [p["text_alignment"] for p in curve], [p["identity"] for p in curve]
+            ax.plot(xs, ys, "o-", label=mode)
+            for p, x, y in zip(curve, xs, ys):
+                if p["w_cons"] is not None:
+                    ax.annotate(f"{p['w_cons']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_title(f"{set_name} prompts (w_text {w_text:g}; labels: w_cons)")
+        ax.set_xlabel("text alignment")
+        ax.set_ylabel("identity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    from dreamguide.atomic import atomic_open
+
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _summarize(rows: list[dict]) -> list[dict]:
