@@ -372,18 +372,18 @@ def validate_attributes(evaluators: ToyEvaluators, n: int = 400, seed: int = 123
     for name in ATTRIBUTES:
         swapped = [swap_attribute(lab, name, rng) for lab in labels]
         wins = true_score > evaluators.text_alignment(images, [caption(lab) for lab in swapped])
-        swap[name] = float(wins.float().mean())
+        swap[name] = int(wins.sum()) / n
         if name == "material":
             for a in MATERIALS:
                 for b in MATERIALS:
                     rows = [i for i, (lab, other) in enumerate(zip(labels, swapped))
                             if (lab.material, other.material) == (a, b)]
                     if rows:
-                        material_pairs[f"{a}->{b}"] = float(wins[rows].float().mean())
+                        material_pairs[f"{a}->{b}"] = int(wins[rows].sum()) / len(rows)
     material_recall = {m: sum(p == m for p, lab in zip(predicted["material"], labels) if lab.material == m)
                        / max(1, sum(lab.material == m for lab in labels)) for m in MATERIALS}
-    judge_default = float(evaluators.judge(images, captions).all.float().mean())
-    judge_all = float(evaluators.judge(images, captions, attributes=tuple(ATTRIBUTES)).all.float().mean())
+    judge_default = int(evaluators.judge(images, captions).all.sum()) / n
+    judge_all = int(evaluators.judge(images, captions, attributes=tuple(ATTRIBUTES)).all.sum()) / n
     return {
         "samples": n,
         "seed": seed,
