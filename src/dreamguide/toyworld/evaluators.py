@@ -16,6 +16,8 @@ All take images as float tensors ``(N, 3, 32, 32)`` in ``[-1, 1]`` (the generato
 :func:`~dreamguide.toyworld.render.from_pil` for PIL images). ``ToyEvaluators.load()`` reads the
 committed weights (``weights/evaluators/*.safetensors``) offline; their held-out figures are in
 ``weights/evaluators/validation.json``; ``python -m dreamguide.toyworld.train_evaluators`` retrains them.
+:func:`validate_attributes` scores them on every attribute a prompt can change (``--validate-only``
+writes ``weights/evaluators/validation_attributes.json``).
 """
 
 from __future__ import annotations
@@ -350,8 +352,10 @@ def validate_attributes(evaluators: ToyEvaluators, n: int = 400, seed: int = 123
       text alignment than the same caption with ``a`` swapped to another value (chance: 0.5);
       the swap is drawn from ``random.Random(seed)``, attribute by attribute in :data:`ATTRIBUTES`' order.
     * ``material_swap_by_pair["matte->shiny"]``: the material swap accuracy among images of that
-      true material swapped to that one; ``material_recall[m]``: the classifier's accuracy on images
-      of material ``m`` (material is the attribute whose prior is far from uniform).
+      true material swapped to that one (``material_swap_pair_images``: how many);
+      ``material_recall[m]``: the classifier's accuracy on images
+      of material ``m`` (``material_images[m]``: how many; material is the attribute whose prior is
+      far from uniform).
     * ``judge_accepts_true_caption``: the judge on the true captions, with the default attributes
       and with all six.
     """
@@ -368,7 +372,7 @@ def validate_attributes(evaluators: ToyEvaluators, n: int = 400, seed: int = 123
              for name, values in ATTRIBUTES.items()}
     true_score = evaluators.text_alignment(images, captions)
     rng = random.Random(seed)
-    swap, material_pairs = {}, {}
+    swap, material_pairs, pair_images = {}, {}, {}
     for name in ATTRIBUTES:
         swapped = [swap_attribute(lab, name, rng) for lab in labels]
         wins = true_score > evaluators.text_alignment(images, [caption(lab) for lab in swapped])
@@ -380,6 +384,7 @@ def validate_attributes(evaluators: ToyEvaluators, n: int = 400, seed: int = 123
                             if (lab.material, other.material) == (a, b)]
                     if rows:
                         material_pairs[f"{a}->{b}"] = int(wins[rows].sum()) / len(rows)
+                        pair_images[f"{a}->{b}"] = len(rows)
     material_recall = {m: sum(p == m for p, lab in zip(predicted["material"], labels) if lab.material == m)
                        / max(1, sum(lab.material == m for lab in labels)) for m in MATERIALS}
     judge_default = int(evaluators.judge(images, captions).all.sum()) / n
@@ -391,7 +396,9 @@ def validate_attributes(evaluators: ToyEvaluators, n: int = 400, seed: int = 123
         "majority_prior": prior,
         "text_swap_accuracy": swap,
         "material_swap_by_pair": material_pairs,
+        "material_swap_pair_images": pair_images,
         "material_recall": material_recall,
+        "material_images": {m: sum(lab.material == m for lab in labels) for m in MATERIALS},
         "judge_accepts_true_caption": {"class_scene_style": judge_default, "all_six": judge_all},
     }
 

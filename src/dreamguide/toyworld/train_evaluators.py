@@ -6,7 +6,10 @@ Every batch is freshly rendered from a seeded generator (the data never repeats)
 (:class:`Recipe`: seed, steps, batch size, learning rate) fixes the result up to floating-point
 nondeterminism of the CPU kernels. Validation uses images from a different seed. Writes
 ``attributes.safetensors``, ``text_alignment.safetensors``, ``identity.safetensors`` (fp16) and
-``validation.json`` (figures, recipe, wall time, device).
+``validation.json`` (figures, recipe, wall time, device). With ``--validate-only`` it trains nothing and
+scores the weights in ``--out`` on every attribute (``validation_attributes.json``)::
+
+    python -m dreamguide.toyworld.train_evaluators --validate-only --samples 400 --validation-seed 12345
 """
 
 from __future__ import annotations
