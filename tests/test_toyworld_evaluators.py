@@ -180,3 +180,94 @@ def test_training_command_writes_weights_that_load_and_match(tmp_path):
     assert torch.equal(loaded.text_alignment(images, "a ball"), again.text_alignment(images, "a ball"))
     with pytest.raises(FileNotFoundError, match="train_evaluators"):
         ToyEvaluators.load(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------------
+# every attribute: validate_attributes and the judge's optional color/pattern/material checks
+
+
+def test_validate_attributes_covers_every_attribute_and_matches_a_direct_computation(evaluators):
+    import random
+
+    from dreamguide.toyworld.evaluators import validate_attributes
+    from dreamguide.toyworld.world import CLASSES, MATERIALS
+
+    n, seed = 12, 777
+    figures = validate_attributes(evaluators, n=n, seed=seed)
+    assert (figures["samples"], figures["seed"]) == (n, seed)
+    for key in ("classifier_accuracy", "majority_prior", "text_swap_accuracy"):
+        assert set(figures[key]) == {"cls", "color", "pattern", "material", "scene", "style"}, key
+        assert all(0.0 <= v <= 1.0 for v in figures[key].values()), (key, figures[key])
+    assert set(figures["material_recall"]) == set(MATERIALS)
+    assert all(0.0 <= v <= 1.0 for v in [*figures["material_swap_by_pair"].values(),
+                                         *figures["material_recall"].values(),
+                                         *figures["judge_accepts_true_caption"].values()])
+    # the same images and the first swap (class), computed here without the library's helpers
+    gen = torch.Generator().manual_seed(seed)
+    labels = sample_labels(n, gen)
+    images = render(labels, gen)
+    rng = random.Random(seed)
+    swapped = [caption(dataclasses.replace(lab, cls=rng.choice([c for c in CLASSES if c != lab.cls])))
+               for lab in labels]
+    true = evaluators.text_alignment(images, [caption(lab) for lab in labels])
+    wins = sum(bool(t > s) for t, s in zip(true, evaluators.text_alignment(images, swapped)))
+    assert figures["text_swap_accuracy"]["cls"] == wins / n
+    colors = evaluators.logits(images)["color"].argmax(-1).tolist()
+    assert figures["classifier_accuracy"]["color"] == sum(
+        ATTRIBUTES["color"][k] == lab.color for k, lab in zip(colors, labels)) / n
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        validate_attributes(evaluators, n=0)
+
+
+def test_judge_checks_color_on_photos_of_known_color(evaluators):
+    gen = torch.Generator().manual_seed(SEED + 1)
+    labels = [dataclasses.replace(lab, style="photo", pattern="plain", material="matte")
+              for lab in sample_labels(48, gen)]
+    images = render(labels, gen)
+    true = [caption(lab) for lab in labels]
+    wrong = [caption(dataclasses.replace(lab, color="blue" if lab.color != "blue" else "yellow")) for lab in labels]
+    everything = tuple(ATTRIBUTES)
+    judged_true = evaluators.judge(images, true, attributes=everything)
+    judged_wrong = evaluators.judge(images, wrong, attributes=everything)
+    assert judged_true.color.float().mean() >= 0.85
+    assert judged_wrong.color.float().mean() <= 0.15
+    # exactly "the predicted color is the prompt's color", and part of .all
+    predicted = evaluators.classify(images)["color"]
+    assert judged_true.color.tolist() == [p == lab.color for p, lab in zip(predicted, labels)]
+    assert not (judged_wrong.all & ~judged_wrong.color).any()
+    # a prompt that names no color, pattern or material accepts any
+    unnamed = evaluators.judge(images, [caption(lab, color=False, pattern=False, material=False) for lab in labels],
+                               attributes=everything)
+    assert unnamed.color.all() and unnamed.pattern.all() and unnamed.material.all()
+
+
+def test_default_judge_is_class_scene_style_only(evaluators, fresh):
+    images, labels = fresh[0][:64], fresh[1][:64]
+    prompts = [caption(lab) for lab in labels]
+    judged = evaluators.judge(images, prompts)
+    assert judged.color is None and judged.pattern is None and judged.material is None
+    predicted = evaluators.classify(images)
+    for name in ("cls", "scene", "style"):
+        assert getattr(judged, name).tolist() == [p == getattr(lab, name) for p, lab in zip(predicted[name], labels)]
+    assert torch.equal(judged.all, judged.cls & judged.scene & judged.style)
+    explicit = evaluators.judge(images, prompts, attributes=("style", "cls", "scene"))
+    assert torch.equal(explicit.all, judged.all) and explicit.color is None
+    with pytest.raises(ValueError, match="'shape'"):
+        evaluators.judge(images, prompts, attributes=("cls", "scene", "style", "shape"))
+    with pytest.raises(ValueError, match="must include"):
+        evaluators.judge(images, prompts, attributes=("cls", "color"))
+
+
+def test_validate_only_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    from dreamguide.toyworld.train_evaluators import main
+
+    out = tmp_path / "figures.json"
+    assert main(["--validate-only", "--samples", "8", "--validation-seed", "5", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["figures"]["samples"] == 8 and record["figures"]["seed"] == 5
+    for name in ATTRIBUTES:
+        assert name in printed and name in record["figures"]["text_swap_accuracy"]
+    assert "--validate-only --samples 8 --validation-seed 5" in record["command"]

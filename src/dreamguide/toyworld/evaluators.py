@@ -16,11 +16,15 @@ All take images as float tensors ``(N, 3, 32, 32)`` in ``[-1, 1]`` (the generato
 :func:`~dreamguide.toyworld.render.from_pil` for PIL images). ``ToyEvaluators.load()`` reads the
 committed weights (``weights/evaluators/*.safetensors``) offline; their held-out figures are in
 ``weights/evaluators/validation.json``; ``python -m dreamguide.toyworld.train_evaluators`` retrains them.
+:func:`validate_attributes` scores them on every attribute a prompt can change (``--validate-only``
+writes ``weights/evaluators/validation_attributes.json``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dreamguide.toyworld.render import render, sample_labels
 from dreamguide.toyworld.world import (
     CLASSES,
     COLORS,
@@ -39,6 +44,7 @@ from dreamguide.toyworld.world import (
     STYLES,
     VOCABULARY,
     Labels,
+    caption,
     parse,
 )
 
@@ -186,17 +192,32 @@ class ImageTextModel(nn.Module):
 # the public scoring API
 
 
+JUDGED_BY_DEFAULT: tuple[str, ...] = ("cls", "scene", "style")
+"""The attributes :meth:`ToyEvaluators.judge` checks unless told otherwise (the most reliable heads)."""
+
+
 @dataclass
 class Judgement:
-    """Per-image booleans: does the image carry the prompt's class, scene and style (and all three)?"""
+    """Per-image booleans: does the image carry the prompt's class, scene and style (and all of them)?
+
+    ``color``, ``pattern`` and ``material`` are ``None`` unless the judge was asked to check them;
+    :attr:`all` combines every attribute that was checked.
+    """
 
     cls: torch.Tensor
     scene: torch.Tensor
     style: torch.Tensor
+    color: torch.Tensor | None = None
+    pattern: torch.Tensor | None = None
+    material: torch.Tensor | None = None
 
     @property
     def all(self) -> torch.Tensor:
-        return self.cls & self.scene & self.style
+        result = self.cls & self.scene & self.style
+        for extra in (self.color, self.pattern, self.material):
+            if extra is not None:
+                result = result & extra
+        return result
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -281,11 +302,24 @@ class ToyEvaluators:
         return {name: [ATTRIBUTES[name][i] for i in logits.argmax(-1).tolist()]
                 for name, logits in self.logits(images).items()}
 
-    def judge(self, images: torch.Tensor, prompts: Sequence[str] | str) -> Judgement:
-        """Whether each image carries its prompt's class, scene and style.
+    def judge(self, images: torch.Tensor, prompts: Sequence[str] | str,
+              attributes: Sequence[str] = JUDGED_BY_DEFAULT) -> Judgement:
+        """Whether each image carries its prompt's attributes: class, scene and style, and on request more.
 
-        A prompt without a scene accepts any scene; one without a style asks for :data:`DEFAULT_STYLE`.
+        ``attributes`` names the attributes to check, from :data:`ATTRIBUTES`; it must include class,
+        scene and style. A prompt without a scene accepts any scene; one without a style asks for
+        :data:`DEFAULT_STYLE`; one without a color, pattern or material accepts any (a subject token
+        names its own color and pattern). Color and material heads are less accurate than the default
+        three (docs/TOYWORLD.md, "Evaluators").
         """
+        attributes = tuple(attributes)
+        unknown = [a for a in attributes if a not in ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"judge: attributes {unknown} are not in this world; choose from {list(ATTRIBUTES)}")
+        missing = [a for a in JUDGED_BY_DEFAULT if a not in attributes]
+        if missing:
+            raise ValueError(f"judge: attributes must include {list(JUDGED_BY_DEFAULT)} (missing {missing}); "
+                             f"add color, pattern or material to check more")
         images = _check_images(images)
         prompts = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != images.shape[0]:
@@ -295,7 +329,78 @@ class ToyEvaluators:
         cls = torch.tensor([w.cls == p for w, p in zip(wanted, predicted["cls"])])
         scene = torch.tensor([w.scene is None or w.scene == p for w, p in zip(wanted, predicted["scene"])])
         style = torch.tensor([(w.style or DEFAULT_STYLE) == p for w, p in zip(wanted, predicted["style"])])
-        return Judgement(cls=cls, scene=scene, style=style)
+        extra = {name: torch.tensor([getattr(w, name) is None or getattr(w, name) == p
+                                     for w, p in zip(wanted, predicted[name])])
+                 for name in ("color", "pattern", "material") if name in attributes}
+        return Judgement(cls=cls, scene=scene, style=style, **extra)
+
+
+def swap_attribute(labels: Labels, name: str, rng: random.Random) -> Labels:
+    """``labels`` with attribute ``name`` replaced by another value of :data:`ATTRIBUTES`, drawn from ``rng``."""
+    other = rng.choice([v for v in ATTRIBUTES[name] if v != getattr(labels, name)])
+    return dataclasses.replace(labels, **{name: other})
+
+
+@torch.no_grad()
+def validate_attributes(evaluators: ToyEvaluators, n: int = 400, seed: int = 12345) -> dict:
+    """Per-attribute figures of the evaluators on ``n`` fresh images from ``seed``, for every attribute.
+
+    * ``classifier_accuracy[a]``: fraction of images whose predicted ``a`` is the true one;
+      ``majority_prior[a]``: the fraction of the commonest value of ``a`` among the images (what
+      always guessing it scores).
+    * ``text_swap_accuracy[a]``: fraction of images whose full true caption scores a higher
+      text alignment than the same caption with ``a`` swapped to another value (chance: 0.5);
+      the swap is drawn from ``random.Random(seed)``, attribute by attribute in :data:`ATTRIBUTES`' order.
+    * ``material_swap_by_pair["matte->shiny"]``: the material swap accuracy among images of that
+      true material swapped to that one (``material_swap_pair_images``: how many);
+      ``material_recall[m]``: the classifier's accuracy on images
+      of material ``m`` (``material_images[m]``: how many; material is the attribute whose prior is
+      far from uniform).
+    * ``judge_accepts_true_caption``: the judge on the true captions, with the default attributes
+      and with all six.
+    """
+    if n < 1:
+        raise ValueError(f"validate_attributes: n must be at least 1, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    labels = sample_labels(n, gen)
+    images = render(labels, gen)
+    captions = [caption(lab) for lab in labels]
+    predicted = evaluators.classify(images)
+    accuracy = {name: sum(p == getattr(lab, name) for p, lab in zip(predicted[name], labels)) / n
+                for name in ATTRIBUTES}
+    prior = {name: max(sum(getattr(lab, name) == v for lab in labels) for v in values) / n
+             for name, values in ATTRIBUTES.items()}
+    true_score = evaluators.text_alignment(images, captions)
+    rng = random.Random(seed)
+    swap, material_pairs, pair_images = {}, {}, {}
+    for name in ATTRIBUTES:
+        swapped = [swap_attribute(lab, name, rng) for lab in labels]
+        wins = true_score > evaluators.text_alignment(images, [caption(lab) for lab in swapped])
+        swap[name] = int(wins.sum()) / n
+        if name == "material":
+            for a in MATERIALS:
+                for b in MATERIALS:
+                    rows = [i for i, (lab, other) in enumerate(zip(labels, swapped))
+                            if (lab.material, other.material) == (a, b)]
+                    if rows:
+                        material_pairs[f"{a}->{b}"] = int(wins[rows].sum()) / len(rows)
+                        pair_images[f"{a}->{b}"] = len(rows)
+    material_recall = {m: sum(p == m for p, lab in zip(predicted["material"], labels) if lab.material == m)
+                       / max(1, sum(lab.material == m for lab in labels)) for m in MATERIALS}
+    judge_default = int(evaluators.judge(images, captions).all.sum()) / n
+    judge_all = int(evaluators.judge(images, captions, attributes=tuple(ATTRIBUTES)).all.sum()) / n
+    return {
+        "samples": n,
+        "seed": seed,
+        "classifier_accuracy": accuracy,
+        "majority_prior": prior,
+        "text_swap_accuracy": swap,
+        "material_swap_by_pair": material_pairs,
+        "material_swap_pair_images": pair_images,
+        "material_recall": material_recall,
+        "material_images": {m: sum(lab.material == m for lab in labels) for m in MATERIALS},
+        "judge_accepts_true_caption": {"class_scene_style": judge_default, "all_six": judge_all},
+    }
 
 
 def load_validation(directory: str | Path = WEIGHTS_DIR) -> dict:

@@ -6,7 +6,10 @@ Every batch is freshly rendered from a seeded generator (the data never repeats)
 (:class:`Recipe`: seed, steps, batch size, learning rate) fixes the result up to floating-point
 nondeterminism of the CPU kernels. Validation uses images from a different seed. Writes
 ``attributes.safetensors``, ``text_alignment.safetensors``, ``identity.safetensors`` (fp16) and
-``validation.json`` (figures, recipe, wall time, device).
+``validation.json`` (figures, recipe, wall time, device). With ``--validate-only`` it trains nothing and
+scores the weights in ``--out`` on every attribute (``validation_attributes.json``)::
+
+    python -m dreamguide.toyworld.train_evaluators --validate-only --samples 400 --validation-seed 12345
 """
 
 from __future__ import annotations
@@ -33,13 +36,12 @@ from dreamguide.toyworld.evaluators import (
     IdentityEncoder,
     ImageTextModel,
     ToyEvaluators,
+    swap_attribute,
+    validate_attributes,
 )
 from dreamguide.toyworld.render import render, sample_labels
 from dreamguide.toyworld.subjects import reference_images, subject_labels
 from dreamguide.toyworld.world import (
-    CLASSES,
-    COLORS,
-    PATTERNS,
     SCENES,
     STYLES,
     SUBJECTS,
@@ -268,13 +270,6 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
 
-def _swap(labels: Labels, name: str, gen: random.Random) -> Labels:
-    values = {"cls": CLASSES, "color": tuple(COLORS), "pattern": PATTERNS, "scene": tuple(SCENES),
-              "style": tuple(STYLES)}[name]
-    other = gen.choice([v for v in values if v != getattr(labels, name)])
-    return dataclasses.replace(labels, **{name: other})
-
-
 @torch.no_grad()
 def validate(evaluators: ToyEvaluators, seed: int = 12345, n: int = 2000) -> dict:
     """Held-out figures on fresh generator samples (``seed`` differs from every training seed)."""
@@ -309,12 +304,12 @@ def validate(evaluators: ToyEvaluators, seed: int = 12345, n: int = 2000) -> dic
     rng = random.Random(seed)
     pairwise = {}
     for name in ("cls", "color", "pattern", "scene", "style"):
-        swapped = [caption(_swap(lab, name, rng)) for lab in labels]
+        swapped = [caption(swap_attribute(lab, name, rng)) for lab in labels]
         true_score = evaluators.text_alignment(images, captions)
         swapped_score = evaluators.text_alignment(images, swapped)
         pairwise[name] = round(float((true_score > swapped_score).float().mean()), 4)
     short = [caption(lab, material=False, color=False, pattern=False, scene=False) for lab in labels]
-    short_swapped = [caption(_swap(lab, "style", rng), material=False, color=False, pattern=False, scene=False)
+    short_swapped = [caption(swap_attribute(lab, "style", rng), material=False, color=False, pattern=False, scene=False)
                      for lab in labels]
     pairwise["style_short_prompt"] = round(float(
         (evaluators.text_alignment(images, short) > evaluators.text_alignment(images, short_swapped))
@@ -394,24 +389,82 @@ def train_all(out: str | Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), log=prin
                   f"torch {torch.__version__}",
         "command": f"python -m dreamguide.toyworld.train_evaluators --seed {recipe.seed}",
     }
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".validation.json.", suffix=".tmp")
+    _write_json(record, out / "validation.json")
+    log(json.dumps(figures, indent=2))
+    return record
+
+
+def _write_json(record: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2)
         handle.write("\n")
     os.chmod(tmp, 0o644)
-    os.replace(tmp, out / "validation.json")
-    log(json.dumps(figures, indent=2))
+    os.replace(tmp, path)
+
+
+def attribute_table(figures: dict) -> str:
+    """A plain-text table of :func:`~dreamguide.toyworld.evaluators.validate_attributes`' figures."""
+    rows = [f"{'attribute':<10} {'classifier':>10} {'prior':>7} {'text swap':>10}"]
+    for name in ATTRIBUTES:
+        rows.append(f"{name:<10} {figures['classifier_accuracy'][name]:>10.3f} "
+                    f"{figures['majority_prior'][name]:>7.3f} {figures['text_swap_accuracy'][name]:>10.3f}")
+    rows.append("material swap by pair (true->swapped): " + ", ".join(
+        f"{pair} {value:.3f}" for pair, value in figures["material_swap_by_pair"].items()))
+    rows.append("material classifier recall: " + ", ".join(
+        f"{m} {value:.3f}" for m, value in figures["material_recall"].items()))
+    judged = figures["judge_accepts_true_caption"]
+    rows.append(f"judge accepts the true caption: class+scene+style {judged['class_scene_style']:.3f}, "
+                f"all six {judged['all_six']:.3f}  ({figures['samples']} images, seed {figures['seed']})")
+    return "\n".join(rows)
+
+
+def validate_only(weights: str | Path, samples: int, seed: int, out_json: str | Path, threads: int,
+                  log=print) -> dict:
+    """Score the weights in ``weights`` on every attribute, print the table and write ``out_json``."""
+    torch.set_num_threads(threads)
+    start = time.time()
+    figures = validate_attributes(ToyEvaluators.load(weights), n=samples, seed=seed)
+    record = {
+        "figures": {**figures, **{key: {k: round(v, 4) for k, v in figures[key].items()}
+                                  for key in ("classifier_accuracy", "majority_prior", "text_swap_accuracy",
+                                              "material_swap_by_pair", "material_recall",
+                                              "judge_accepts_true_caption")}},
+        "seconds": round(time.time() - start, 1),
+        "device": f"CPU ({platform.processor() or platform.machine()}, {threads} threads), "
+                  f"torch {torch.__version__}",
+        "command": f"python -m dreamguide.toyworld.train_evaluators --validate-only --samples {samples} "
+                   f"--validation-seed {seed}",
+    }
+    _write_json(record, Path(out_json))
+    log(attribute_table(figures))
+    log(f"wrote {out_json}")
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(WEIGHTS_DIR), help="folder for the weights and validation.json")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="train nothing: score the weights in --out on every attribute (classifier accuracy "
+                             "and one-attribute-swap text alignment), print a table and write --json")
+    parser.add_argument("--samples", type=int, default=400, help="with --validate-only: images to render")
+    parser.add_argument("--validation-seed", type=int, default=12345, help="with --validate-only: their seed")
+    parser.add_argument("--json", default=None,
+                        help="with --validate-only: where to write the figures "
+                             "(default: validation_attributes.json in --out)")
     defaults = Recipe()
     for field in dataclasses.fields(Recipe):
         default = getattr(defaults, field.name)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
+    if args.validate_only:
+        if args.samples < 1:
+            parser.error(f"--samples must be at least 1, got {args.samples}")
+        out_json = args.json or str(Path(args.out) / "validation_attributes.json")
+        validate_only(args.out, args.samples, args.validation_seed, out_json, args.threads)
+        return 0
     train_all(args.out, Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)}))
     return 0
 
