@@ -174,3 +174,23 @@ def check_images_readable(entries: list[CaptionedFile]) -> None:
     """Decode every file once so a corrupt image is reported before the model is loaded."""
     for entry in entries:
         open_rgb(entry.path)
+
+
+def check_caption_lengths(model, instance: list[CaptionedFile], classes: list[CaptionedFile], token: str,
+                          class_word: str) -> None:
+    """Every caption checked against ``model``'s tokenizers: a token caption whose token, or a base
+    caption whose class word, lies past the limit is a :class:`DataError` naming the image."""
+    from dreamguide.models import PromptTooLongError, check_prompt_length
+
+    seen: set[tuple] = set()
+    for entries, needed in ((instance, (token,)), (classes, (class_word,))):
+        for entry in entries:
+            for text, parts, what in ((entry.token_caption, needed, "caption"),
+                                      (entry.base_caption, (class_word,), "base caption")):
+                if (text, parts) in seen:
+                    continue
+                seen.add((text, parts))
+                try:
+                    check_prompt_length(model, text, parts, f"{what} of {entry.path}")
+                except PromptTooLongError as error:
+                    raise DataError(str(error)) from None

@@ -1,0 +1,92 @@
+"""Bad inputs named, never silently used: long prompts, half LoRA pairs, non-integer seeds,
+odd image files, stray captions, file modes (tiny models, offline)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+TOKEN, CLASS_WORD = "<sks>", "dog"
+LONG = " ".join(["photo"] * 80)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
+    from dreamguide.testing import tiny_sd15_pipeline
+
+    model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
+    add_lora(model.unet, rank=2, adapter_name="subject", init=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts past the text encoder's limit
+
+
+def test_check_prompt_length_counts_and_names_the_cut(sd15):
+    from dreamguide.models import PromptTooLongError, check_prompt_length
+
+    tokenizer = sd15.tokenizers[0]
+    prompt = f"a {TOKEN} {CLASS_WORD} {LONG}"
+    count = len(tokenizer.tokenize(prompt)) + 2
+    assert count > 77
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_prompt_length(sd15, f"a {TOKEN} {CLASS_WORD}", (TOKEN,))  # short: silent
+    with pytest.warns(UserWarning, match=rf"is {count} tokens long.*reads only 77, so 'photo photo.*' is cut off"):
+        check_prompt_length(sd15, prompt, (TOKEN,))  # token near the start: kept, the tail is cut
+    late = f"a {LONG} {TOKEN} {CLASS_WORD}"
+    late_count = len(tokenizer.tokenize(late)) + 2
+    with pytest.raises(PromptTooLongError, match=rf"is {late_count} tokens long.*'<sks>' is cut off"):
+        check_prompt_length(sd15, late, (TOKEN,))
+
+
+def test_sampler_refuses_a_token_past_the_limit_before_sampling(sd15, monkeypatch):
+    from dreamguide.models import PromptTooLongError
+    from dreamguide.sampling import Sampler, SampleSettings
+
+    sampler = Sampler(sd15, adapter_name="subject")
+    monkeypatch.setattr(sampler, "_sample_batch", lambda *a: pytest.fail("sampled a cut-off prompt"))
+    settings = SampleSettings(prompt=f"a photo of {LONG} {TOKEN} {CLASS_WORD}", token=TOKEN, class_word=CLASS_WORD,
+                              modes="consistency", seeds=0, steps=2, height=32, width=32)
+    with pytest.raises(PromptTooLongError, match=r"the prompt 'a photo of photo.* tokens long.*'<sks>' is cut off"):
+        sampler.sample(settings, progress=False)
+    # the base prompt's class word past the limit (the token prompt itself fits)
+    base = SampleSettings(prompt=f"a {TOKEN}", token=TOKEN, base_prompt=f"a {LONG} {CLASS_WORD}",
+                          class_word=CLASS_WORD, modes="consistency", seeds=0, steps=2, height=32, width=32)
+    with pytest.raises(PromptTooLongError, match=r"the base prompt .*'dog' is cut off"):
+        sampler.sample(base, progress=False)
+
+
+def test_training_refuses_a_caption_whose_token_is_cut(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dreamguide.testing import tiny_pixel_model
+    from dreamguide.training import train, train_config_from_dict
+    from dreamguide.training.data import DataError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(folder / "a.png")
+    (folder / "a.txt").write_text(f"a photo of {LONG} {TOKEN} {CLASS_WORD}", encoding="utf-8")
+    config = train_config_from_dict(
+        {"data": {"instance_dir": str(folder), "token": TOKEN, "class_word": CLASS_WORD},
+         "train": {"steps": 1, "lr": 1e-2}, "lora": {"rank": 2},
+         "output": {"dir": str(tmp_path / "out"), "checkpoint_every": 0}}
+    )
+    with pytest.raises(DataError, match=r"caption of .*a\.png.*tokens long.*'<sks>' is cut off"):
+        train(config, model=tiny_pixel_model(seed=0), progress=False)
+    assert not (tmp_path / "out").exists()
