@@ -90,3 +90,55 @@ def test_training_refuses_a_caption_whose_token_is_cut(tmp_path):
     with pytest.raises(DataError, match=r"caption of .*a\.png.*tokens long.*'<sks>' is cut off"):
         train(config, model=tiny_pixel_model(seed=0), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Incomplete LoRA files
+
+
+@pytest.fixture(scope="module")
+def lora_files(sd15, tmp_path_factory):
+    from dreamguide.lora_files import save_kohya_lora, save_lora
+
+    folder = tmp_path_factory.mktemp("lora")
+    return save_lora(sd15.unet, folder / "lora.safetensors"), save_kohya_lora(sd15.unet, folder / "kohya.safetensors")
+
+
+def _without(path, out, drop):
+    from safetensors.torch import load_file
+
+    from dreamguide.atomic import save_safetensors
+
+    tensors = load_file(str(path))
+    key = sorted(k for k in tensors if k.endswith(drop))[0]
+    del tensors[key]
+    save_safetensors(tensors, out)
+    return key
+
+
+@pytest.mark.parametrize("layout, drop", [("diffusers", ".lora_B.weight"), ("diffusers", ".lora_A.weight"),
+                                          ("kohya", ".lora_up.weight"), ("kohya", ".alpha")])
+def test_a_lora_file_with_half_a_pair_is_refused(lora_files, layout, drop, tmp_path):
+    from dreamguide.lora_files import load_lora
+    from dreamguide.models import DiffusionModel
+    from dreamguide.testing import tiny_sd15_pipeline
+
+    model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
+    source = lora_files[0] if layout == "diffusers" else lora_files[1]
+    load_lora(model, source, adapter_name="whole")  # the complete file loads
+    key = _without(source, tmp_path / "half.safetensors", drop)
+    layer = key[: -len(drop)]
+    with pytest.raises(ValueError, match=rf"half\.safetensors .*{layer}.*re-export"):
+        load_lora(model, tmp_path / "half.safetensors", adapter_name="half")
+    assert "half" not in model.unet.peft_config
+
+
+def test_from_kohya_refuses_half_pairs(sd15):
+    from dreamguide.lora_files import from_kohya, lora_state_dict, to_kohya
+
+    kohya = to_kohya({f"unet.{k}": v for k, v in lora_state_dict(sd15.unet).items()}, alpha=2.0)
+    names = [name for name, _ in sd15.unet.named_modules()]
+    assert len(from_kohya(kohya, names)[0]) == len([k for k in kohya if not k.endswith(".alpha")])
+    down = sorted(k for k in kohya if k.endswith(".lora_down.weight"))[0]
+    with pytest.raises(ValueError, match=rf"has {down!r} but not '.*lora_up.weight'"):
+        from_kohya({k: v for k, v in kohya.items() if k != down.replace("lora_down", "lora_up")}, names)
