@@ -142,3 +142,61 @@ def test_from_kohya_refuses_half_pairs(sd15):
     down = sorted(k for k in kohya if k.endswith(".lora_down.weight"))[0]
     with pytest.raises(ValueError, match=rf"has {down!r} but not '.*lora_up.weight'"):
         from_kohya({k: v for k, v in kohya.items() if k != down.replace("lora_down", "lora_up")}, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers that would silently become other numbers
+
+
+@pytest.mark.parametrize("seeds", [[1.9, 2.2], [0, True], 1.0, False, (3, 4.0)])
+def test_seeds_must_be_integers(seeds):
+    from dreamguide.sampling import SampleItem, SampleSettings, parse_seeds
+
+    with pytest.raises(ValueError, match="seeds must be integers"):
+        parse_seeds(seeds)
+    with pytest.raises(ValueError, match="seeds must be integers"):
+        SampleSettings(prompt="a dog", seeds=seeds)
+    if not isinstance(seeds, (list, tuple)):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            SampleItem(prompt="a dog", seed=seeds)
+
+
+def test_integer_seeds_still_parse():
+    import numpy as np
+
+    from dreamguide.sampling import parse_seeds
+
+    assert parse_seeds([np.int64(3), 1]) == (3, 1) and parse_seeds(np.int32(5)) == (5,)
+    assert all(type(s) is int for s in parse_seeds([np.int64(3)]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=float("inf")), dict(eps=float("nan")), dict(eps=0.0), dict(eps=True),
+                                    dict(rescale=float("nan")), dict(rescale=float("-inf"))])
+def test_parallel_rescaling_refuses_non_finite_numbers(kwargs):
+    from dreamguide.guidance import ParallelRescaling
+
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=rf"PR {name} must be a finite"):
+        ParallelRescaling(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["start", "stop", "spread_cap", "norm_bound", "magnitude_ratio", "magnitude_power",
+                                  "parallel_target", "pr_from"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_consistency_shaping_refuses_non_finite_numbers(name, value):
+    from dreamguide.guidance import ConsistencyShaping
+
+    with pytest.raises(ValueError, match=rf"ConsistencyShaping\.{name} must be a finite number"):
+        ConsistencyShaping(**{name: value})
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_training_config_refuses_a_non_finite_lora_alpha(tmp_path, text):
+    from dreamguide.training import ConfigError, load_train_config, train_config_from_dict
+
+    path = tmp_path / "run.toml"
+    path.write_text(f'[data]\ninstance_dir = "x"\nclass_word = "dog"\n[lora]\nalpha = {text}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"lora\.alpha"):
+        load_train_config(path)
+    with pytest.raises(ConfigError, match=r"lora\.alpha"):
+        train_config_from_dict({"data": {"instance_dir": "x", "class_word": "dog"}, "lora": {"alpha": float(text)}})

@@ -8,6 +8,7 @@ the command line, training samples and benchmarks read them from here. Import th
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -35,8 +36,10 @@ def parse_modes(modes: str | Iterable[str]) -> tuple[str, ...]:
 
 def parse_seeds(seeds: str | int | Iterable[int]) -> tuple[int, ...]:
     """Seeds from "0,1,2,3", "0-3", "0-3,10", an int or a list; each must be a non-negative integer."""
-    if isinstance(seeds, int):
-        items: list[int] = [seeds]
+    if isinstance(seeds, bool) or isinstance(seeds, float):
+        raise ValueError(f"seeds must be integers, got {seeds!r}; e.g. seeds=(0, 1, 2)")
+    if isinstance(seeds, numbers.Integral):
+        items: list[int] = [int(seeds)]
     elif isinstance(seeds, str):
         items = []
         for part in (p.strip() for p in seeds.split(",")):
@@ -53,6 +56,12 @@ def parse_seeds(seeds: str | int | Iterable[int]) -> tuple[int, ...]:
             else:
                 raise ValueError(f"bad seed {part!r}; write seeds as non-negative integers, e.g. 0,1,2,3 or 0-3")
     else:
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+        if bad:
+            raise ValueError(
+                f"seeds must be integers, got {bad[0]!r} in {list(seeds)!r}; a float or bool would silently "
+                "become another seed, pass e.g. [1, 2]"
+            )
         items = [int(s) for s in seeds]
     if not items:
         raise ValueError("no seeds given; pass at least one, e.g. 0 or 0-3")
