@@ -4,6 +4,7 @@ odd image files, stray captions, file modes (tiny models, offline)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +201,121 @@ def test_training_config_refuses_a_non_finite_lora_alpha(tmp_path, text):
         load_train_config(path)
     with pytest.raises(ConfigError, match=r"lora\.alpha"):
         train_config_from_dict({"data": {"instance_dir": "x", "class_word": "dog"}, "lora": {"alpha": float(text)}})
+
+
+# ---------------------------------------------------------------------------------------------
+# One image loader: every mode and bit depth
+
+
+def _gradient():
+    import numpy as np
+
+    return (np.arange(24 * 32) % 256).reshape(24, 32).astype(np.uint8)
+
+
+def test_open_rgb_converts_every_mode_by_its_range(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dreamguide.images import open_rgb
+
+    gray = _gradient()
+    rgb = np.stack([gray, 255 - gray, gray // 2], axis=-1)
+    expected_gray = np.repeat(gray[..., None], 3, axis=-1)
+    cases = {
+        "g16.png": (Image.fromarray(gray.astype(np.uint16) * 257), expected_gray),
+        "g16.tif": (Image.fromarray(gray.astype(np.uint16) * 257), expected_gray),
+        "i32.tif": (Image.fromarray(gray.astype(np.int32) * 257), expected_gray),
+        "f.tif": (Image.fromarray(gray.astype(np.float32) / 255), expected_gray),
+        "rgb.tif": (Image.fromarray(rgb), rgb),
+        "l.png": (Image.fromarray(gray), expected_gray),
+        "p.png": (Image.fromarray(rgb).quantize(256), None),
+    }
+    # transparent pixels on white: alpha 0 -> 255, alpha 255 -> the colour
+    alpha = np.where(np.arange(32) < 16, 0, 255).astype(np.uint8)[None, :].repeat(24, 0)
+    on_white = np.where(alpha[..., None] == 0, 255, rgb).astype(np.uint8)
+    cases["rgba.png"] = (Image.fromarray(np.dstack([rgb, alpha])), on_white)
+    cases["la.png"] = (Image.fromarray(np.dstack([gray, alpha]), mode="LA"),
+                       np.repeat(np.where(alpha == 0, 255, gray)[..., None], 3, axis=-1))
+    for name, (image, expected) in cases.items():
+        image.save(tmp_path / name)
+        out = np.asarray(open_rgb(tmp_path / name))
+        assert out.shape == (24, 32, 3) and out.dtype == np.uint8, name
+        if expected is None:
+            expected = np.asarray(image.convert("RGB"))
+        np.testing.assert_array_equal(out, expected, err_msg=name)
+    # the 16-bit PNG's mean is the 8-bit one's, not near-white
+    assert np.asarray(open_rgb(tmp_path / "g16.png")).mean() == pytest.approx(expected_gray.mean())
+
+
+def test_read_images_lists_or_refuses_unreadable_files(tmp_path):
+    from PIL import Image
+
+    from dreamguide.images import ImageReadError, read_images
+
+    Image.fromarray(_gradient()).save(tmp_path / "good.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    good = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    paths = [tmp_path / "good.png", tmp_path / "notes.png", tmp_path / "cut.png"]
+    images, kept, skipped = read_images(paths, skip_unreadable=True)
+    assert kept == [tmp_path / "good.png"] and len(images) == 1
+    assert [path for path, _ in skipped] == paths[1:]
+    with pytest.raises(ImageReadError, match=r"2 image file\(s\) cannot be read:\n  .*notes\.png\n  .*cut\.png"):
+        read_images(paths)
+
+
+def test_training_data_reads_a_16_bit_png_like_its_8_bit_twin(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dreamguide.training.data import DataError, open_rgb
+
+    gray = (_gradient() // 4).astype(np.uint16)  # a dark image: every 16-bit value below 256 * 257
+    Image.fromarray(gray * 257).save(tmp_path / "dark16.png")
+    assert np.asarray(open_rgb(tmp_path / "dark16.png"))[..., 0].tolist() == gray.tolist()
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(DataError, match=r"bad\.tif"):
+        open_rgb(tmp_path / "bad.tif")
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    from dreamguide.evaluation.tiny_backbones import save_tiny_backbones
+
+    return save_tiny_backbones(tmp_path_factory.mktemp("backbones"))
+
+
+def test_eval_scores_16_bit_and_tiff_like_8_bit_and_lists_unreadable_files(backbones, tmp_path, capsys):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from dreamguide.cli import main
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(gray).convert("RGB").save(folder / "a8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "b16.png")
+    Image.fromarray(gray).convert("RGB").save(folder / "c.tif")
+    (folder / "d.png").write_text("a text file")
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(refs / "r.jpg")
+    b = backbones
+    common = ["--references", str(refs), "--base-prompt", "a dog", "--dino", b.dino, "--dinov2", b.dinov2,
+              "--clip", b.clip, "--siglip", b.siglip, "--metrics", "dino,clip_t", "--batch-size", "2"]
+    scores = tmp_path / "scores.csv"
+    assert main(["eval", str(folder), *common, "--output", str(scores)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 image file(s) that cannot be read" in err and "d.png" in err
+    rows = {Path(r["image"]).name: r for r in csv.DictReader(scores.open())}
+    assert sorted(rows) == ["a8.png", "b16.png", "c.tif"]
+    for name in ("b16.png", "c.tif"):
+        for metric in ("dino", "clip_t"):
+            assert float(rows[name][metric]) == pytest.approx(float(rows["a8.png"][metric]), abs=1e-5)
+    assert main(["eval", str(folder), *common, "--unreadable", "stop"]) == 2
+    assert "d.png" in capsys.readouterr().err

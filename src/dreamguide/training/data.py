@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from dreamguide.images import IMAGE_SUFFIXES, ImageReadError
+from dreamguide.images import open_rgb as _open_rgb
 from dreamguide.prompts import base_prompt, contains_token
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: Images whose shorter side is below this fraction of the training size need ``allow_upscale``.
 MIN_SIZE_FRACTION = 0.5
 
@@ -105,25 +106,11 @@ def scan_class_folder(folder: str | Path, class_word: str, template: str) -> lis
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully, apply EXIF orientation, convert to 8-bit RGB (transparency on white)."""
+    """Decode ``path`` as 8-bit RGB (:func:`dreamguide.images.open_rgb`); a :class:`DataError` if it cannot be read."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}; replace or delete the file") from None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        if values.max() > 255:
-            values = values / 257.0
-        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+        return _open_rgb(path)
+    except ImageReadError as error:
+        raise DataError(str(error)) from None
 
 
 def resize_and_crop(
