@@ -319,3 +319,41 @@ def test_eval_scores_16_bit_and_tiff_like_8_bit_and_lists_unreadable_files(backb
             assert float(rows[name][metric]) == pytest.approx(float(rows["a8.png"][metric]), abs=1e-5)
     assert main(["eval", str(folder), *common, "--unreadable", "stop"]) == 2
     assert "d.png" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption files no image uses
+
+
+def test_orphan_caption_files_are_listed_and_shared_ones_refused(tmp_path):
+    from PIL import Image
+
+    from dreamguide.training.data import CaptionWarning, DataError, scan_class_folder, scan_instance_folder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("A.png", "b.jpg", "c.png"):
+        Image.new("RGB", (20, 20)).save(folder / name)
+    (folder / "a.txt").write_text(f"a {TOKEN} {CLASS_WORD} by a lake")
+    (folder / "b.jpg.txt").write_text(f"a {TOKEN} {CLASS_WORD} on a bed")
+    (folder / "zebra.txt").write_text(f"a {TOKEN} {CLASS_WORD}")
+    (folder / "c.txt").write_text(f"a {TOKEN} {CLASS_WORD} in the snow")
+    with pytest.warns(CaptionWarning) as caught:
+        entries = scan_instance_folder(folder, TOKEN, CLASS_WORD, "a photo of {token} {class_word}")
+    message = str(caught[0].message)
+    assert "3 caption file(s) in the instance folder" in message
+    assert "a.txt (differs from A.png in case only: rename it to A.txt)" in message
+    assert "b.jpg.txt (a double suffix: rename it to b.txt to caption b.jpg)" in message
+    assert "zebra.txt (no image has this name)" in message and "c.txt" not in message
+    assert [e.token_caption for e in entries] == [f"a photo of {TOKEN} {CLASS_WORD}"] * 2 + [
+        f"a {TOKEN} {CLASS_WORD} in the snow"]
+    with warnings.catch_warnings():  # every caption used: silent
+        warnings.simplefilter("error")
+        for name in ("a.txt", "b.jpg.txt", "zebra.txt"):
+            (folder / name).unlink()
+        scan_instance_folder(folder, TOKEN, CLASS_WORD, "a photo of {token} {class_word}")
+    Image.new("RGB", (20, 20)).save(folder / "c.jpg")
+    with pytest.raises(DataError, match=r"c\.txt would caption 2 images \(c\.jpg, c\.png\); it is ambiguous"):
+        scan_instance_folder(folder, TOKEN, CLASS_WORD, "a photo of {token} {class_word}")
+    with pytest.raises(DataError, match=r"c\.txt would caption 2 images"):
+        scan_class_folder(folder, CLASS_WORD, "a photo of a {class_word}")
