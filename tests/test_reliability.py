@@ -357,3 +357,45 @@ def test_orphan_caption_files_are_listed_and_shared_ones_refused(tmp_path):
         scan_instance_folder(folder, TOKEN, CLASS_WORD, "a photo of {token} {class_word}")
     with pytest.raises(DataError, match=r"c\.txt would caption 2 images"):
         scan_class_folder(folder, CLASS_WORD, "a photo of a {class_word}")
+
+
+# ---------------------------------------------------------------------------------------------
+# File modes
+
+
+@pytest.fixture()
+def umask_022():
+    import os
+
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_outputs_respect_the_umask(tmp_path, umask_022, sd15):
+    import os
+    import stat
+
+    from PIL import Image
+
+    from dreamguide.atomic import atomic_directory, atomic_write_text, current_umask
+    from dreamguide.images import save_png, write_json
+    from dreamguide.lora_files import save_lora
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert current_umask() == 0o022
+    save_png(Image.new("RGB", (4, 4)), tmp_path / "out" / "a.png", {"seed": 0})
+    write_json(tmp_path / "out" / "a.json", {"seed": 0})
+    atomic_write_text(tmp_path / "out" / "a.toml", "x = 1\n")
+    save_lora(sd15.unet, tmp_path / "out" / "lora.safetensors", "subject")
+    for name in ("a.png", "a.json", "a.toml", "lora.safetensors"):
+        assert mode(tmp_path / "out" / name) == 0o644, name
+    with atomic_directory(tmp_path / "folder") as folder:
+        (folder / "f.txt").write_text("x")
+    assert mode(tmp_path / "folder") == 0o755
+    os.umask(0o077)
+    write_json(tmp_path / "out" / "b.json", {})
+    assert mode(tmp_path / "out" / "b.json") == 0o600
+    os.chmod(tmp_path / "out" / "a.json", 0o640)  # a file replaced keeps its mode
+    write_json(tmp_path / "out" / "a.json", {"seed": 1})
+    assert mode(tmp_path / "out" / "a.json") == 0o640
