@@ -399,3 +399,34 @@ def test_outputs_respect_the_umask(tmp_path, umask_022, sd15):
     os.chmod(tmp_path / "out" / "a.json", 0o640)  # a file replaced keeps its mode
     write_json(tmp_path / "out" / "a.json", {"seed": 1})
     assert mode(tmp_path / "out" / "a.json") == 0o640
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that hang or surprise
+
+
+def test_a_huge_seed_range_is_refused_at_once():
+    from dreamguide.sample_settings import MAX_SEEDS
+    from dreamguide.sampling import parse_seeds
+
+    with pytest.raises(ValueError, match=r"seed range '0-100000000' makes 100000001 images.*at most 100000 seeds"):
+        parse_seeds("0-100000000")
+    with pytest.raises(ValueError, match=r"makes 2 images.*split the range"):
+        parse_seeds(f"0-{MAX_SEEDS - 2},{MAX_SEEDS}-{MAX_SEEDS + 1}")
+    with pytest.raises(ValueError, match=rf"{MAX_SEEDS + 1} seeds given"):
+        parse_seeds(range(MAX_SEEDS + 1))
+    assert parse_seeds(f"0-{MAX_SEEDS - 1}") == tuple(range(MAX_SEEDS))  # the cap itself, with the duplicate check
+    with pytest.raises(ValueError, match=r"seeds \[5\] are given more than once"):
+        parse_seeds(f"0-{MAX_SEEDS - 2},5")
+
+
+def test_huge_guidance_weights_are_warned_about_when_parsed():
+    from dreamguide.sampling import SampleSettings
+
+    with pytest.warns(UserWarning, match=r"w_text 1e\+09 \(--w-text\) is far outside the usual range"):
+        SampleSettings(prompt="a dog", w_text=1e9)
+    with pytest.warns(UserWarning, match=r"w_cons -100 \(--w-cons\)"):
+        SampleSettings(prompt="a dog", w_cons=-100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SampleSettings(prompt="a dog", w_text=15.0, w_cons=7.5)
