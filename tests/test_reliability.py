@@ -177,7 +177,7 @@ def test_parallel_rescaling_refuses_non_finite_numbers(kwargs):
     from dreamguide.guidance import ParallelRescaling
 
     name = next(iter(kwargs))
-    with pytest.raises(ValueError, match=rf"PR {name} must be a finite"):
+    with pytest.raises(ValueError, match=rf"PR {name} must be (a finite|positive and finite)"):
         ParallelRescaling(**kwargs)
 
 

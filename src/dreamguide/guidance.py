@@ -94,7 +94,7 @@ class ParallelRescaling:
             or not math.isfinite(self.eps)
             or not self.eps > 0
         ):
-            raise ValueError(f"PR eps must be a finite positive number, got {self.eps!r}; e.g. eps=1e-6")
+            raise ValueError(f"PR eps must be positive and finite, got {self.eps!r}; e.g. eps=1e-6")
 
     def to_dict(self) -> dict:
         return asdict(self)
