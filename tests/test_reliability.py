@@ -430,3 +430,20 @@ def test_huge_guidance_weights_are_warned_about_when_parsed():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SampleSettings(prompt="a dog", w_text=15.0, w_cons=7.5)
+
+
+def test_sdxl_prompts_are_checked_against_both_tokenizers():
+    from dreamguide.models import DiffusionModel, PromptTooLongError, check_prompt_length
+    from dreamguide.testing import tiny_sdxl_pipeline
+
+    sdxl = DiffusionModel.from_pipeline(tiny_sdxl_pipeline(seed=0))
+    sdxl.tokenizers[1].model_max_length = 40  # the second encoder reads fewer tokens: its cut decides
+    prompt = f"a {LONG} {TOKEN} {CLASS_WORD}"
+    prompt_fits_first = f"a {' '.join(['photo'] * 45)} {TOKEN} {CLASS_WORD}"
+    with pytest.raises(PromptTooLongError, match="reads only 77"):
+        check_prompt_length(sdxl, prompt, (TOKEN,))
+    with pytest.raises(PromptTooLongError, match="reads only 40"):
+        check_prompt_length(sdxl, prompt_fits_first, (TOKEN,))
+    with pytest.warns(UserWarning) as caught:
+        check_prompt_length(sdxl, f"a {TOKEN} {CLASS_WORD} {LONG}", (TOKEN,))
+    assert len(caught) == 1

@@ -469,6 +469,7 @@ def check_prompt_length(model: DiffusionModel, prompt: str, needed: Sequence[str
     """
     from dreamguide.prompts import _token_pattern
 
+    cut_message = None
     for tokenizer in model.tokenizers:
         tokens = tokenizer.tokenize(prompt)
         limit = tokenizer.model_max_length
@@ -485,13 +486,14 @@ def check_prompt_length(model: DiffusionModel, prompt: str, needed: Sequence[str
                     f"(start and end included), so {part!r} is cut off and would have no effect; "
                     f"shorten the {what} or move {part!r} nearer its start"
                 )
-        cut = tokenizer.decode(tokenizer.convert_tokens_to_ids(tokens[limit - 2 :])).strip()
-        warnings.warn(
-            f"the {what} {prompt!r} is {count} tokens long; the text encoder reads only {limit}, "
-            f"so {cut!r} is cut off",
-            stacklevel=2,
-        )
-        return
+        if cut_message is None:
+            cut = tokenizer.decode(tokenizer.convert_tokens_to_ids(tokens[limit - 2 :])).strip()
+            cut_message = (
+                f"the {what} {prompt!r} is {count} tokens long; the text encoder reads only {limit}, "
+                f"so {cut!r} is cut off"
+            )
+    if cut_message is not None:
+        warnings.warn(cut_message, stacklevel=2)
 
 
 def encode_prompts(
