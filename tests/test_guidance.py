@@ -217,7 +217,7 @@ def test_bad_switches_are_rejected():
         ParallelRescaling(eps=0.0)
     with pytest.raises(ValueError, match="PR rescale must be a finite number, got nan"):
         ParallelRescaling(rescale=float("nan"))
-    with pytest.raises(ValueError, match="PR eps must be positive, got nan"):
+    with pytest.raises(ValueError, match="PR eps must be positive and finite, got nan"):
         ParallelRescaling(eps=float("nan"))
 
 

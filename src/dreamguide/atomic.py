@@ -1,6 +1,11 @@
 """Atomic writes: a file or folder is written under a temporary name beside its target and moved
 into place only when complete, so a killed run never leaves a half-written result behind and an
-error never destroys what was already there."""
+error never destroys what was already there.
+
+The temporary names are made private (0600 files, 0700 folders); before the move a file gets
+the mode of the file it replaces, or 0666 less the umask when it is new, and a folder 0777
+less the umask, as if it had been created directly.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,27 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
 
 
 @contextmanager
@@ -23,6 +49,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +73,7 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -88,8 +88,13 @@ class ParallelRescaling:
             self.rescale
         ):
             raise ValueError(f"PR rescale must be a finite number, got {self.rescale!r}; e.g. rescale=1.0")
-        if not self.eps > 0:
-            raise ValueError(f"PR eps must be positive, got {self.eps}")
+        if (
+            isinstance(self.eps, bool)
+            or not isinstance(self.eps, (int, float))
+            or not math.isfinite(self.eps)
+            or not self.eps > 0
+        ):
+            raise ValueError(f"PR eps must be positive and finite, got {self.eps!r}; e.g. eps=1e-6")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,9 @@
-"""Writing sampled images: PNGs that carry their settings, labelled comparison grids, JSON records.
+"""Reading images for every command, and writing sampled images: PNGs that carry their settings,
+labelled comparison grids, JSON records.
+
+Reading (:func:`open_rgb`, :func:`read_images`): every command that reads photos (training
+data, ``eval``'s images and references, DreamBench references) decodes them here, so every
+mode and bit depth converts the same way to 8-bit RGB; a file that cannot be read is named.
 
 Every PNG gets two text chunks:
 
@@ -19,13 +24,85 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from dreamguide.atomic import atomic_open  # noqa: F401 (part of this module's API)
 from dreamguide.filenames import METADATA_KEY
 
 PARAMETERS_KEY = "parameters"
+#: Image files every command reads (PNG, JPEG, WebP, BMP, TIFF).
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def _to_8bit(image: Image.Image, path: Path) -> Image.Image:
+    """A single-channel image of more than 8 bits as 8-bit ``L``, by its range rather than clipped.
+
+    16-bit modes (and ``I`` read from a PNG, which holds at most 16 bits) are scaled by 255/65535;
+    ``F`` in [0, 1] by 255; other ``I``/``F`` values above 255 are taken as 16-bit.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and path.suffix.lower() == ".png"):
+        values = values / 257.0
+    elif image.mode == "F" and np.nanmax(values, initial=0.0) <= 1.0:
+        values = values * 255.0
+    elif np.nanmax(values, initial=0.0) > 255:
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.nan_to_num(np.rint(values)), 0, 255).astype(np.uint8), mode="L")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully, apply its EXIF orientation and convert it to 8-bit RGB.
+
+    Palette, grayscale, 16- and 32-bit grayscale, float, CMYK and YCbCr images convert by their
+    value range; transparency (``RGBA``, ``LA``, ``PA``, palette transparency) is laid on white.
+    A file that cannot be decoded raises :class:`ImageReadError` naming it.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}; replace or delete the file") from None
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image, path)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_images(
+    paths: Sequence[str | os.PathLike], skip_unreadable: bool = False
+) -> tuple[list[Image.Image], list[Path], list[tuple[Path, str]]]:
+    """(RGB images, their paths, unreadable files with the reason) for ``paths``.
+
+    A file that cannot be decoded raises :class:`ImageReadError` naming every such file, or with
+    ``skip_unreadable`` is left out and listed in the third element.
+    """
+    images, kept, skipped = [], [], []
+    for path in map(Path, paths):
+        try:
+            images.append(open_rgb(path))
+            kept.append(path)
+        except ImageReadError as error:
+            skipped.append((path, str(error)))
+    if skipped and not skip_unreadable:
+        listed = "\n  ".join(str(path) for path, _ in skipped)
+        raise ImageReadError(
+            f"{len(skipped)} image file(s) cannot be read:\n  {listed}\n{skipped[0][1]}"
+            + ("" if len(skipped) == 1 else f" (and {len(skipped) - 1} more)")
+        )
+    return images, kept, skipped
 
 
 def write_json(path: str | os.PathLike, data: object) -> Path:

@@ -121,9 +121,48 @@ def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, tor
     return kohya
 
 
+#: (A, B) key endings of one LoRA layer, in the layouts this module reads.
+_HALVES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora_down.weight", ".lora_up.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+)
+
+
+def check_lora_pairs(keys, source: str) -> None:
+    """Every LoRA layer in ``keys`` must have both halves (A/down and B/up); in a layout with
+    ``.alpha`` scalars (Kohya), every layer of a file that has any alpha must have its own and no
+    alpha may stand alone. A missing half would otherwise be left at random weights."""
+    keys = set(keys)
+    layers: dict[str, tuple[str, str]] = {}
+    for key in keys:
+        for a, b in _HALVES:
+            if key.endswith((a, b)):
+                layers[key[: -len(a) if key.endswith(a) else -len(b)]] = (a, b)
+    for layer, (a, b) in sorted(layers.items()):
+        for have, missing in ((layer + a, layer + b), (layer + b, layer + a)):
+            if have in keys and missing not in keys:
+                raise ValueError(
+                    f"{source} is incomplete: it has {have!r} but not {missing!r}, so that layer would load "
+                    "with random weights; re-export the adapter (the file may be truncated or edited)"
+                )
+    alphas = {key[: -len(".alpha")] for key in keys if key.endswith(".alpha")}
+    if not alphas:
+        return
+    for layer in sorted(alphas - set(layers)):
+        raise ValueError(f"{source} has {layer + '.alpha'!r} but no LoRA weights for {layer!r}; re-export the adapter")
+    for layer in sorted(set(layers) - alphas):
+        raise ValueError(
+            f"{source} is incomplete: {layer!r} has no {layer + '.alpha'!r} while other layers have one, "
+            "so its scale would be wrong; re-export the adapter"
+        )
+
+
 def from_kohya(kohya: dict[str, torch.Tensor], module_names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Kohya keys -> (diffusers state dict, alpha per module). ``module_names`` are the UNet's module
-    names (``unet.named_modules()``): they resolve which underscores were dots."""
+    names (``unet.named_modules()``): they resolve which underscores were dots. Incomplete
+    layers are refused (:func:`check_lora_pairs`)."""
+    check_lora_pairs(kohya, "the Kohya state dict")
     lookup = {"lora_unet_" + name.replace(".", "_"): name for name in module_names}
     state_dict, alphas = {}, {}
     for key, tensor in kohya.items():
@@ -199,12 +238,20 @@ def _check_lora_matches(unet, state_dict: dict[str, torch.Tensor], path: Path) -
         )
 
 
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return list(handle.keys())
+
+
 def load_lora(model: "DiffusionModel", path, adapter_name: str = ADAPTER_NAME) -> None:
     """Load a LoRA ``.safetensors`` file into ``model.unet`` as adapter ``adapter_name``.
 
     Reads diffusers/PEFT files (``unet.<module>.lora_A.weight``, as ``save_lora`` and
     ``StableDiffusionXLPipeline.save_lora_weights`` write) and Kohya files (``lora_unet_..._lora_down``,
-    ``..._lora_up``, ``.alpha``), converted by diffusers. Text-encoder LoRA weights are refused.
+    ``..._lora_up``, ``.alpha``), converted by diffusers. Text-encoder LoRA weights are refused,
+    and so is a file with a layer missing one half of its pair or its alpha (:func:`check_lora_pairs`).
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -214,6 +261,7 @@ def load_lora(model: "DiffusionModel", path, adapter_name: str = ADAPTER_NAME) -
         raise FileNotFoundError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRA weights are read only from .safetensors files")
+    check_lora_pairs(_safetensors_keys(path), str(path))
     loader = StableDiffusionXLPipeline if model.kind == "sdxl" else StableDiffusionPipeline
     state_dict, network_alphas, metadata = loader.lora_state_dict(
         str(path.parent),

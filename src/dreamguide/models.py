@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -450,6 +451,49 @@ def _token_ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
         list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
     return ids.to(device)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt whose token (or another part that is needed) lies past the text encoder's limit."""
+
+
+def _fits(tokenizer, text: str) -> bool:
+    return len(tokenizer.tokenize(text)) + 2 <= tokenizer.model_max_length
+
+
+def check_prompt_length(model: DiffusionModel, prompt: str, needed: Sequence[str] = (), what: str = "prompt") -> None:
+    """Refuse ``prompt`` if a part in ``needed`` (the token, the class word) lies past the limit of a
+    tokenizer of ``model`` (77 tokens for CLIP, start and end included): the text encoder would
+    never see it. A long prompt whose needed parts all fit is encoded cut short, with a warning
+    that names the words lost.
+    """
+    from dreamguide.prompts import _token_pattern
+
+    cut_message = None
+    for tokenizer in model.tokenizers:
+        tokens = tokenizer.tokenize(prompt)
+        limit = tokenizer.model_max_length
+        count = len(tokens) + 2
+        if count <= limit:
+            continue
+        for part in needed:
+            if not part:
+                continue
+            found = list(_token_pattern(part).finditer(prompt))
+            if found and not _fits(tokenizer, prompt[: found[-1].end()]):
+                raise PromptTooLongError(
+                    f"the {what} {prompt!r} is {count} tokens long, but the text encoder reads only {limit} "
+                    f"(start and end included), so {part!r} is cut off and would have no effect; "
+                    f"shorten the {what} or move {part!r} nearer its start"
+                )
+        if cut_message is None:
+            cut = tokenizer.decode(tokenizer.convert_tokens_to_ids(tokens[limit - 2 :])).strip()
+            cut_message = (
+                f"the {what} {prompt!r} is {count} tokens long; the text encoder reads only {limit}, "
+                f"so {cut!r} is cut off"
+            )
+    if cut_message is not None:
+        warnings.warn(cut_message, stacklevel=2)
 
 
 def encode_prompts(

@@ -8,6 +8,9 @@ the command line, training samples and benchmarks read them from here. Import th
 
 from __future__ import annotations
 
+import collections
+import numbers
+import warnings
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -33,10 +36,18 @@ def parse_modes(modes: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(guidance.get_mode(m).name for m in items))
 
 
+#: Most seeds one sampling call takes (a range like 0-100000000 is refused, not enumerated).
+MAX_SEEDS = 100_000
+#: Guidance weights beyond this size are warned about: images come out saturated or as noise.
+USUAL_WEIGHT_LIMIT = 50.0
+
+
 def parse_seeds(seeds: str | int | Iterable[int]) -> tuple[int, ...]:
     """Seeds from "0,1,2,3", "0-3", "0-3,10", an int or a list; each must be a non-negative integer."""
-    if isinstance(seeds, int):
-        items: list[int] = [seeds]
+    if isinstance(seeds, bool) or isinstance(seeds, float):
+        raise ValueError(f"seeds must be integers, got {seeds!r}; e.g. seeds=(0, 1, 2)")
+    if isinstance(seeds, numbers.Integral):
+        items: list[int] = [int(seeds)]
     elif isinstance(seeds, str):
         items = []
         for part in (p.strip() for p in seeds.split(",")):
@@ -47,19 +58,32 @@ def parse_seeds(seeds: str | int | Iterable[int]) -> tuple[int, ...]:
                 lo, hi = int(match[1]), int(match[2])
                 if hi < lo:
                     raise ValueError(f"seed range {part!r} runs backwards; write it as {hi}-{lo}")
+                if len(items) + hi - lo + 1 > MAX_SEEDS:
+                    raise ValueError(
+                        f"seed range {part!r} makes {hi - lo + 1} images per mode; one call takes at most "
+                        f"{MAX_SEEDS} seeds: split the range over several runs"
+                    )
                 items.extend(range(lo, hi + 1))
             elif re.fullmatch(r"\d+", part):
                 items.append(int(part))
             else:
                 raise ValueError(f"bad seed {part!r}; write seeds as non-negative integers, e.g. 0,1,2,3 or 0-3")
     else:
+        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+        if bad:
+            raise ValueError(
+                f"seeds must be integers, got {bad[0]!r} in {list(seeds)!r}; a float or bool would silently "
+                "become another seed, pass e.g. [1, 2]"
+            )
         items = [int(s) for s in seeds]
     if not items:
         raise ValueError("no seeds given; pass at least one, e.g. 0 or 0-3")
     for seed in items:
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed {seed} is out of range; seeds are integers from 0 to 2**63-1")
-    duplicates = sorted({s for s in items if items.count(s) > 1})
+    if len(items) > MAX_SEEDS:
+        raise ValueError(f"{len(items)} seeds given; one call takes at most {MAX_SEEDS}: split them over several runs")
+    duplicates = sorted(seed for seed, n in collections.Counter(items).items() if n > 1)
     if duplicates:
         raise ValueError(f"seeds {duplicates} are given more than once; each seed makes one image, list it once")
     return tuple(items)
@@ -167,6 +191,13 @@ class SampleSettings:
                 raise ValueError(f"{name} must be a positive integer number of pixels, got {value!r}")
         for name in ("w_text", "w_cons"):
             set_(name, check_finite(name, getattr(self, name)))
+            if abs(getattr(self, name)) > USUAL_WEIGHT_LIMIT:
+                flag = "--" + name.replace("_", "-")
+                warnings.warn(
+                    f"{name} {getattr(self, name):g} ({flag}) is far outside the usual range (about 1 to 15; "
+                    f"warned above {USUAL_WEIGHT_LIMIT:g}): the images will likely be saturated or noise",
+                    stacklevel=3,
+                )
         _check_switches(self.pr, self.shaping)
 
     @property

@@ -358,6 +358,7 @@ class Sampler:
         needing = [item for item in items if reads_personalized(item.mode)]
         if any(not self.is_personalized(token) for token in dict.fromkeys(item.token for item in needing)):
             raise ValueError(no_personalization_message(item.mode for item in needing))
+        self._check_prompt_lengths(items)
         height, width = self.resolve_size(height, width)
         made = make_scheduler(self.model.scheduler, scheduler)
         run = {"steps": steps, "scheduler": scheduler, "scheduler_class": type(made).__name__,
@@ -463,6 +464,20 @@ class Sampler:
         if self.personalized_unet is not None:
             return PERSONALIZED_UNET_ROUTE
         return None  # learned tokens only, or no personalization
+
+    def _check_prompt_lengths(self, items: Sequence[SampleItem]) -> None:
+        """Every prompt checked against the tokenizers' length before any sampling (each text once)."""
+        from dreamguide.models import check_prompt_length
+
+        checks: dict[tuple, None] = {}
+        for item in items:
+            checks[(item.prompt, (item.token,) if item.token else (), "prompt")] = None
+            if item.base_prompt is not None and item.base_prompt != item.prompt:
+                checks[(item.base_prompt, (item.class_word,) if item.class_word else (), "base prompt")] = None
+            if item.negative_prompt:
+                checks[(item.negative_prompt, (), "negative prompt")] = None
+        for text, needed, what in checks:
+            check_prompt_length(self.model, text, needed, what)
 
     def _encode(self, prompts: list[str], height: int, width: int):
         from dreamguide.models import encode_prompts

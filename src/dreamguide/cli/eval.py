@@ -38,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per backbone forward (default 16)")
     parser.add_argument("--output", help="CSV file for the per-image scores (default: print only)")
+    parser.add_argument("--unreadable", choices=("skip", "stop"), default="skip",
+                        help="a file that cannot be decoded: skip it and list it (default), or stop with an error")
     parser.set_defaults(func=run)
     return parser
 
@@ -45,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _image_files(items, what: str):
     from pathlib import Path
 
-    from dreamguide.evaluation.suites.dreambench_data import IMAGE_SUFFIXES
+    from dreamguide.images import IMAGE_SUFFIXES
 
     files = []
     for item in items:
@@ -62,13 +64,34 @@ def _image_files(items, what: str):
     return files
 
 
+def _read(paths, unreadable: str, skipped: list):
+    """(RGB images, their paths); unreadable files are added to ``skipped``, or stop the command."""
+    from dreamguide.cli import CommandError
+    from dreamguide.images import ImageReadError, read_images
+
+    try:
+        images, kept, missed = read_images(paths, skip_unreadable=unreadable == "skip")
+    except ImageReadError as error:
+        raise CommandError(f"{error}\n(pass --unreadable skip to score the others)") from None
+    skipped += missed
+    return images, kept
+
+
+def _report_skipped(skipped: list, what: str) -> None:
+    import sys
+
+    if skipped:
+        listed = "\n  ".join(f"{path}: {reason}" for path, reason in skipped)
+        print(f"skipped {len(skipped)} {what} file(s) that cannot be read:\n  {listed}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from dreamguide.atomic import atomic_write_text
     from dreamguide.evaluation.report import rows_to_csv
     from dreamguide.cli import CommandError
+    from dreamguide.images import ImageReadError, open_rgb
     from dreamguide.metrics import METRICS, Backbones, Scorer, check_metrics
 
     metrics = check_metrics(tuple(m.strip() for m in args.metrics.split(",") if m.strip()))
@@ -77,38 +100,48 @@ def run(args: argparse.Namespace) -> int:
     files = _image_files(args.images, "image")
     if needs_refs and not args.references:
         raise CommandError("identity metrics need --references (the subject's photos); or pass --metrics clip_t,siglip")
-    references = _image_files(args.references.split(","), "reference") if needs_refs else []
-    prompts = []
-    if needs_text:
+    skipped_refs: list = []
+    references, reference_images = [], []
+    if needs_refs:
+        reference_paths = _image_files(args.references.split(","), "reference")
+        reference_images, references = _read(reference_paths, args.unreadable, skipped_refs)
+        _report_skipped(skipped_refs, "reference")
+        if not references:
+            raise CommandError("no reference photo could be read; see the list above")
+    skipped: list = []
+    prompts = {}
+    for path in files:
+        if not needs_text or args.base_prompt:
+            prompts[path] = args.base_prompt or ""
+            continue
         from dreamguide.images import read_png_metadata
 
-        for path in files:
-            if args.base_prompt:
-                prompts.append(args.base_prompt)
-                continue
+        try:
+            prompts[path] = read_png_metadata(path)["base_prompt"]
+        except (ValueError, KeyError, OSError):
             try:
-                prompts.append(read_png_metadata(path)["base_prompt"])
-            except (ValueError, KeyError, OSError):
-                raise CommandError(f"{path} has no base prompt in its metadata; pass --base-prompt") from None
-    else:
-        prompts = [""] * len(files)
+                open_rgb(path)
+            except ImageReadError as error:
+                if args.unreadable == "stop":
+                    raise CommandError(f"{error}\n(pass --unreadable skip to score the others)") from None
+                skipped.append((path, str(error)))
+                continue
+            raise CommandError(f"{path} has no base prompt in its metadata; pass --base-prompt") from None
+    files = [path for path in files if path in prompts]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbones = Backbones(dino=args.dino, dinov2=args.dinov2, clip=args.clip, siglip=args.siglip)
     scorer = Scorer(backbones, metrics, device=device, batch_size=args.batch_size)
 
-    def load(paths):
-        out = []
-        for p in paths:
-            with Image.open(p) as image:
-                out.append(image.convert("RGB"))
-        return out
-
-    refs = scorer.embed_references(load(references)) if needs_refs else None
-    scores = []
+    refs = scorer.embed_references(reference_images) if needs_refs else None
+    rows = []
     for start in range(0, len(files), args.batch_size):
-        chunk = files[start : start + args.batch_size]
-        scores += scorer.score(load(chunk), prompts[start : start + len(chunk)], refs)
-    rows = [{"image": str(f), "base_prompt": p, **s} for f, p, s in zip(files, prompts, scores)]
+        images, kept = _read(files[start : start + args.batch_size], args.unreadable, skipped)
+        if images:
+            scores = scorer.score(images, [prompts[path] for path in kept], refs)
+            rows += [{"image": str(f), "base_prompt": prompts[f], **s} for f, s in zip(kept, scores)]
+    _report_skipped(skipped, "image")
+    if not rows:
+        raise CommandError("no image file could be read; see the list above")
     if args.output:
         atomic_write_text(args.output, rows_to_csv(rows, ["image", "base_prompt", *metrics]))
     print(f"{len(rows)} images" + (f", {len(references)} reference photos" if needs_refs else "")

@@ -10,16 +10,18 @@ replaced by the class word (:func:`dreamguide.prompts.base_prompt`). Anything wr
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from dreamguide.images import IMAGE_SUFFIXES, ImageReadError
+from dreamguide.images import open_rgb as _open_rgb
 from dreamguide.prompts import base_prompt, contains_token
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: Images whose shorter side is below this fraction of the training size need ``allow_upscale``.
 MIN_SIZE_FRACTION = 0.5
 
@@ -66,6 +68,51 @@ def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
     return files
 
 
+class CaptionWarning(UserWarning):
+    """Caption files in a data folder that no image uses (named, with the likely fix)."""
+
+
+def check_caption_files(folder: str | Path, image_files: list[Path], what: str = "instance") -> None:
+    """Caption files an image would not use are listed in a :class:`CaptionWarning` (orphans: a
+    name that differs from an image's only by case, a double suffix such as ``b.jpg.txt``, no
+    image at all); one caption file that several images would share (``a.png`` + ``a.jpg`` +
+    ``a.txt``) is a :class:`DataError`."""
+    folder = Path(folder)
+    by_caption: dict[Path, list[Path]] = {}
+    for path in image_files:
+        by_caption.setdefault(path.with_suffix(".txt"), []).append(path)
+    for caption, owners in by_caption.items():
+        if len(owners) > 1 and caption.is_file():
+            names = ", ".join(p.name for p in owners)
+            raise DataError(
+                f"caption file {caption} would caption {len(owners)} images ({names}); it is ambiguous: "
+                f"rename the images so each has its own caption file, or remove all but one"
+            )
+    stems = {p.stem.lower(): p for p in image_files}
+    names = {p.name.lower(): p for p in image_files}
+    orphans = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() != ".txt" or path in by_caption:
+            continue
+        stem = path.name[: -len(path.suffix)]
+        if stem.lower() in names:
+            image = names[stem.lower()]
+            hint = f"a double suffix: rename it to {image.with_suffix('.txt').name} to caption {image.name}"
+        elif stem.lower() in stems:
+            image = stems[stem.lower()]
+            hint = f"differs from {image.name} in case only: rename it to {image.with_suffix('.txt').name}"
+        else:
+            hint = "no image has this name"
+        orphans.append(f"{path.name} ({hint})")
+    if orphans:
+        warnings.warn(
+            f"{len(orphans)} caption file(s) in the {what} folder {folder} are not used by any image "
+            f"(those images use data.{what}_prompt):\n  " + "\n  ".join(orphans),
+            CaptionWarning,
+            stacklevel=3,
+        )
+
+
 def read_caption(image_path: Path, template: str, token: str, class_word: str) -> str:
     """The image's .txt caption, or ``template`` with ``{token}``/``{class_word}`` filled in."""
     caption_path = image_path.with_suffix(".txt")
@@ -83,7 +130,9 @@ def read_caption(image_path: Path, template: str, token: str, class_word: str) -
 def scan_instance_folder(folder: str | Path, token: str, class_word: str, template: str) -> list[CaptionedFile]:
     """Captions of every subject image, each checked to contain ``token``; base captions derived."""
     entries = []
-    for path in list_images(folder, "instance"):
+    files = list_images(folder, "instance")
+    check_caption_files(folder, files, "instance")
+    for path in files:
         caption = read_caption(path, template, token, class_word)
         if not contains_token(caption, token):
             source = path.with_suffix(".txt") if path.with_suffix(".txt").is_file() else "data.instance_prompt"
@@ -98,32 +147,20 @@ def scan_instance_folder(folder: str | Path, token: str, class_word: str, templa
 def scan_class_folder(folder: str | Path, class_word: str, template: str) -> list[CaptionedFile]:
     """Captions of the class images used for prior preservation (no token in them)."""
     entries = []
-    for path in list_images(folder, "class"):
+    files = list_images(folder, "class")
+    check_caption_files(folder, files, "class")
+    for path in files:
         caption = read_caption(path, template, "", class_word)
         entries.append(CaptionedFile(path, caption, caption))
     return entries
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully, apply EXIF orientation, convert to 8-bit RGB (transparency on white)."""
+    """Decode ``path`` as 8-bit RGB (:func:`dreamguide.images.open_rgb`); a :class:`DataError` if it cannot be read."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}; replace or delete the file") from None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        if values.max() > 255:
-            values = values / 257.0
-        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+        return _open_rgb(path)
+    except ImageReadError as error:
+        raise DataError(str(error)) from None
 
 
 def resize_and_crop(
@@ -174,3 +211,23 @@ def check_images_readable(entries: list[CaptionedFile]) -> None:
     """Decode every file once so a corrupt image is reported before the model is loaded."""
     for entry in entries:
         open_rgb(entry.path)
+
+
+def check_caption_lengths(model, instance: list[CaptionedFile], classes: list[CaptionedFile], token: str,
+                          class_word: str) -> None:
+    """Every caption checked against ``model``'s tokenizers: a token caption whose token, or a base
+    caption whose class word, lies past the limit is a :class:`DataError` naming the image."""
+    from dreamguide.models import PromptTooLongError, check_prompt_length
+
+    seen: set[tuple] = set()
+    for entries, needed in ((instance, (token,)), (classes, (class_word,))):
+        for entry in entries:
+            for text, parts, what in ((entry.token_caption, needed, "caption"),
+                                      (entry.base_caption, (class_word,), "base caption")):
+                if (text, parts) in seen:
+                    continue
+                seen.add((text, parts))
+                try:
+                    check_prompt_length(model, text, parts, f"{what} of {entry.path}")
+                except PromptTooLongError as error:
+                    raise DataError(str(error)) from None

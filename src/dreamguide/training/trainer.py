@@ -39,7 +39,14 @@ from dreamguide.token_files import add_tokens
 from dreamguide.training import checkpoints as ckpt
 from dreamguide.training.batches import CaptionConditioning, ImageLatents, TrainingBatches
 from dreamguide.training.config import ConfigError, TrainConfig, save_config
-from dreamguide.training.data import TrainImage, check_images_readable, load_images, scan_class_folder, scan_instance_folder
+from dreamguide.training.data import (
+    TrainImage,
+    check_caption_lengths,
+    check_images_readable,
+    load_images,
+    scan_class_folder,
+    scan_instance_folder,
+)
 from dreamguide.training.losses import DCO_BETA, dco_loss, mse_loss
 from dreamguide.training.outputs import OutputFiles, run_metadata, write_outputs
 from dreamguide.training.tokens import TrainableTokenEmbedding, install, uninstall
@@ -164,6 +171,7 @@ def train(
     if model is None:
         # Loaded in float32 on the CPU: the VAE stays float32, the rest is cast down before moving.
         model = load_model(config.model.pretrained, dtype=torch.float32, variant=config.model.variant or None)
+    check_caption_lengths(model, instance_entries, class_entries, config.data.token, config.data.class_word)
     config, instance_images, class_images = _load_images(config, model, instance_entries, class_entries)
     state = _add_trainables(config, model, accelerator)
     start_step = _restore_checkpoint(state, checkpoint_path, config.train.steps) if checkpoint_path else 0

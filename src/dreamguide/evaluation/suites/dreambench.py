@@ -307,14 +307,10 @@ class DreamBenchWorld:
     # -- scoring -----------------------------------------------------------------------------
 
     def references(self, subject: str):
-        from PIL import Image
+        from dreamguide.images import read_images
 
         if subject not in self._references:
-            paths = self.load_data().subjects[subject].images
-            images = []
-            for path in paths:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
+            images, _, _ = read_images(self.load_data().subjects[subject].images)
             self._references[subject] = self.scorer.embed_references(images)
         return self._references[subject]
 
