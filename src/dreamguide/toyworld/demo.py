@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from dreamguide.sample_settings import PREVIEW_STEPS
 from dreamguide.sampling import SampleSettings
 
 DEMO_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled")
@@ -44,7 +45,7 @@ class DemoSettings:
     subject: str = "sks"
     prompts: Sequence[str] = ()  # token prompts; empty: DEMO_TEMPLATES filled with the subject
     seeds: Sequence[int] = (0, 1)
-    steps: int = 25
+    steps: int = PREVIEW_STEPS
     w_text: float = SampleSettings.w_text
     w_cons: float = SampleSettings.w_cons
     output: str = "demo-output"

@@ -137,7 +137,7 @@ class Workspace:
 
     def __init__(self, model: str | os.PathLike | None = None, output: str | os.PathLike = "ui-output",
                  device: str | None = None, dtype: str | None = None, scorer=None,
-                 training_sample_steps: int = 25) -> None:
+                 training_sample_steps: int | None = None) -> None:
         from dreamguide.toyworld.model import BUNDLED_MODEL_DIR
 
         self.toy = model is None
@@ -148,6 +148,10 @@ class Workspace:
         self.sampler: "Sampler | None" = None
         self.subject = Subject(name="no subject: the base model")
         self.job: TrainingJob | None = None
+        if training_sample_steps is None:
+            from dreamguide.sample_settings import PREVIEW_STEPS
+
+            training_sample_steps = PREVIEW_STEPS
         #: Denoising steps of the sample images written during training (a preview, as ``[sample]`` steps).
         self.training_sample_steps = training_sample_steps
         self._lock = threading.RLock()
