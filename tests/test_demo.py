@@ -59,8 +59,6 @@ def test_demo_writes_grid_metrics_and_plot(demo):
 
 def test_demo_traces_consistency_p_for_consistency_modes(demo):
     result, out = demo
-    from dreamguide.toyworld.demo import consistency_p_curves  # noqa: F401  (public helper)
-
     record = json.loads((out / "demo.json").read_text())
     assert record["steps"] == 3 and record["seeds"] == [3]
     assert {p["set"] for p in record["prompts"]} == {"normal", "stylized"}

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _image_files(items, what: str):
     from pathlib import Path
 
-    from dreamguide.evaluation.suites.dreambench_data import IMAGE_SUFFIXES
+    from dreamguide.filenames import IMAGE_SUFFIXES
 
     files = []
     for item in items:

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreamguide.filenames import IMAGE_SUFFIXES
 from dreamguide.prompts import base_prompt, contains_token
-
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: Images whose shorter side is below this fraction of the training size need ``allow_upscale``.
 MIN_SIZE_FRACTION = 0.5
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dreamguide.sampling import SampleSettings
     from dreamguide.training import TrainConfig
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 #: Where a message that belongs to no one field is shown.
 GENERAL = "general"
@@ -41,7 +41,7 @@ class FieldChecks:
     def __init__(self) -> None:
         self.errors: dict[str, str] = {}
 
-    def check(self, name: str, fn: Callable[[], T]) -> T | None:
+    def check(self, name: str, fn: Callable[[], _T]) -> _T | None:
         try:
             return fn()
         except (ValueError, FileNotFoundError) as error:
