@@ -109,7 +109,7 @@ class SampleForm:
     base_prompt: str = ""
     negative_prompt: str = ""
     seeds: str = "0,1"
-    steps: Any = field(default_factory=lambda: _preview_steps())
+    steps: Any = field(default_factory=_preview_steps)
     w_text: Any = field(default_factory=lambda: str(_weight_defaults()[0]))
     w_cons: Any = field(default_factory=lambda: str(_weight_defaults()[1]))
     modes: Sequence[str] = ("cfg", "dreambooth", "consistency", "parallel-rescaled")
