@@ -83,14 +83,14 @@ def tiny_model(device, dtype):
 
 def save_subject_lora(model, path: Path, rank: int) -> Path:
     """A random LoRA (B nonzero, so the adapter really runs) written like a trained one, then removed."""
-    from dreamguide import models
+    from dreamguide import lora_files
 
-    models.add_lora(model.unet, rank=rank, adapter_name="bench")
+    lora_files.add_lora(model.unet, rank=rank, adapter_name="bench")
     with torch.no_grad():
         for name, parameter in model.unet.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 1e-3)
-    models.save_lora(model.unet, path, "bench")
+    lora_files.save_lora(model.unet, path, "bench")
     model.unet.delete_adapters("bench")
     return path
 

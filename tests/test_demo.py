@@ -75,8 +75,6 @@ def test_demo_draws_each_modes_trade_off_curve(demo):
 
 def test_demo_traces_consistency_p_for_consistency_modes(demo):
     result, out = demo
-    from dreamguide.toyworld.demo import consistency_p_curves  # noqa: F401  (public helper)
-
     record = json.loads((out / "demo.json").read_text())
     assert record["steps"] == 3 and record["seeds"] == [3]
     assert {p["set"] for p in record["prompts"]} == {"normal", "stylized"}

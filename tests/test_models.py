@@ -259,14 +259,6 @@ def test_parse_dtype_names_aliases_and_auto():
         parse_dtype("float8")
 
 
-def test_moved_names_still_resolve_from_models():
-    from dreamguide import lora_files, models, token_files
-
-    assert models.load_lora is lora_files.load_lora and models.save_embeddings is token_files.save_embeddings
-    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
-        models.not_a_name
-
-
 def test_mismatched_lora_is_refused_with_key_and_shapes(tmp_path):
     sdxl = _model("sdxl")
     add_lora(sdxl.unet, rank=4)

@@ -67,7 +67,8 @@ def one_thread():
 
 
 def _sd15():
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.testing import tiny_sd15_pipeline
 
     model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
@@ -77,7 +78,9 @@ def _sd15():
 
 
 def _sdxl():
-    from dreamguide.models import DiffusionModel, add_lora, add_tokens
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
+    from dreamguide.token_files import add_tokens
     from dreamguide.testing import tiny_sdxl_pipeline
 
     model = DiffusionModel.from_pipeline(tiny_sdxl_pipeline(seed=0))

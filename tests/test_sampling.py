@@ -491,7 +491,8 @@ def test_mixed_batch_traces_only_consistency_modes(sdxl):
 
 
 def test_adapter_is_found_without_its_name(sd15):
-    from dreamguide.models import DiffusionModel, add_lora
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import DiffusionModel
     from dreamguide.sampling import Sampler
     from dreamguide.testing import tiny_sd15_pipeline
 

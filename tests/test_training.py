@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreamguide import models
+from dreamguide import lora_files, models, token_files
 from dreamguide.training import DataError, read_metadata, train, train_config_from_dict
 from dreamguide.training.checkpoints import list_checkpoints, resolve_checkpoint
 from dreamguide.training.trainer import ADAPTER_NAME, adapters_disabled
@@ -70,8 +70,8 @@ def reload_personalized(model_dir, result):
     """A fresh model with the run's files loaded the way the sampler loads them."""
     model = models.load_model(model_dir)
     if result.embeddings_path is not None:
-        models.load_embeddings(model, result.embeddings_path, TOKEN)
-    models.load_lora(model, result.lora_path, ADAPTER_NAME)
+        token_files.load_embeddings(model, result.embeddings_path, TOKEN)
+    lora_files.load_lora(model, result.lora_path, ADAPTER_NAME)
     return model
 
 
@@ -103,9 +103,9 @@ def test_each_method_trains_an_adapter_that_changes_the_personalized_prediction(
     assert (personalized - base).abs().max() > 1e-4
     if ti:
         initial = models.load_model(model_dirs[kind])
-        models.add_tokens(initial, [TOKEN], CLASS_WORD)
-        before = models.token_embeddings(initial, [TOKEN])
-        after = models.token_embeddings(loaded, [TOKEN])
+        token_files.add_tokens(initial, [TOKEN], CLASS_WORD)
+        before = token_files.token_embeddings(initial, [TOKEN])
+        after = token_files.token_embeddings(loaded, [TOKEN])
         assert all(not torch.allclose(a, b) for a, b in zip(after, before))
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and [r["loss"] for r in log] == result.losses
@@ -114,7 +114,7 @@ def test_each_method_trains_an_adapter_that_changes_the_personalized_prediction(
 def test_reference_model_is_the_unet_with_adapters_off(model_dirs):
     model = models.load_model(model_dirs["sd"])
     before = unet_prediction(model, "a photo of dog")
-    models.add_lora(model.unet, 4, 4, ADAPTER_NAME)
+    lora_files.add_lora(model.unet, 4, 4, ADAPTER_NAME)
     for name, param in model.unet.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param)
@@ -132,8 +132,8 @@ def test_token_embeddings_train_under_bf16_autocast(model_dirs, photos, tmp_path
     )
     result = train(config, progress=False)
     initial = models.load_model(model_dirs["sdxl"])
-    models.add_tokens(initial, [TOKEN], CLASS_WORD)
-    before = models.token_embeddings(initial, [TOKEN])
+    token_files.add_tokens(initial, [TOKEN], CLASS_WORD)
+    before = token_files.token_embeddings(initial, [TOKEN])
     saved = load_file(str(result.embeddings_path))
     assert set(saved) == {"clip_l", "clip_g"}
     for key, start in zip(("clip_l", "clip_g"), before):
@@ -148,10 +148,10 @@ def test_frozen_tokens_keep_their_initial_embedding(model_dirs, photos, tmp_path
     config = make_config(model_dirs["sd"], photos, tmp_path / "out", "dreambooth-ti", ti={"train_fraction": 0.0})
     result = train(config, progress=False)
     initial = models.load_model(model_dirs["sd"])
-    models.add_tokens(initial, [TOKEN], CLASS_WORD)
+    token_files.add_tokens(initial, [TOKEN], CLASS_WORD)
     saved = load_file(str(result.embeddings_path))
     assert set(saved) == {"emb_params"}
-    assert torch.equal(saved["emb_params"], models.token_embeddings(initial, [TOKEN])[0])
+    assert torch.equal(saved["emb_params"], token_files.token_embeddings(initial, [TOKEN])[0])
 
 
 def test_resume_is_exact(model_dirs, photos, tmp_path):
@@ -246,8 +246,8 @@ def test_output_files_keys_metadata_and_diffusers_loading(model_dirs, photos, tm
         assert meta["base_model"] == str(model_dirs["sdxl"]) and meta["lora_rank"] == 4 and meta["dco_beta"] == 1000.0
     # The Kohya copy loads to the same adapter (alpha 8 != rank 4, so the scale is checked too).
     kohya_model = models.load_model(model_dirs["sdxl"])
-    models.load_embeddings(kohya_model, result.embeddings_path, TOKEN)
-    models.load_lora(kohya_model, result.kohya_path, ADAPTER_NAME)
+    token_files.load_embeddings(kohya_model, result.embeddings_path, TOKEN)
+    lora_files.load_lora(kohya_model, result.kohya_path, ADAPTER_NAME)
     torch.testing.assert_close(unet_prediction(kohya_model), unet_prediction(result.model), rtol=1e-5, atol=1e-5)
     # The sampler loads the files, and the adapter changes what it draws.
     from dreamguide.sampling import Sampler, SampleSettings

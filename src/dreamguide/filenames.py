@@ -25,3 +25,7 @@ TENSORBOARD_DIR = "logs"
 PERSONALIZATION_RECORD = "personalization.json"
 
 METADATA_KEY = "dreamguide"
+
+#: Files read as images wherever dreamguide takes a folder of photos (training data, DreamBench
+#: subjects, reference folders); other files are skipped.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

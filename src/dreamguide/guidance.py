@@ -557,8 +557,8 @@ def with_knob(
     mode: str | GuidanceMode,
     value: float | None,
     *,
-    w_text: float = 7.5,
-    w_cons: float = 3.0,
+    w_text: float = W_TEXT,
+    w_cons: float = W_CONS,
     pr: ParallelRescaling = ParallelRescaling(),
     shaping: ConsistencyShaping = ConsistencyShaping(),
 ) -> dict:

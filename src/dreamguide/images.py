@@ -29,11 +29,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from dreamguide.atomic import atomic_open  # noqa: F401 (part of this module's API)
-from dreamguide.filenames import METADATA_KEY
+from dreamguide.filenames import IMAGE_SUFFIXES, METADATA_KEY
 
 PARAMETERS_KEY = "parameters"
-#: Image files every command reads (PNG, JPEG, WebP, BMP, TIFF).
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class ImageReadError(ValueError):

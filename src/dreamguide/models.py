@@ -17,7 +17,6 @@ files in :mod:`dreamguide.lora_files`, learned tokens and their files in :mod:`d
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -532,19 +531,3 @@ def encode_prompts(
     time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype).to(prompt_embeds.device).expand(len(prompts), 6)
     return TextConditioning(prompt_embeds, pooled, time_ids)
 
-
-# Names that moved to lora_files and token_files stay importable from here for callers not yet
-# updated; they are not part of this module's API.
-_MOVED = {
-    **dict.fromkeys(("add_lora", "load_lora", "lora_state_dict", "save_lora"), "dreamguide.lora_files"),
-    **dict.fromkeys(
-        ("SDXL_EMBEDDING_KEYS", "add_tokens", "load_embeddings", "save_embeddings", "token_embeddings", "token_ids"),
-        "dreamguide.token_files",
-    ),
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

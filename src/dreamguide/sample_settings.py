@@ -120,6 +120,11 @@ def check_run(steps, batch_size, scheduler) -> None:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
+#: Denoising steps of a preview, fewer than ``SampleSettings.steps``: the sample images written
+#: during training, the toy-world demo and the web app's sample form.
+PREVIEW_STEPS: int = 25
+
+
 @dataclass(frozen=True)
 class SampleSettings:
     """What to sample: prompts, guidance modes and weights, seeds, size and steps (validated).

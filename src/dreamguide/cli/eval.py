@@ -47,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _image_files(items, what: str):
     from pathlib import Path
 
-    from dreamguide.images import IMAGE_SUFFIXES
+    from dreamguide.filenames import IMAGE_SUFFIXES
 
     files = []
     for item in items:

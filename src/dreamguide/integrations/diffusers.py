@@ -31,7 +31,7 @@ from the conditional side). The pipeline is used unmodified.
 
 Adapters: ``prepare_models`` routes every LoRA layer of the UNet with PEFT's per-row
 ``adapter_names`` (``dreamguide.unet_rows``): the named adapter on for the personalized batch,
-off (``"__base__"``) for the other two, and ``cleanup_models`` removes the hooks, so the UNet's
+off (``unet_rows.BASE_ROUTE``) for the other two, and ``cleanup_models`` removes the hooks, so the UNet's
 own adapter state is never changed. ``adapter_name=None`` is for personalization by learned
 tokens alone: then the UNet must carry no LoRA adapter.
 
@@ -85,6 +85,7 @@ from diffusers.configuration_utils import register_to_config  # noqa: E402
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput  # noqa: E402
 
 from dreamguide import guidance, unet_rows  # noqa: E402
+from dreamguide.lora_files import ADAPTER_NAME  # noqa: E402
 
 #: The 3-prediction guidance modes this guider runs (aliases such as "pr" are accepted too).
 GUIDER_MODES: tuple[str, ...] = tuple(
@@ -117,10 +118,10 @@ class ConsistencyGuidance(BaseGuidance):
     def __init__(
         self,
         mode: str = "parallel-rescaled",
-        w_text: float = 7.5,
-        w_cons: float = 3.0,
+        w_text: float = guidance.W_TEXT,
+        w_cons: float = guidance.W_CONS,
         pr: dict | None = None,
-        adapter_name: str | None = "subject",
+        adapter_name: str | None = ADAPTER_NAME,
         start: float = 0.0,
         stop: float = 1.0,
         enabled: bool = True,

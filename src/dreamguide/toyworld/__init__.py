@@ -7,7 +7,7 @@ Everything here is procedural and seeded: nothing is downloaded.
   :func:`caption` / :func:`parse` (labels <-> text, exact round trip) and :data:`VOCABULARY` (every
   word a prompt may contain, for a word-level tokenizer).
 * :mod:`~dreamguide.toyworld.render` -- :func:`render` draws labels as ``(N, 3, 32, 32)`` float32
-  images in ``[-1, 1]`` (vectorized torch on CPU, a few thousand images per second in batches of ~512);
+  images in ``[-1, 1]`` (vectorized torch on CPU, in batches; speed: docs/TOYWORLD.md);
   :func:`sample` draws random labels, images and captions from one seed.
 * :mod:`~dreamguide.toyworld.subjects` -- the 6 subjects (rare token + class, e.g. ``sks ball``),
   their 5 reference photos (:func:`reference_images`) and :func:`sample_base_labels`, the base

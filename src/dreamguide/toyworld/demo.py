@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from dreamguide.sample_settings import PREVIEW_STEPS
 from dreamguide.sampling import SampleSettings
 
 DEMO_MODES: tuple[str, ...] = ("dreambooth", "consistency", "parallel-rescaled")
@@ -46,7 +47,7 @@ class DemoSettings:
     subject: str = "sks"
     prompts: Sequence[str] = ()  # token prompts; empty: DEMO_TEMPLATES filled with the subject
     seeds: Sequence[int] = (0, 1)
-    steps: int = 25
+    steps: int = PREVIEW_STEPS
     w_text: float = SampleSettings.w_text
     w_cons: float = SampleSettings.w_cons
     output: str = "demo-output"
@@ -318,7 +319,7 @@ def _write_grid(results, cases, settings, path: Path, scale: int = 3) -> Path:
     return save_png(grid, path, {"steps": settings.steps, "w_text": settings.w_text, "w_cons": settings.w_cons})
 
 
-def consistency_p_curves(results, cases, mode: str = "consistency") -> dict[str, dict[str, list[float]]]:
+def consistency_p_by_prompt_set(results, cases, mode: str = "consistency") -> dict[str, dict[str, list[float]]]:
     """Per prompt set: per step, the mean over images of Consistency_p's spatial mean, its spread
     (mean spatial std) and the fraction of negative locations, for one guidance mode's images."""
     curves: dict[str, dict[str, list[float]]] = {}
@@ -340,12 +341,12 @@ def _plot_consistency_p(results, cases, path: Path) -> Path:
     curves = {
         (MODE_LABELS[mode], set_name): curve
         for mode in ("consistency", "parallel-rescaled")
-        for set_name, curve in consistency_p_curves(results, cases, mode).items()
+        for set_name, curve in consistency_p_by_prompt_set(results, cases, mode).items()
     }
-    return plot_consistency_p(curves, path, "Consistency_p per step: mean, band = mean spatial std")
+    return plot_consistency_p_by_prompt_set(curves, path, "Consistency_p per step: mean, band = mean spatial std")
 
 
-def plot_consistency_p(curves: dict[tuple[str, str], dict], path: Path, title: str) -> Path:
+def plot_consistency_p_by_prompt_set(curves: dict[tuple[str, str], dict], path: Path, title: str) -> Path:
     """Consistency_p per step, one curve per (mode, prompt set): mean (band: spatial std) and fraction < 0.
 
     Solid lines for consistency guidance, dotted for the others; the band is drawn for consistency only.

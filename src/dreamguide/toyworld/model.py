@@ -242,9 +242,17 @@ def load_toyworld_model(path=None, device="cpu", dtype: torch.dtype = torch.floa
     return load_model(path, dtype=dtype, device=device)
 
 
+#: ``sample_cfg``'s defaults, a quick look at the base model (``train_base.write_preview``, the
+#: bundled ``preview.png``, the pinned regression images): a preview's settings, not the sampler's
+#: (``SampleSettings.steps``, ``guidance.W_TEXT``); experiments pass their own.
+BASE_PREVIEW_STEPS: int = 30
+BASE_PREVIEW_W_TEXT: float = 5.0
+
+
 @torch.no_grad()
-def sample_cfg(model, prompts: Sequence[str], seeds: Sequence[int], steps: int = 30, w_text: float = 5.0,
-               batch_size: int = 256, clipped_model_output: bool = True) -> torch.Tensor:
+def sample_cfg(model, prompts: Sequence[str], seeds: Sequence[int], steps: int = BASE_PREVIEW_STEPS,
+               w_text: float = BASE_PREVIEW_W_TEXT, batch_size: int = 256,
+               clipped_model_output: bool = True) -> torch.Tensor:
     """Classifier-free-guided samples of the base model with its own scheduler, one per (prompt, seed)
     pair, batched across prompts: ``(N, 3, S, S)`` in [-1, 1] on the CPU. Seed ``s`` draws the
     initial noise on the CPU as :class:`dreamguide.sampling.Sampler` does; the sample stays in the

@@ -1,4 +1,4 @@
-"""Vectorized, seeded rendering of the miniature world (torch on CPU, thousands of images per second).
+"""Vectorized, seeded rendering of the miniature world (torch on CPU; speed: docs/TOYWORLD.md).
 
 :func:`render` draws a batch of :class:`~dreamguide.toyworld.world.Labels` as RGB images, float32
 ``(N, 3, size, size)`` in ``[-1, 1]``: a procedural scene, the object (shape, main color, pattern

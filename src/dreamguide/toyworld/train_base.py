@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dreamguide.toyworld.model import ToyModelConfig
+from dreamguide.toyworld.model import BASE_PREVIEW_STEPS, BASE_PREVIEW_W_TEXT, ToyModelConfig
 
 RECORD_NAME = "training.json"
 PREVIEW_NAME = "preview.png"
@@ -295,7 +295,8 @@ PREVIEW_PROMPTS: tuple[str, ...] = (
 )
 
 
-def write_preview(model, path, prompts=PREVIEW_PROMPTS, seeds=(0, 1, 2, 3), steps: int = 30, w_text: float = 5.0):
+def write_preview(model, path, prompts=PREVIEW_PROMPTS, seeds=(0, 1, 2, 3), steps: int = BASE_PREVIEW_STEPS,
+                  w_text: float = BASE_PREVIEW_W_TEXT):
     """A grid of base-model samples (rows: prompts, columns: seeds), 2x upscaled, saved as PNG."""
     from dreamguide.images import image_grid, save_png
     from dreamguide.toyworld.model import sample_cfg

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from dreamguide.config import ConfigError, defaults, from_dict, load_toml, save_toml, to_toml
 from dreamguide.lora_files import LORA_TARGETS
+from dreamguide.sample_settings import PREVIEW_STEPS
 from dreamguide.sampling import SampleSettings
 from dreamguide.training.losses import DCO_BETA
 
@@ -136,7 +137,7 @@ class SampleConfig:
     modes: list[str] = field(default_factory=lambda: ["dreambooth", *_SAMPLER_DEFAULTS["modes"]])
     seeds: list[int] = field(default_factory=lambda: [0])
     #: Fewer denoising steps than the sampler's default: a preview during training, not a final image.
-    steps: int = 25
+    steps: int = PREVIEW_STEPS
     w_text: float = _SAMPLER_DEFAULTS["w_text"]
     w_cons: float = _SAMPLER_DEFAULTS["w_cons"]
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreamguide.images import IMAGE_SUFFIXES, ImageReadError
+from dreamguide.filenames import IMAGE_SUFFIXES
+from dreamguide.images import ImageReadError
 from dreamguide.images import open_rgb as _open_rgb
 from dreamguide.prompts import base_prompt, contains_token
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dreamguide.sampling import SampleSettings
     from dreamguide.training import TrainConfig
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 #: Where a message that belongs to no one field is shown.
 GENERAL = "general"
@@ -41,7 +41,7 @@ class FieldChecks:
     def __init__(self) -> None:
         self.errors: dict[str, str] = {}
 
-    def check(self, name: str, fn: Callable[[], T]) -> T | None:
+    def check(self, name: str, fn: Callable[[], _T]) -> _T | None:
         try:
             return fn()
         except (ValueError, FileNotFoundError) as error:
@@ -77,6 +77,18 @@ def read_steps(value: Any) -> int:
 # Sampling
 
 
+def _preview_steps() -> int:
+    from dreamguide.sample_settings import PREVIEW_STEPS
+
+    return PREVIEW_STEPS
+
+
+def _weight_defaults() -> tuple[float, float]:
+    from dreamguide.guidance import W_CONS, W_TEXT
+
+    return W_TEXT, W_CONS
+
+
 def _pr_defaults() -> dict:
     from dreamguide.guidance import ParallelRescaling
 
@@ -97,9 +109,9 @@ class SampleForm:
     base_prompt: str = ""
     negative_prompt: str = ""
     seeds: str = "0,1"
-    steps: Any = 25
-    w_text: Any = "7.5"
-    w_cons: Any = "3.0"
+    steps: Any = field(default_factory=_preview_steps)
+    w_text: Any = field(default_factory=lambda: str(_weight_defaults()[0]))
+    w_cons: Any = field(default_factory=lambda: str(_weight_defaults()[1]))
     modes: Sequence[str] = ("cfg", "dreambooth", "consistency", "parallel-rescaled")
     pr_granularity: str = field(default_factory=lambda: _pr_defaults()["granularity"])
     pr_normalization: str = field(default_factory=lambda: _pr_defaults()["normalization"])

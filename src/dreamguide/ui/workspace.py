@@ -1,7 +1,7 @@
 """The app's state and actions: the model in use, its subject and adapter, comparisons, training runs.
 
 A :class:`Workspace` holds one ``Sampler`` (the base model plus, usually, one subject's adapter)
-and the :class:`Subject` it draws. :meth:`Workspace.compare` samples one prompt with several
+and the :class:`LoadedSubject` it draws. :meth:`Workspace.compare` samples one prompt with several
 guidance modes from the same seeds, exactly as ``dreamguide sample`` does, writes what that
 command writes (PNGs with their settings, the labelled grid, ``settings.json``, ``trace.json``),
 and adds the scores and the two plots. :meth:`Workspace.start_training` fine-tunes a subject
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
     from dreamguide.sampling import Sampler, SampleResult, SampleSettings
 
-#: Short column names of the modes that have an alias (``parallel-rescaled`` -> ``pr``).
-MODE_LABELS: dict[str, str] = {"parallel-rescaled": "pr"}
 #: Sample prompts written during training (``{token}``, ``{class_word}`` filled in): a plain and a
 #: stylized prompt, so the samples show identity against prompt adherence as the run goes.
 TOY_TRAINING_PROMPTS = ("a photo of a {token} {class_word}", "a pencil sketch of a {token} {class_word}")
@@ -59,11 +57,14 @@ TRAINING_SAMPLE_EVERY = {True: 100, False: 250}
 
 
 def mode_label(mode: str) -> str:
-    return MODE_LABELS.get(mode, mode)
+    """A mode's short column name: its alias (``parallel-rescaled`` -> ``pr``), else its name."""
+    from dreamguide.guidance import ALIASES
+
+    return next((short for short, full in ALIASES.items() if full == mode), mode)
 
 
 @dataclass(frozen=True)
-class Subject:
+class LoadedSubject:
     """What the loaded adapter draws: its token and class word, reference photos, and weight files."""
 
     name: str
@@ -137,7 +138,7 @@ class Workspace:
 
     def __init__(self, model: str | os.PathLike | None = None, output: str | os.PathLike = "ui-output",
                  device: str | None = None, dtype: str | None = None, scorer=None,
-                 training_sample_steps: int = 25) -> None:
+                 training_sample_steps: int | None = None) -> None:
         from dreamguide.toyworld.model import BUNDLED_MODEL_DIR
 
         self.toy = model is None
@@ -146,8 +147,12 @@ class Workspace:
         self.device, self.dtype = device, dtype
         self.scorer = scorer or (ToyScorer() if self.toy else MetricScorer(device=device))
         self.sampler: "Sampler | None" = None
-        self.subject = Subject(name="no subject: the base model")
+        self.subject = LoadedSubject(name="no subject: the base model")
         self.job: TrainingJob | None = None
+        if training_sample_steps is None:
+            from dreamguide.sample_settings import PREVIEW_STEPS
+
+            training_sample_steps = PREVIEW_STEPS
         #: Denoising steps of the sample images written during training (a preview, as ``[sample]`` steps).
         self.training_sample_steps = training_sample_steps
         self._lock = threading.RLock()
@@ -177,7 +182,7 @@ class Workspace:
         folder = adapter_dir(subject, method)
         return folder if (folder / LORA_FILE).is_file() else None
 
-    def use_toy_subject(self, subject: str, method: str = "dreambooth") -> Subject:
+    def use_toy_subject(self, subject: str, method: str = "dreambooth") -> LoadedSubject:
         """Load a subject's bundled adapter; a subject without one is a :class:`FieldErrors` on ``subject``."""
         from dreamguide.toyworld.personalize import subject_token
         from dreamguide.toyworld.subjects import get_subject
@@ -205,7 +210,7 @@ class Workspace:
 
     def load(self, lora: str | os.PathLike | None = None, embeddings: str | os.PathLike | None = None,
              token: str | None = None, class_word: str | None = None, references: Sequence[str | os.PathLike] = (),
-             name: str | None = None) -> Subject:
+             name: str | None = None) -> LoadedSubject:
         """Load the base model with an adapter, as ``dreamguide sample --lora --embeddings --token`` does.
 
         A bad file or token is a :class:`FieldErrors` on ``lora``, ``embeddings`` or ``token``
@@ -225,15 +230,15 @@ class Workspace:
             self.sampler = sampler
             if lora or embeddings:
                 default = f"{token} {class_word}" if token else Path(lora or embeddings).parent.name
-                self.subject = Subject(name or default, token, class_word, tuple(Path(p) for p in references),
+                self.subject = LoadedSubject(name or default, token, class_word, tuple(Path(p) for p in references),
                                        Path(lora) if lora else None, Path(embeddings) if embeddings else None)
             else:
-                self.subject = Subject(name or "no subject: the base model",
+                self.subject = LoadedSubject(name or "no subject: the base model",
                                        references=tuple(Path(p) for p in references))
             return self.subject
 
     def load_uploaded(self, lora: str | None, embeddings: str | None, token: str | None, class_word: str | None,
-                      references: Sequence[str] = ()) -> Subject:
+                      references: Sequence[str] = ()) -> LoadedSubject:
         """Copy uploaded adapter files and photos under ``adapters/`` (so image metadata names files that
         stay), then :meth:`load` them."""
         if not lora and not embeddings:
@@ -329,7 +334,7 @@ class Workspace:
         comparison.seconds = time.time() - started
         yield comparison
 
-    def _score_and_plot(self, comparison: Comparison, subject: Subject) -> None:
+    def _score_and_plot(self, comparison: Comparison, subject: LoadedSubject) -> None:
         from dreamguide.atomic import atomic_write_text
         from dreamguide.ui.plots import plot_consistency_p, plot_tradeoff
 

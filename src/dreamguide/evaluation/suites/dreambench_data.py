@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from dreamguide.filenames import IMAGE_SUFFIXES
+
 PROMPT_FILE = "prompts_and_classes.txt"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 #: DreamBooth's live subjects are its animals; every other subject uses the object prompts.
 LIVE_CLASSES = frozenset({"cat", "dog"})
 
