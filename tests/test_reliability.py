@@ -269,14 +269,14 @@ def test_training_data_reads_a_16_bit_png_like_its_8_bit_twin(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from dreamguide.training.data import DataError, open_rgb
+    from dreamguide.training.data import DataError, open_training_image
 
     gray = (_gradient() // 4).astype(np.uint16)  # a dark image: every 16-bit value below 256 * 257
     Image.fromarray(gray * 257).save(tmp_path / "dark16.png")
-    assert np.asarray(open_rgb(tmp_path / "dark16.png"))[..., 0].tolist() == gray.tolist()
+    assert np.asarray(open_training_image(tmp_path / "dark16.png"))[..., 0].tolist() == gray.tolist()
     (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
     with pytest.raises(DataError, match=r"bad\.tif"):
-        open_rgb(tmp_path / "bad.tif")
+        open_training_image(tmp_path / "bad.tif")
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ def run_demo(settings: DemoSettings, log=_log, evaluators=None) -> dict:
         "metrics_md": output / "metrics.md",
         "metrics_csv": output / "metrics.csv",
         "consistency_p": _plot_consistency_p(results, cases, output / "consistency_p.png"),
-        "tradeoff": plot_tradeoff(rows + curve_rows, output / "tradeoff.png", settings.w_text),
+        "tradeoff": plot_mode_curves(rows + curve_rows, output / "tradeoff.png", settings.w_text),
     }
     summary = _summarize(rows)
     _write_metrics(rows, summary, settings, paths["metrics_md"], paths["metrics_csv"])
@@ -220,7 +220,7 @@ def tradeoff_points(rows: list[dict]) -> list[dict]:
             for (s, m, w), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0))]
 
 
-def plot_tradeoff(rows: list[dict], path: Path, w_text: float) -> Path:
+def plot_mode_curves(rows: list[dict], path: Path, w_text: float) -> Path:
     """Per prompt set, each mode's (text alignment, identity) points, joined in w_cons order and labelled."""
     import matplotlib
 

@@ -156,7 +156,7 @@ def scan_class_folder(folder: str | Path, class_word: str, template: str) -> lis
     return entries
 
 
-def open_rgb(path: Path) -> Image.Image:
+def open_training_image(path: Path) -> Image.Image:
     """Decode ``path`` as 8-bit RGB (:func:`dreamguide.images.open_rgb`); a :class:`DataError` if it cannot be read."""
     try:
         return _open_rgb(path)
@@ -194,7 +194,7 @@ def load_images(
     rng = random.Random(seed)
     images = []
     for entry in entries:
-        image = open_rgb(entry.path)
+        image = open_training_image(entry.path)
         width, height = image.size
         if min(width, height) < MIN_SIZE_FRACTION * size and not allow_upscale:
             raise DataError(
@@ -211,7 +211,7 @@ def load_images(
 def check_images_readable(entries: list[CaptionedFile]) -> None:
     """Decode every file once so a corrupt image is reported before the model is loaded."""
     for entry in entries:
-        open_rgb(entry.path)
+        open_training_image(entry.path)
 
 
 def check_caption_lengths(model, instance: list[CaptionedFile], classes: list[CaptionedFile], token: str,

@@ -276,10 +276,10 @@ def check_photos(folder: str | Path, token: str, class_word: str) -> None:
     """The trainer's own data checks, before training: there are photos, every one decodes, and (when
     the token and class word are given) every caption holds the token."""
     from dreamguide.training import TrainConfig
-    from dreamguide.training.data import list_images, open_rgb, scan_instance_folder
+    from dreamguide.training.data import list_images, open_training_image, scan_instance_folder
 
     for path in list_images(folder, "instance"):
-        open_rgb(path)
+        open_training_image(path)
     if token and class_word:
         scan_instance_folder(folder, token, class_word, TrainConfig().data.instance_prompt)
 
