@@ -64,15 +64,88 @@ def run_metadata(config: TrainConfig, model, step: int) -> dict[str, Any]:
     }
 
 
+def model_version(model) -> tuple[str, str]:
+    """(kohya's ``ss_base_model_version``, the SAI model spec architecture) of ``model``.
+
+    SDXL is ``sdxl_base_v1-0`` / ``stable-diffusion-xl-v1-base``; an SD model whose UNet attends
+    to 1024-wide text (OpenCLIP ViT-H) is SD 2.x, ``sd_v2`` / ``stable-diffusion-v2-512`` (``-768-v``
+    when it predicts v); any other SD model is SD 1.x, ``sd_v1`` / ``stable-diffusion-v1``. The
+    pixel models of the toy world have no kohya name: ``dreamguide_pixel`` / ``dreamguide-pixel``.
+    """
+    if model.kind == "sdxl":
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+    if model.kind == "sd":
+        if model.unet.config.cross_attention_dim == 1024:
+            v_prediction = model.scheduler.config.get("prediction_type") == "v_prediction"
+            return "sd_v2", "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+        return "sd_v1", "stable-diffusion-v1"
+    return "dreamguide_pixel", "dreamguide-pixel"
+
+
+def tag_frequency(config: TrainConfig) -> dict[str, dict[str, int]]:
+    """kohya's ``ss_tag_frequency``: {instance folder's name: {tag: number of captions with it}},
+    a caption's tags being its comma-separated parts, stripped."""
+    from dreamguide.training.data import scan_instance_folder
+
+    d = config.data
+    counts: dict[str, int] = {}
+    for entry in scan_instance_folder(d.instance_dir, d.token, d.class_word, d.instance_prompt):
+        for tag in {part.strip() for part in entry.token_caption.split(",")} - {""}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return {Path(d.instance_dir).name: dict(sorted(counts.items()))}
+
+
+def kohya_metadata(config: TrainConfig, model, step: int, name: str, when: float | None = None) -> dict[str, str]:
+    """The training fields kohya sd-scripts writes into a LoRA's header and A1111 / Civitai read
+    (``ss_*``), and the SAI model spec fields (``modelspec.*``); all values are strings.
+
+    ``name`` is the run's name (``ss_output_name``, ``modelspec.title``); ``when`` the Unix time of
+    the run's end (now when None), written as ``modelspec.date`` and ``ss_training_finished_at``.
+    """
+    import datetime
+    import time
+
+    when = time.time() if when is None else when
+    version, architecture = model_version(model)
+    size = config.data.resolution or model.default_size
+    resolution = f"({size}, {size})"
+    return {
+        "ss_base_model_version": version,
+        "ss_v2": str(version == "sd_v2"),
+        "ss_output_name": name,
+        "ss_training_comment": f"trigger: {config.data.token}",
+        "ss_resolution": resolution,
+        "ss_max_train_steps": str(config.train.steps),
+        "ss_steps": str(step),
+        "ss_learning_rate": str(config.train.lr),
+        "ss_seed": str(config.train.seed),
+        "ss_tag_frequency": json.dumps(tag_frequency(config), sort_keys=True),
+        "ss_training_finished_at": str(int(when)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": name,
+        "modelspec.trigger_phrase": config.data.token,
+        "modelspec.resolution": f"{size}x{size}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(when), datetime.timezone.utc).isoformat(),
+    }
+
+
 def write_outputs(
-    files: OutputFiles, model, token_vectors: list[torch.Tensor], metadata: dict[str, Any], token: str
+    files: OutputFiles,
+    model,
+    token_vectors: list[torch.Tensor],
+    metadata: dict[str, Any],
+    token: str,
+    kohya: dict[str, str] | None = None,
 ) -> None:
     """Write the adapter ``ADAPTER_NAME`` of ``model.unet`` (diffusers and Kohya layouts) and, when
     ``files.embeddings`` is set, the trained ``token_vectors`` (one per text encoder), each file
-    with ``metadata`` as its ``dreamguide`` header."""
+    with ``metadata`` as its ``dreamguide`` header; the Kohya file also gets the ``kohya`` fields
+    (:func:`kohya_metadata`)."""
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     save_lora(model.unet, files.lora, ADAPTER_NAME, metadata=header)
-    save_kohya_lora(model.unet, files.kohya, ADAPTER_NAME, metadata=header)
+    save_kohya_lora(model.unet, files.kohya, ADAPTER_NAME, metadata={**(kohya or {}), **header})
     if files.embeddings is not None:
         save_embeddings(model, [token], files.embeddings, header, vectors=token_vectors)
 

@@ -41,7 +41,7 @@ from dreamguide.training.batches import CaptionConditioning, ImageLatents, Train
 from dreamguide.training.config import ConfigError, TrainConfig, save_config
 from dreamguide.training.data import TrainImage, check_images_readable, load_images, scan_class_folder, scan_instance_folder
 from dreamguide.training.losses import DCO_BETA, dco_loss, mse_loss
-from dreamguide.training.outputs import OutputFiles, run_metadata, write_outputs
+from dreamguide.training.outputs import OutputFiles, kohya_metadata, run_metadata, write_outputs
 from dreamguide.training.tokens import TrainableTokenEmbedding, install, uninstall
 
 
@@ -526,7 +526,8 @@ def _finish(config: TrainConfig, model, state: _Trainables, start_step: int) -> 
         uninstall(encoder)
     files = OutputFiles.in_folder(config.output.dir, with_embeddings=config.uses_ti)
     if accelerator.is_main_process:
-        write_outputs(files, model, vectors, run_metadata(config, model, t.steps), config.data.token)
+        kohya = kohya_metadata(config, model, t.steps, files.kohya.stem)
+        write_outputs(files, model, vectors, run_metadata(config, model, t.steps), config.data.token, kohya)
     accelerator.wait_for_everyone()
     if config.sample.every:
         _write_samples(accelerator, config, model, t.steps)
