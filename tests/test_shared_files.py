@@ -30,10 +30,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dreamguide.filenames import default_run_name, run_name_error
 from dreamguide.lora_files import ADAPTER_NAME, add_lora, from_kohya
 from dreamguide.models import DiffusionModel
 from dreamguide.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
-from dreamguide.training import train_config_from_dict
+from dreamguide.token_files import load_embeddings, token_embeddings
+from dreamguide.training import ConfigError, train_config_from_dict
 from dreamguide.training.outputs import OutputFiles, kohya_metadata, model_version, write_outputs
 
 TOKEN, CLASS_WORD = "<zwx>", "dog"
@@ -88,7 +90,8 @@ def adapted(kind: str) -> DiffusionModel:
 def test_kohya_file_carries_the_training_fields_a1111_and_kohya_read(kind, photos, tmp_path):
     model = adapted(kind)
     config = make_config(photos, tmp_path / "run")
-    files = OutputFiles.in_folder(tmp_path / "run", with_embeddings=False)
+    files = OutputFiles.in_folder(tmp_path / "run", with_embeddings=False, name="my-run")
+    assert files.kohya == tmp_path / "run" / "my-run.safetensors"
     when = 1_700_000_000
     write_outputs(files, model, [], {"token": TOKEN}, TOKEN, kohya_metadata(config, model, 5, "my-run", when))
     meta = header(files.kohya)
@@ -139,3 +142,42 @@ def test_model_version_tells_sd2_by_its_text_width_and_prediction():
     model.scheduler.register_to_config(prediction_type="v_prediction")
     assert model_version(model) == ("sd_v2", "stable-diffusion-v2-768-v")
     assert a1111_version({"ss_base_model_version": "sd_v2", "ss_v2": "True"}) == "SD2"
+
+
+def test_run_name_defaults_to_the_token_then_the_folder_and_bad_names_are_refused(photos, tmp_path):
+    assert default_run_name("<sks>", "outputs/run") == "sks"
+    assert default_run_name("zwx", "outputs/run") == "zwx"
+    assert default_run_name("<my token*>", "outputs/run") == "my_token"
+    assert default_run_name("<>", "outputs/dog run") == "dog_run"
+    assert default_run_name("<>", "/") == "run"
+    # A token whose name would overwrite the diffusers file falls back to the folder.
+    assert default_run_name("<pytorch_lora_weights>", "out/rex") == "rex"
+    assert make_config(photos, tmp_path / "out").run_name == "zwx"
+    assert make_config(photos, tmp_path / "out", output={"name": "rex-v2"}).run_name == "rex-v2"
+    for bad, why in [("a/b", "not a portable file name"), ("-x", "not a portable file name"),
+                     ("embeddings", "would overwrite the run's embeddings.safetensors"),
+                     ("pytorch_lora_weights", "would overwrite the run's pytorch_lora_weights.safetensors")]:
+        assert why in run_name_error(bad)
+        with pytest.raises(ConfigError, match=f"output.name is {bad!r} .*{why}"):
+            make_config(photos, tmp_path / "out", output={"name": bad})
+
+
+def test_shared_files_are_named_after_the_run_and_the_diffusers_files_keep_their_names(photos, tmp_path):
+    model = adapted("sd")
+    config = make_config(photos, tmp_path / "run", train={"method": "dreambooth-ti"})
+    files = OutputFiles.in_folder(tmp_path / "run", with_embeddings=True, name=config.run_name)
+    from dreamguide.token_files import add_tokens
+
+    add_tokens(model, TOKEN, CLASS_WORD)
+    vectors = [token_embeddings(model, [TOKEN])[0] + 1.0]
+    write_outputs(files, model, vectors, {"token": TOKEN}, TOKEN, kohya_metadata(config, model, 7, config.run_name))
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["embeddings.safetensors", "pytorch_lora_weights.safetensors", "zwx.safetensors", "zwx_emb.safetensors"]
+    shared, own = load_file(files.shared_embeddings), load_file(files.embeddings)
+    assert shared.keys() == own.keys() == {"emb_params"} and torch.equal(shared["emb_params"], own["emb_params"])
+    # A1111 (modules/textual_inversion/textual_inversion.py, from memory) takes a safetensors dict of
+    # exactly one tensor as the embedding and names it after the file: the trigger is "zwx_emb".
+    assert len(shared) == 1 and files.shared_embeddings.stem == "zwx_emb"
+    fresh = adapted("sd")
+    assert load_embeddings(fresh, files.shared_embeddings, "zwx_emb") == ["zwx_emb"]
+    torch.testing.assert_close(token_embeddings(fresh, ["zwx_emb"])[0], vectors[0])

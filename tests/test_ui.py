@@ -255,7 +255,7 @@ def test_train_form_blanks_keep_the_worlds_recipe_and_alpha_follows_the_rank(tmp
 
 
 def test_training_runs_in_the_background_stops_on_cancel_and_resumes(tmp_path):
-    from dreamguide.filenames import KOHYA_FILE, LORA_FILE
+    from dreamguide.filenames import LORA_FILE, kohya_file
 
     ws = Workspace(output=tmp_path / "ui", device="cpu", training_sample_steps=2)
     form = TrainForm(token="ignored", class_word="ignored", steps="4", lr="2e-3", rank="4", batch_size="2",
@@ -274,7 +274,7 @@ def test_training_runs_in_the_background_stops_on_cancel_and_resumes(tmp_path):
     assert steps == [1, 2, 3, 4] and all(np.isfinite(losses))
     step, images = job.latest_samples()
     assert step == 4 and len(images) == 2 * 2  # two prompts x two modes, one seed
-    assert {p.name for p in job.files()} >= {LORA_FILE, KOHYA_FILE, "config.toml"}
+    assert {p.name for p in job.files()} >= {LORA_FILE, kohya_file(job.config.run_name), "config.toml"}
     # The finished adapter is the one the workspace samples with now.
     assert (ws.subject.token, ws.subject.class_word, ws.subject.lora) == ("zwx", "cup", job.output_dir / LORA_FILE)
     assert len(ws.subject.references) == 5

@@ -7,7 +7,7 @@ diffusers (``save_lora``; ``pytorch_lora_weights.safetensors`` of a training run
     ``unet.<module>.lora_A.weight`` / ``...lora_B.weight``, with the adapter's rank, alpha and
     targets in the ``lora_adapter_metadata`` header, so ``pipe.load_lora_weights`` and
     :func:`load_lora` rebuild the same adapter.
-Kohya (``save_kohya_lora``; ``pytorch_lora_weights_kohya.safetensors``), read by ComfyUI and A1111
+Kohya (``save_kohya_lora``; ``<run name>.safetensors`` of a training run), read by ComfyUI and A1111
     ``lora_unet_<module, dots as _>`` + ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and
     ``.alpha`` (a scalar), with the ``ss_`` header fields Kohya tools show.
 

@@ -117,6 +117,10 @@ class DCOConfig:
 @dataclass
 class OutputConfig:
     dir: str = "outputs/run"
+    #: The run's name, which the shared files carry (``<name>.safetensors``, the Kohya LoRA;
+    #: ``<name>_emb.safetensors``, the embeddings); "" names the run after the token without its
+    #: angle brackets, else after the output folder.
+    name: str = ""
     #: Save ``checkpoint-<step>/`` every this many steps; 0 turns checkpoints off.
     checkpoint_every: int = 250
     #: Keep only the newest this many checkpoints.
@@ -156,6 +160,13 @@ class TrainConfig:
     def uses_ti(self) -> bool:
         """Whether the token embeddings are trained."""
         return self.train.method == "dreambooth-ti" or (self.train.method == "dco" and self.ti.enabled)
+
+    @property
+    def run_name(self) -> str:
+        """``output.name``, or the name :func:`dreamguide.filenames.default_run_name` derives."""
+        from dreamguide.filenames import default_run_name
+
+        return self.output.name or default_run_name(self.data.token, self.output.dir)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -204,6 +215,12 @@ class TrainConfig:
                 fail(key, f"must be a finite number >= 0, got {value}")
         if self.lora.alpha <= 0:
             fail("lora.alpha", f"must be positive, got {self.lora.alpha}")
+        if self.output.name:
+            from dreamguide.filenames import run_name_error
+
+            error = run_name_error(self.output.name)
+            if error:
+                fail("output.name", f"is {error}")
         if not self.lora.target_modules:
             fail("lora.target_modules", "must name at least one module, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0']")
         if not 0.0 <= self.ti.train_fraction <= 1.0:

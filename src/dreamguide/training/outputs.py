@@ -2,10 +2,12 @@
 
 ``pytorch_lora_weights.safetensors``
     the LoRA in the diffusers layout (:func:`dreamguide.lora_files.save_lora`)
-``pytorch_lora_weights_kohya.safetensors``
-    the same weights in the Kohya layout for ComfyUI and A1111 (:func:`dreamguide.lora_files.save_kohya_lora`)
-``embeddings.safetensors`` (when the token trains)
-    the trained token vectors in float32 (:func:`dreamguide.token_files.save_embeddings`)
+``<name>.safetensors``
+    the same weights in the Kohya layout for ComfyUI and A1111 (:func:`dreamguide.lora_files.save_kohya_lora`),
+    with kohya's training fields and the SAI model spec in its header (:func:`kohya_metadata`)
+``embeddings.safetensors`` and ``<name>_emb.safetensors`` (when the token trains)
+    the trained token vectors in float32 (:func:`dreamguide.token_files.save_embeddings`): the
+    first for dreamguide and diffusers, the second, the same file, to share
 
 Every file carries a ``dreamguide`` header: JSON with the token, class word, base model, method,
 steps and the run's hyperparameters (:func:`run_metadata`, read back with :func:`read_metadata`).
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dreamguide.filenames import EMBEDDINGS_FILE, KOHYA_FILE, LORA_FILE, METADATA_KEY
+from dreamguide.filenames import EMBEDDINGS_FILE, LORA_FILE, METADATA_KEY, kohya_file, shared_embeddings_file
 from dreamguide.lora_files import ADAPTER_NAME, save_kohya_lora, save_lora
 from dreamguide.token_files import save_embeddings
 from dreamguide.training.config import TrainConfig
@@ -29,16 +31,21 @@ from dreamguide.training.config import TrainConfig
 
 @dataclass(frozen=True)
 class OutputFiles:
-    """The paths of a run's weight files (``embeddings`` is None when no token trains)."""
+    """The paths of a run's weight files (the embeddings are None when no token trains)."""
 
     lora: Path
     kohya: Path
     embeddings: Path | None
+    shared_embeddings: Path | None = None
 
     @classmethod
-    def in_folder(cls, output_dir: str | os.PathLike, with_embeddings: bool) -> "OutputFiles":
+    def in_folder(cls, output_dir: str | os.PathLike, with_embeddings: bool, name: str) -> "OutputFiles":
+        """The files of the run called ``name`` (:attr:`TrainConfig.run_name`) in ``output_dir``."""
         output_dir = Path(output_dir)
-        return cls(output_dir / LORA_FILE, output_dir / KOHYA_FILE, output_dir / EMBEDDINGS_FILE if with_embeddings else None)
+        if not with_embeddings:
+            return cls(output_dir / LORA_FILE, output_dir / kohya_file(name), None, None)
+        embeddings, shared = output_dir / EMBEDDINGS_FILE, output_dir / shared_embeddings_file(name)
+        return cls(output_dir / LORA_FILE, output_dir / kohya_file(name), embeddings, shared)
 
 
 def run_metadata(config: TrainConfig, model, step: int) -> dict[str, Any]:
@@ -46,6 +53,7 @@ def run_metadata(config: TrainConfig, model, step: int) -> dict[str, Any]:
     import dreamguide
 
     return {
+        "name": config.run_name,
         "token": config.data.token,
         "class_word": config.data.class_word,
         "base_model": config.model.pretrained or model.source,
@@ -146,8 +154,9 @@ def write_outputs(
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     save_lora(model.unet, files.lora, ADAPTER_NAME, metadata=header)
     save_kohya_lora(model.unet, files.kohya, ADAPTER_NAME, metadata={**(kohya or {}), **header})
-    if files.embeddings is not None:
-        save_embeddings(model, [token], files.embeddings, header, vectors=token_vectors)
+    for path in (files.embeddings, files.shared_embeddings):
+        if path is not None:
+            save_embeddings(model, [token], path, header, vectors=token_vectors)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

@@ -524,9 +524,9 @@ def _finish(config: TrainConfig, model, state: _Trainables, start_step: int) -> 
     vectors = [param.detach().float().cpu() for param in state.token_params]
     for encoder in model.text_encoders:
         uninstall(encoder)
-    files = OutputFiles.in_folder(config.output.dir, with_embeddings=config.uses_ti)
+    files = OutputFiles.in_folder(config.output.dir, with_embeddings=config.uses_ti, name=config.run_name)
     if accelerator.is_main_process:
-        kohya = kohya_metadata(config, model, t.steps, files.kohya.stem)
+        kohya = kohya_metadata(config, model, t.steps, config.run_name)
         write_outputs(files, model, vectors, run_metadata(config, model, t.steps), config.data.token, kohya)
     accelerator.wait_for_everyone()
     if config.sample.every:
