@@ -243,7 +243,7 @@ def test_output_files_keys_metadata_and_diffusers_loading(model_dirs, photos, tm
     for path in (result.lora_path, result.kohya_path, result.embeddings_path):
         meta = read_metadata(path)
         assert (meta["token"], meta["class_word"], meta["method"], meta["steps"]) == (TOKEN, CLASS_WORD, "dco", 2)
-        assert meta["base_model"] == str(model_dirs["sdxl"]) and meta["lora_rank"] == 4 and meta["dco_beta"] == 1000.0
+        assert meta["base_model"] == model_dirs["sdxl"].name and meta["lora_rank"] == 4 and meta["dco_beta"] == 1000.0
     # The Kohya copy loads to the same adapter (alpha 8 != rank 4, so the scale is checked too).
     kohya_model = models.load_model(model_dirs["sdxl"])
     models.load_embeddings(kohya_model, result.embeddings_path, TOKEN)

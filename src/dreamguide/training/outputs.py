@@ -49,14 +49,28 @@ class OutputFiles:
 
 
 def run_metadata(config: TrainConfig, model, step: int) -> dict[str, Any]:
-    """The ``dreamguide`` header of the output files: what was trained, from what, and how."""
-    import dreamguide
+    """The ``dreamguide`` header of the output files: what was trained, from what, and how.
 
+    It travels with the files, so it holds no local paths: the base model is its Hub id or its
+    folder's name with the SHA-256 of its UNet weights, the image folders and ``output.dir`` their
+    names (the instance images with a SHA-256 over them), see :mod:`dreamguide.provenance`.
+    """
+    import dreamguide
+    from dreamguide.provenance import folder_sha256, portable, portable_name
+
+    base = portable(config.model.pretrained or model.source)
+    shared = config.to_dict()
+    shared["model"]["pretrained"] = portable_name(config.model.pretrained) or ""
+    for section, key in (("data", "instance_dir"), ("data", "class_dir"), ("output", "dir")):
+        shared[section][key] = portable_name(shared[section][key]) or ""
+    instance_dir = Path(config.data.instance_dir)
     return {
         "name": config.run_name,
         "token": config.data.token,
         "class_word": config.data.class_word,
-        "base_model": config.model.pretrained or model.source,
+        "base_model": base["name"],
+        "base_model_sha256": base["sha256"],
+        "instance_data_sha256": folder_sha256(instance_dir) if instance_dir.is_dir() else None,
         "model_kind": model.kind,
         "method": config.train.method,
         "steps": step,
@@ -68,7 +82,7 @@ def run_metadata(config: TrainConfig, model, step: int) -> dict[str, Any]:
         "dco_beta": config.dco.beta if config.train.method == "dco" else None,
         "dco_average": config.dco.average if config.train.method == "dco" else None,
         "dreamguide_version": dreamguide.__version__,
-        "config": config.to_dict(),
+        "config": shared,
     }
 
 
@@ -113,12 +127,15 @@ def kohya_metadata(config: TrainConfig, model, step: int, name: str, when: float
     import datetime
     import time
 
+    from dreamguide.provenance import portable_name
+
     when = time.time() if when is None else when
     version, architecture = model_version(model)
     size = config.data.resolution or model.default_size
     resolution = f"({size}, {size})"
     return {
         "ss_base_model_version": version,
+        "ss_sd_model_name": portable_name(config.model.pretrained or model.source) or "",
         "ss_v2": str(version == "sd_v2"),
         "ss_output_name": name,
         "ss_training_comment": f"trigger: {config.data.token}",
