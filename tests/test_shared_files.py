@@ -36,7 +36,8 @@ from dreamguide.models import DiffusionModel
 from dreamguide.testing import tiny_sd15_pipeline, tiny_sdxl_pipeline
 from dreamguide.token_files import load_embeddings, token_embeddings
 from dreamguide.training import ConfigError, train_config_from_dict
-from dreamguide.training.outputs import OutputFiles, kohya_metadata, model_version, write_outputs
+from dreamguide.provenance import addnet_hash, folder_sha256, sha256_file
+from dreamguide.training.outputs import OutputFiles, kohya_metadata, model_version, run_metadata, write_outputs
 
 TOKEN, CLASS_WORD = "<zwx>", "dog"
 
@@ -104,6 +105,8 @@ def test_kohya_file_carries_the_training_fields_a1111_and_kohya_read(kind, photo
         "ss_network_dim": "4",
         "ss_network_alpha": "8",
         "ss_base_model_version": meta["ss_base_model_version"],
+        "ss_sd_model_name": "someone/base-model",
+        "sshs_model_hash": addnet_hash(files.kohya),
         "ss_v2": "False",
         "ss_output_name": "my-run",
         "ss_training_comment": f"trigger: {TOKEN}",
@@ -181,3 +184,92 @@ def test_shared_files_are_named_after_the_run_and_the_diffusers_files_keep_their
     fresh = adapted("sd")
     assert load_embeddings(fresh, files.shared_embeddings, "zwx_emb") == ["zwx_emb"]
     torch.testing.assert_close(token_embeddings(fresh, ["zwx_emb"])[0], vectors[0])
+
+
+def test_shared_headers_name_sources_by_hub_id_or_base_name_and_hash(photos, tmp_path, tiny_sd15_dir):
+    model = adapted("sd")
+    out = tmp_path / "deep" / "run"
+    config = make_config(photos, out, model={"pretrained": str(tiny_sd15_dir)}, data={"class_dir": str(photos)})
+    meta = run_metadata(config, model, 3)
+    text = json.dumps(meta)
+    for local in (str(tmp_path), str(tiny_sd15_dir.parent), str(photos.parent)):
+        assert local not in text
+    unet_weights = tiny_sd15_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (meta["base_model"], meta["base_model_sha256"]) == (tiny_sd15_dir.name, sha256_file(unet_weights))
+    assert meta["config"]["model"]["pretrained"] == tiny_sd15_dir.name
+    assert (meta["config"]["data"]["instance_dir"], meta["config"]["data"]["class_dir"]) == ("my dog", "my dog")
+    assert meta["config"]["output"]["dir"] == "run" and meta["name"] == "zwx"
+    # The image folder's hash: each file's name and SHA-256, so the same photos elsewhere hash the same.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in photos.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert meta["instance_data_sha256"] == folder_sha256(copy)
+    (copy / "01.txt").write_text("another caption <zwx>", encoding="utf-8")
+    assert folder_sha256(copy) != meta["instance_data_sha256"]
+    # A Hub id stays as it is; the config written beside the outputs (not shared) keeps the paths.
+    hub_meta = run_metadata(make_config(photos, out), model, 3)
+    assert (hub_meta["base_model"], hub_meta["base_model_sha256"]) == ("someone/base-model", None)
+    assert config.data.instance_dir == str(photos)
+
+
+# Every kind of layer lora.target_modules can name in an SD / SDXL UNet (PEFT matches a target by
+# the end of a module's name): attention, transformer, resnet, sampling, embedding and in/out layers.
+MODULE_FAMILIES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv",
+    "time_embedding.linear_1", "time_embedding.linear_2", "add_embedding.linear_1", "add_embedding.linear_2",
+    "conv_in", "conv_out",
+]
+
+
+def prediction(model, seed=0):
+    from dreamguide.models import encode_prompts
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return model.unet(x, torch.tensor([500]), **encode_prompts(model, ["a dog"]).unet_kwargs()).sample
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd"])
+def test_every_module_family_round_trips_through_the_kohya_file(kind, tmp_path):
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    from dreamguide.lora_files import KOHYA_NATIVE_NAMES, load_lora, lora_state_dict, save_kohya_lora
+
+    model = DiffusionModel.from_pipeline((tiny_sdxl_pipeline if kind == "sdxl" else tiny_sd15_pipeline)(seed=0))
+    add_lora(model.unet, rank=2, alpha=3, target_modules=MODULE_FAMILIES)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    saved = lora_state_dict(model.unet)
+    modules = sorted({key.rsplit(".", 2)[0] for key in saved})
+    families = {f for f in MODULE_FAMILIES if any(m == f or m.endswith("." + f) for m in modules)}
+    assert families == set(MODULE_FAMILIES) - ({"add_embedding.linear_1", "add_embedding.linear_2"} if kind == "sd" else set())
+    path = save_kohya_lora(model.unet, tmp_path / "all.safetensors")
+    kohya = load_file(path)
+    assert len(kohya) == 3 * len(modules)
+    if kind == "sdxl":  # kohya's own names for SDXL's added-conditioning MLP
+        assert {f"lora_unet_{n}.alpha" for n in KOHYA_NATIVE_NAMES.values()} <= kohya.keys()
+    # Our reader.
+    state, alphas = from_kohya(kohya, [name for name, _ in model.unet.named_modules()])
+    assert sorted(alphas) == modules and set(alphas.values()) == {3.0}
+    assert all(torch.equal(state[f"unet.{k}"], v) for k, v in saved.items()) and len(state) == len(saved)
+    # diffusers' Kohya converter names every module back, none dropped or renamed.
+    converted, converted_alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    assert all(k.startswith("unet.") for k in converted) and len(converted_alphas) == len(modules)
+    peft = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in converted.items()})
+    assert sorted({k.rsplit(".", 2)[0] for k in peft}) == modules
+    assert all(torch.equal(peft[k], v) for k, v in saved.items())
+    # diffusers' loaders (dreamguide's load_lora reads through them) rebuild the same model.
+    expected = prediction(model)
+    fresh = DiffusionModel.from_pipeline((tiny_sdxl_pipeline if kind == "sdxl" else tiny_sd15_pipeline)(seed=0))
+    load_lora(fresh, path)
+    torch.testing.assert_close(prediction(fresh), expected, rtol=1e-5, atol=1e-5)
+    pipe = (tiny_sdxl_pipeline if kind == "sdxl" else tiny_sd15_pipeline)(seed=0)
+    pipe.load_lora_weights(str(tmp_path), weight_name="all.safetensors")
+    torch.testing.assert_close(prediction(DiffusionModel.from_pipeline(pipe)), expected, rtol=1e-5, atol=1e-5)
