@@ -125,8 +125,12 @@ class OutputConfig:
     checkpoint_every: int = 250
     #: Keep only the newest this many checkpoints.
     keep_checkpoints: int = 3
-    #: Log loss and learning rate for TensorBoard under ``<dir>/logs``.
+    #: Log loss and learning rate for TensorBoard under ``<dir>/logs`` (the same as tracker = "tensorboard").
     tensorboard: bool = False
+    #: Experiment tracker through accelerate: "tensorboard" (``<dir>/logs``), "wandb" (Weights &
+    #: Biases, project "dreamguide", run named after the run), or "" (none; unless tensorboard = true).
+    #: Loss and learning rate per step, and every setting of the resolved config as hyperparameters.
+    tracker: Literal["", "tensorboard", "wandb"] = ""
 
 
 @dataclass
@@ -160,6 +164,11 @@ class TrainConfig:
     def uses_ti(self) -> bool:
         """Whether the token embeddings are trained."""
         return self.train.method == "dreambooth-ti" or (self.train.method == "dco" and self.ti.enabled)
+
+    @property
+    def tracker(self) -> str:
+        """The experiment tracker in use: ``output.tracker``, or "tensorboard" for ``output.tensorboard``."""
+        return self.output.tracker or ("tensorboard" if self.output.tensorboard else "")
 
     @property
     def run_name(self) -> str:
@@ -215,6 +224,8 @@ class TrainConfig:
                 fail(key, f"must be a finite number >= 0, got {value}")
         if self.lora.alpha <= 0:
             fail("lora.alpha", f"must be positive, got {self.lora.alpha}")
+        if self.output.tensorboard and self.output.tracker not in ("", "tensorboard"):
+            fail("output.tensorboard", f"= true contradicts output.tracker = {self.output.tracker!r}; set one of them")
         if self.output.name:
             from dreamguide.filenames import run_name_error
 
