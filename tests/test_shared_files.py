@@ -6,8 +6,10 @@ A1111 class names checked against a copy of extensions-builtin/Lora/network.py):
 - A1111, extensions-builtin/Lora/network.py, ``NetworkOnDisk.detect_version``: a LoRA is SDXL when
   its header's ``ss_base_model_version`` starts with ``sdxl_``, SD2 when ``ss_v2 == "True"``, else
   SD1 when it has any metadata; the LoRA page hides a network whose version differs from the loaded
-  checkpoint's. ``ss_output_name`` is the name it shows, ``ss_tag_frequency`` (JSON: folder ->
-  {tag: count}) the tags it lists, ``ss_training_comment`` the activation text it suggests.
+  checkpoint's. ``ss_output_name`` is the network's alias (``NetworkOnDisk.alias``), and its
+  metadata view puts ``ss_sd_model_name``, ``ss_resolution`` and ``ss_tag_frequency`` (JSON:
+  folder -> {tag: count}, from which it also lists the training tags) first
+  (``metadata_tags_order``); every other ``ss_`` field, ``ss_training_comment`` included, is shown as it is.
 - kohya sd-scripts, train_network.py: ``ss_base_model_version`` is ``sdxl_base_v1-0`` for SDXL
   (sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0) and ``sd_v1`` / ``sd_v2`` otherwise,
   ``ss_resolution`` is a tuple written as text ``"(1024, 1024)"``, ``ss_network_dim`` /
