@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+from hashlib import sha256
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,11 +69,33 @@ def test_sdxl_end_to_end(tiny_sdxl_dir, sdxl_personal, tmp_path, capsys):
     assert (meta["mode"], meta["seed"], meta["steps"], meta["w_text"], meta["w_cons"]) == (
         "parallel-rescaled", 1, 2, 7.5, 2.5)
     assert meta["pr"] == {"granularity": "location", "normalization": "standardize", "rescale": 0.5, "eps": 1e-6}
-    assert meta["model"] == str(tiny_sdxl_dir) and meta["lora"] == sdxl_personal["lora"]
-    assert meta["embeddings"] == sdxl_personal["embeddings"] and meta["scheduler_class"] == "EulerDiscreteScheduler"
+    # Sources by base name and content hash, no local paths (dreamguide.provenance).
+    lora, embeddings = Path(sdxl_personal["lora"]), Path(sdxl_personal["embeddings"])
+    unet_weights = tiny_sdxl_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (meta["model"], meta["model_sha256"]) == (tiny_sdxl_dir.name, sha256(unet_weights.read_bytes()).hexdigest())
+    assert (meta["lora"], meta["lora_sha256"]) == (lora.name, sha256(lora.read_bytes()).hexdigest())
+    assert (meta["embeddings"], meta["embeddings_sha256"]) == (embeddings.name, sha256(embeddings.read_bytes()).hexdigest())
+    assert str(tmp_path.parent) not in (out / "cfg-seed0.png").read_bytes().decode("latin-1")
+    assert meta["scheduler_class"] == "EulerDiscreteScheduler"
     assert (meta["height"], meta["width"], meta["model_kind"]) == (16, 16, "sdxl")
     parameters = read_png_parameters(out / "cfg-seed0.png")
-    assert parameters.startswith("a <sks> dog in the snow\nSteps: 2, Sampler: default, CFG scale: 7.5, Seed: 0")
+    assert parameters.startswith(
+        "a <sks> dog in the snow\nSteps: 2, Sampler: EulerDiscreteScheduler, CFG scale: 7.5, Seed: 0, Size: 16x16, "
+        f"Model hash: {meta['model_sha256'][:10]}, Model: {tiny_sdxl_dir.name}, "
+    )
+    # A1111's infotext reader (modules/infotext_utils.py parse_generation_parameters, from memory):
+    # "key: value" pairs by this pattern, a quoted value unquoted with json.loads.
+    pairs = {k: (json.loads(v) if v.startswith('"') else v)
+             for k, v in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', parameters.splitlines()[-1])}
+    data = lora.read_bytes()
+    tensors = data[8 + int.from_bytes(data[:8], "little"):]  # A1111's addnet hash: the bytes after the header
+    assert pairs["Lora hashes"] == f"{lora.stem}: {sha256(tensors).hexdigest()[:12]}"
+    assert pairs["TI hashes"] == f"<sks>: {meta['embeddings_sha256'][:12]}"
+    assert pairs["Model hash"] == meta["model_sha256"][:10] and pairs["Sampler"] == "EulerDiscreteScheduler"
+    grid_meta = read_png_metadata(out / "grid.png")
+    assert grid_meta["grid_modes"] == ["cfg", "consistency", "parallel-rescaled"] and grid_meta["grid_seeds"] == [0, 1]
+    assert "seed" not in grid_meta and "mode" not in grid_meta and grid_meta["hashes"] == meta["hashes"]
+    assert 'Grid modes: "cfg, consistency, parallel-rescaled", Grid seeds: "0, 1"' in read_png_parameters(out / "grid.png")
 
     with Image.open(out / "grid.png") as grid:
         assert grid.width > 3 * 16 and grid.height > 2 * 16  # 3 mode columns, 2 seed rows, labels

@@ -70,6 +70,10 @@ def _write_samples(folder: Path, step: int, w_cons: float) -> None:
         save_results(results, folder / "samples" / f"step-{step:06d}" / f"prompt-{i}", settings)
 
 
+# The run's name: the token "<sks>" without its angle brackets (no output.name, no "name" header).
+KOHYA, SHARED_EMB = "sks.safetensors", "sks_emb.safetensors"
+
+
 @pytest.fixture()
 def run_dir(tmp_path) -> Path:
     """A finished DCO + learned-token SDXL run as the trainer lays it out (two sample steps, a checkpoint, logs)."""
@@ -80,8 +84,9 @@ def run_dir(tmp_path) -> Path:
                 "steps": 500, "resolution": 1024, "config": {"data": {"instance_dir": "/home/someone/photos/dog"}}}
     header = {"dreamguide": json.dumps(metadata, sort_keys=True)}
     save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, folder / hub.LORA_FILE, header)
-    save_file({"lora_unet_down.lora_down.weight": torch.zeros(2, 2)}, folder / hub.KOHYA_FILE, header)
-    save_file({"clip_l": torch.zeros(1, 4), "clip_g": torch.zeros(1, 8)}, folder / hub.EMBEDDINGS_FILE, header)
+    save_file({"lora_unet_down.lora_down.weight": torch.zeros(2, 2)}, folder / KOHYA, header)
+    for name in (hub.EMBEDDINGS_FILE, SHARED_EMB):
+        save_file({"clip_l": torch.zeros(1, 4), "clip_g": torch.zeros(1, 8)}, folder / name, header)
     _write_samples(folder, 250, w_cons=2.0)
     _write_samples(folder, 500, w_cons=3.5)
     (folder / "log.jsonl").write_text('{"step": 1, "loss": 0.1}\n', encoding="utf-8")
@@ -92,7 +97,7 @@ def run_dir(tmp_path) -> Path:
 
 
 NEWEST = ["samples/step-000500/prompt-0/grid.png", "samples/step-000500/prompt-1/grid.png"]
-SHARED = sorted(["README.md", hub.EMBEDDINGS_FILE, hub.LORA_FILE, hub.KOHYA_FILE, *NEWEST])
+SHARED = sorted(["README.md", hub.EMBEDDINGS_FILE, hub.LORA_FILE, KOHYA, SHARED_EMB, *NEWEST])
 
 
 def test_read_run_and_card(run_dir):
@@ -118,8 +123,9 @@ def test_read_run_and_card(run_dir):
     assert f"Direct Consistency Optimization (DCO) LoRA with a learned token embedding of `{BASE}`" in text
     assert "for the subject `<sks> dog`" in text and "for 500 steps." in text
     assert "Write `<sks> dog` into the prompt, e.g. `a photo of <sks> dog`." in text
-    for name in (hub.LORA_FILE, hub.KOHYA_FILE, hub.EMBEDDINGS_FILE):
+    for name in (hub.LORA_FILE, KOHYA, hub.EMBEDDINGS_FILE, SHARED_EMB):
         assert f"| `{name}` |" in text
+    assert "`<lora:sks:1>`" in text and "trigger word `sks_emb`" in text
     # The guidance settings are those of the newest samples (w_cons 3.5 at step 500, not 2.0 at step 250).
     assert "made at training step 500" in text
     assert "| modes | `dreambooth`, `parallel-rescaled` |" in text and "| w_cons | `3.5` |" in text
@@ -204,7 +210,7 @@ def test_push_uploads_the_card_and_the_shared_files_only(run_dir, fake_hub, capl
     assert card.splitlines()[0] == "---" and "\n# dog-lora\n" in card  # titled after the repo
     # The local path in the weight headers is reported before it becomes public.
     expected = [f"{name}: config.data.instance_dir = /home/someone/photos/dog" for name in
-                (hub.LORA_FILE, hub.KOHYA_FILE, hub.EMBEDDINGS_FILE)]
+                (hub.LORA_FILE, KOHYA, hub.EMBEDDINGS_FILE, SHARED_EMB)]
     assert sorted(result.local_paths) == sorted(expected)
     assert "will be public" in caplog.text
 
@@ -261,3 +267,17 @@ def test_push_and_hub_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": str(src), "PATH": ""}, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_shared_files_follow_the_recorded_run_name_and_old_runs_keep_their_kohya_file(run_dir):
+    metadata = {"name": "rex", "token": "<sks>", "class_word": "dog", "base_model": BASE}
+    header = {"dreamguide": json.dumps(metadata)}
+    save_file({"unet.down.lora_A.weight": torch.zeros(2, 2)}, run_dir / hub.LORA_FILE, header)
+    save_file({"clip_l": torch.zeros(1, 4), "clip_g": torch.zeros(1, 8)}, run_dir / hub.EMBEDDINGS_FILE, header)
+    for old in (KOHYA, SHARED_EMB):
+        (run_dir / old).unlink()
+    save_file({"lora_unet_down.lora_down.weight": torch.zeros(2, 2)}, run_dir / "rex.safetensors")
+    run = hub.read_run(run_dir)
+    assert run.name == "rex" and run.weights == (hub.LORA_FILE, "rex.safetensors", hub.EMBEDDINGS_FILE)
+    (run_dir / "rex.safetensors").rename(run_dir / "pytorch_lora_weights_kohya.safetensors")
+    assert hub.read_run(run_dir).weights == (hub.LORA_FILE, "pytorch_lora_weights_kohya.safetensors", hub.EMBEDDINGS_FILE)

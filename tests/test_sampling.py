@@ -105,7 +105,8 @@ def test_png_metadata_roundtrip_and_a1111_parameters(tmp_path):
     params = images.read_png_parameters(path).splitlines()
     assert params[0] == "a <sks> dog, in the snow"
     assert params[1] == "Negative prompt: blurry"
-    assert "Steps: 30, Sampler: default, CFG scale: 7.5, Seed: 3, Size: 96x64" in params[2]
+    # Sampler: the scheduler's class, not the "default" the settings name it by.
+    assert "Steps: 30, Sampler: EulerDiscreteScheduler, CFG scale: 7.5, Seed: 3, Size: 96x64" in params[2]
     assert 'Base prompt: "a dog, in the snow"' in params[2]
     assert "Guidance: parallel-rescaled" in params[2] and "PR normalization: standardize" in params[2]
     with Image.open(path) as back:

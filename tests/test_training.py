@@ -243,7 +243,7 @@ def test_output_files_keys_metadata_and_diffusers_loading(model_dirs, photos, tm
     for path in (result.lora_path, result.kohya_path, result.embeddings_path):
         meta = read_metadata(path)
         assert (meta["token"], meta["class_word"], meta["method"], meta["steps"]) == (TOKEN, CLASS_WORD, "dco", 2)
-        assert meta["base_model"] == str(model_dirs["sdxl"]) and meta["lora_rank"] == 4 and meta["dco_beta"] == 1000.0
+        assert meta["base_model"] == model_dirs["sdxl"].name and meta["lora_rank"] == 4 and meta["dco_beta"] == 1000.0
     # The Kohya copy loads to the same adapter (alpha 8 != rank 4, so the scale is checked too).
     kohya_model = models.load_model(model_dirs["sdxl"])
     token_files.load_embeddings(kohya_model, result.embeddings_path, TOKEN)
@@ -365,3 +365,57 @@ def test_cli_trains_and_reports_config_errors(model_dirs, photos, tmp_path, caps
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "run.toml: train.steps must be an integer" in err
+
+
+def test_wandb_tracker_gets_every_setting_and_the_loss_per_step(model_dirs, photos, tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    from dreamguide.training.trainer import hyperparameters
+
+    calls = []
+
+    class Run:
+        def log(self, values, step=None, **kwargs):
+            calls.append(("log", dict(values), step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or Run()
+    fake.config = types.SimpleNamespace(update=lambda values, **kwargs: calls.append(("config", dict(values))))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    out = tmp_path / "out"
+    config = make_config(model_dirs["sd"], photos, out, "dreambooth", output={"tracker": "wandb"})
+    result = train(config, progress=False)
+    assert calls[0] == ("init", {"project": "dreamguide", "name": "sks", "dir": str(out)})
+    kind, logged = calls[1]
+    assert kind == "config" and logged == hyperparameters(result.config)
+    # Every setting of the resolved config, under its dotted key; lists as text.
+    assert len(logged) == sum(len(v) for v in result.config.to_dict().values()) + 1
+    assert (logged["train.lr"], logged["lora.rank"], logged["lora.alpha"], logged["data.resolution"]) == (1e-2, 4, 8.0, 32)
+    assert logged["lora.target_modules"] == "to_q,to_k,to_v,to_out.0" and logged["output.tracker"] == "wandb"
+    steps = [(c[2], set(c[1])) for c in calls if c[0] == "log"]
+    assert steps == [(1, {"loss", "lr"}), (2, {"loss", "lr"})]
+    assert [c[1]["loss"] for c in calls if c[0] == "log"] == pytest.approx(result.losses)
+    assert calls[-1] == ("finish",)
+
+
+def test_tracker_settings_are_checked(model_dirs, photos, tmp_path, monkeypatch):
+    import sys
+
+    from dreamguide.training import ConfigError
+
+    with pytest.raises(ConfigError, match="output.tensorboard = true contradicts output.tracker = 'wandb'"):
+        make_config(model_dirs["sd"], photos, tmp_path / "a", output={"tracker": "wandb", "tensorboard": True})
+    with pytest.raises(ConfigError, match="output.tracker"):
+        make_config(model_dirs["sd"], photos, tmp_path / "a", output={"tracker": "mlflow"})
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    config = make_config(model_dirs["sd"], photos, tmp_path / "b", output={"tracker": "wandb"})
+    with pytest.raises(ConfigError, match=r"output.tracker = 'wandb' needs wandb: pip install 'dreamguide\[wandb\]'"):
+        train(config, progress=False)
+    assert not (tmp_path / "b").exists()

@@ -3,8 +3,9 @@
 A run folder (``output.dir`` of ``dreamguide train``) holds:
 
     pytorch_lora_weights.safetensors        diffusers LoRA                     shared
-    pytorch_lora_weights_kohya.safetensors  the same LoRA in Kohya's layout    shared
+    <name>.safetensors                      the same LoRA in Kohya's layout    shared
     embeddings.safetensors                  learned token (pivotal tuning)     shared
+    <name>_emb.safetensors                  the same, named for A1111          shared
     samples/step-<n>/prompt-<i>/            images sampled during training     the newest step's shared
     README.md                               the model card (``write_model_card``) shared
     config.toml                             the resolved run config            read, not shared (local paths)
@@ -13,6 +14,9 @@ A run folder (``output.dir`` of ``dreamguide train``) holds:
 The card is read from the files themselves: the ``dreamguide`` JSON header of the safetensors
 files (token, class word, base model, method, steps), ``config.toml`` (hyperparameters) and the
 newest samples' ``settings.json`` (the guidance settings the shown images were made with).
+``<name>`` is the run's name (``dreamguide`` header ``name``, else ``output.name`` of
+``config.toml``, else :func:`dreamguide.filenames.default_run_name`); a run written before run
+names has its Kohya LoRA as ``pytorch_lora_weights_kohya.safetensors``, shared too.
 Nothing here imports torch or the training code.
 
     from dreamguide.hub import push_run, write_model_card
@@ -40,13 +44,27 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from dreamguide.atomic import atomic_write_text
-from dreamguide.filenames import CONFIG_FILE, EMBEDDINGS_FILE, KOHYA_FILE, LORA_FILE, METADATA_KEY, SAMPLES_DIR
+from dreamguide.filenames import (
+    CONFIG_FILE,
+    EMBEDDINGS_FILE,
+    LEGACY_KOHYA_FILE,
+    LORA_FILE,
+    METADATA_KEY,
+    SAMPLES_DIR,
+    default_run_name,
+    kohya_file,
+    shared_embeddings_file,
+)
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_SETTINGS_FILE = "settings.json"
 CARD_FILE = "README.md"
-WEIGHT_FILES: tuple[str, ...] = (LORA_FILE, KOHYA_FILE, EMBEDDINGS_FILE)
+
+
+def weight_files(name: str) -> tuple[str, ...]:
+    """The weight files a run called ``name`` may hold, in the order a card lists them."""
+    return (LORA_FILE, kohya_file(name), LEGACY_KOHYA_FILE, EMBEDDINGS_FILE, shared_embeddings_file(name))
 
 #: Marks a card this module wrote, so a card written by hand is never overwritten.
 CARD_MARKER = "<!-- model card written by dreamguide; `dreamguide push` rewrites it -->"
@@ -84,6 +102,7 @@ class Run:
     steps: int | None
     config: dict = field(default_factory=dict)
     weights: tuple[str, ...] = ()  # the weight files present, by name
+    name: str = ""  # the run's name, which the shared Kohya LoRA and embeddings carry
     sample_step: int | None = None
     samples: tuple[SampleImage, ...] = ()
 
@@ -162,8 +181,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     folder = Path(run_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"run folder {folder} does not exist; pass the output.dir of a training run")
-    weights = tuple(name for name in WEIGHT_FILES if (folder / name).is_file())
-    if LORA_FILE not in weights and EMBEDDINGS_FILE not in weights:
+    if not (folder / LORA_FILE).is_file() and not (folder / EMBEDDINGS_FILE).is_file():
         raise FileNotFoundError(
             f"{folder} holds no trained weights ({LORA_FILE} or {EMBEDDINGS_FILE}); pass the output.dir of a "
             "finished training run"
@@ -175,12 +193,14 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{folder / CONFIG_FILE} is not valid TOML: {error}") from error
     metadata: dict = {}
-    for name in weights:
-        metadata = _run_metadata(folder / name)
+    for name in (LORA_FILE, EMBEDDINGS_FILE):
+        metadata = _run_metadata(folder / name) if (folder / name).is_file() else {}
         if metadata:
             break
     data, train, model = config.get("data", {}), config.get("train", {}), config.get("model", {})
     token = metadata.get("token") or data.get("token")
+    run_name = metadata.get("name") or config.get("output", {}).get("name") or default_run_name(token or "", folder.name)
+    weights = tuple(name for name in weight_files(run_name) if (folder / name).is_file())
     class_word = metadata.get("class_word") or data.get("class_word")
     if not token or not class_word:
         raise ValueError(
@@ -198,6 +218,7 @@ def read_run(run_dir: str | os.PathLike) -> Run:
         steps=metadata.get("steps", train.get("steps")),
         config=config,
         weights=weights,
+        name=run_name,
         sample_step=sample_step,
         samples=samples,
     )
@@ -301,10 +322,18 @@ def model_card(run: Run, base_model: str | None = None, title: str | None = None
             "diffusers LoRA (PEFT keys)",
             "`pipe.load_lora_weights(repo, weight_name=...)`, `dreamguide sample --lora`",
         ),
-        KOHYA_FILE: ("Kohya LoRA (`lora_unet_*`)", "ComfyUI, A1111 / Forge, kohya sd-scripts"),
+        kohya_file(run.name): (
+            "Kohya LoRA (`lora_unet_*`, kohya and SAI model spec header)",
+            f"ComfyUI, A1111 / Forge (`<lora:{run.name}:1>`), kohya sd-scripts",
+        ),
+        LEGACY_KOHYA_FILE: ("Kohya LoRA (`lora_unet_*`)", "ComfyUI, A1111 / Forge, kohya sd-scripts"),
         EMBEDDINGS_FILE: (
             "textual inversion (`clip_l` + `clip_g` for SDXL, `emb_params` otherwise)",
             "`pipe.load_textual_inversion`, `dreamguide sample --embeddings`",
+        ),
+        shared_embeddings_file(run.name): (
+            "the same textual inversion, named for A1111",
+            f"A1111 / Forge `embeddings/` (trigger word `{run.name}_emb`), ComfyUI (`embedding:{run.name}_emb`)",
         ),
     }
     lines += [f"| `{name}` | {file_rows[name][0]} | {file_rows[name][1]} |" for name in run.weights]

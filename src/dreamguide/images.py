@@ -10,8 +10,12 @@ Every PNG gets two text chunks:
 * ``dreamguide``: the sampling settings as JSON (prompt, base prompt, negative prompt, mode,
   weights, parallel-rescaling switches, seed, steps, scheduler, model, adapter, size), read
   back with :func:`read_png_metadata`;
-* ``parameters``: the same settings as one A1111-style text block, which common image viewers
-  and web UIs display.
+* ``parameters``: the same settings as one A1111-style text block ("infotext"), which common
+  image viewers, web UIs and Civitai read: ``Sampler`` is the scheduler's class, ``Model hash``,
+  ``Lora hashes`` and ``TI hashes`` the short hashes A1111 writes (see :mod:`dreamguide.provenance`).
+
+Sources are named without local paths: a Hub id, or a file or folder's base name with its
+SHA-256 (``model_sha256``, ``lora_sha256``, ...).
 
 All writes are atomic: the file is written beside its target under a temporary name and then
 moved into place, so a crash never leaves a half-written image or record.
@@ -113,12 +117,18 @@ def write_json(path: str | os.PathLike, data: object) -> Path:
 
 def a1111_parameters(metadata: dict) -> str:
     """The settings as an A1111-style ``parameters`` block: prompt, negative prompt, ``key: value`` line."""
+    hashes = metadata.get("hashes") or {}
+
+    def listed(entries: dict | None) -> str | None:
+        return ", ".join(f"{name}: {value}" for name, value in entries.items()) if entries else None
+
     fields = {
         "Steps": metadata.get("steps"),
-        "Sampler": metadata.get("scheduler"),
+        "Sampler": metadata.get("scheduler_class") or metadata.get("scheduler"),
         "CFG scale": metadata.get("w_text"),
         "Seed": metadata.get("seed"),
         "Size": f"{metadata['width']}x{metadata['height']}" if "width" in metadata else None,
+        "Model hash": hashes.get("model"),
         "Model": metadata.get("model"),
         "Guidance": metadata.get("mode"),
         "Consistency scale": metadata.get("w_cons"),
@@ -127,6 +137,10 @@ def a1111_parameters(metadata: dict) -> str:
         "LoRA": metadata.get("lora"),
         "Embeddings": metadata.get("embeddings"),
         "Personalized UNet": metadata.get("personalized_unet"),
+        "Lora hashes": listed(hashes.get("lora")),
+        "TI hashes": listed(hashes.get("ti")),
+        "Grid modes": ", ".join(metadata["grid_modes"]) if metadata.get("grid_modes") else None,
+        "Grid seeds": ", ".join(map(str, metadata["grid_seeds"])) if metadata.get("grid_seeds") else None,
     }
     pr = metadata.get("pr") or {}
     if metadata.get("mode") == "parallel-rescaled":

@@ -7,7 +7,7 @@ diffusers (``save_lora``; ``pytorch_lora_weights.safetensors`` of a training run
     ``unet.<module>.lora_A.weight`` / ``...lora_B.weight``, with the adapter's rank, alpha and
     targets in the ``lora_adapter_metadata`` header, so ``pipe.load_lora_weights`` and
     :func:`load_lora` rebuild the same adapter.
-Kohya (``save_kohya_lora``; ``pytorch_lora_weights_kohya.safetensors``), read by ComfyUI and A1111
+Kohya (``save_kohya_lora``; ``<run name>.safetensors`` of a training run), read by ComfyUI and A1111
     ``lora_unet_<module, dots as _>`` + ``.lora_down.weight`` (A), ``.lora_up.weight`` (B) and
     ``.alpha`` (a scalar), with the ``ss_`` header fields Kohya tools show.
 
@@ -108,14 +108,31 @@ def save_lora(unet, path, adapter_name: str = ADAPTER_NAME, metadata: dict | Non
     return save_safetensors(tensors, path, header)
 
 
+#: Modules written under kohya's own (SGM UNet) names instead of the diffusers name with dots as
+#: underscores: SDXL's added-conditioning MLP, whose diffusers spelling ``add_embedding_linear_1``
+#: diffusers' Kohya reader (``_convert_unet_lora_key``) cannot tell back: it strips the last
+#: index of every name holding "emb", so the module would be lost.
+KOHYA_NATIVE_NAMES: dict[str, str] = {
+    "add_embedding.linear_1": "label_emb_0_0",
+    "add_embedding.linear_2": "label_emb_0_2",
+}
+
+
+def kohya_name(module: str) -> str:
+    """The Kohya key prefix of a UNet module: ``lora_unet_`` + its name, dots as ``_`` (or kohya's
+    own name, :data:`KOHYA_NATIVE_NAMES`)."""
+    return "lora_unet_" + KOHYA_NATIVE_NAMES.get(module, module.replace(".", "_"))
+
+
 def to_kohya(state_dict: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """diffusers LoRA keys -> Kohya keys: ``lora_unet_<module, dots as _>.lora_down/lora_up/alpha``."""
+    """diffusers LoRA keys -> Kohya keys: ``lora_unet_<module, dots as _>.lora_down/lora_up/alpha``
+    (:func:`kohya_name`)."""
     kohya: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         if not key.startswith("unet.") or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"unexpected LoRA key {key!r}; expected unet.<module>.lora_A/lora_B.weight")
         module, part = key[len("unet.") :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        name = "lora_unet_" + module.replace(".", "_")
+        name = kohya_name(module)
         kohya[f"{name}.{'lora_down' if part == 'lora_A' else 'lora_up'}.weight"] = tensor
         kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
     return kohya
@@ -164,6 +181,7 @@ def from_kohya(kohya: dict[str, torch.Tensor], module_names: list[str]) -> tuple
     layers are refused (:func:`check_lora_pairs`)."""
     check_lora_pairs(kohya, "the Kohya state dict")
     lookup = {"lora_unet_" + name.replace(".", "_"): name for name in module_names}
+    lookup.update({kohya_name(name): name for name in module_names})
     state_dict, alphas = {}, {}
     for key, tensor in kohya.items():
         name, rest = key.split(".", 1)
@@ -184,8 +202,14 @@ def from_kohya(kohya: dict[str, torch.Tensor], module_names: list[str]) -> tuple
 def save_kohya_lora(unet, path, adapter_name: str = ADAPTER_NAME, metadata: dict | None = None) -> Path:
     """Write the adapter in the Kohya layout, with the ``ss_`` header fields Kohya tools show.
 
-    Extra ``metadata`` (str values) is stored in the header too.
+    ``sshs_model_hash`` is the SHA-256 of the file's tensor bytes (after the header), which
+    A1111 reads as the LoRA's hash instead of hashing the file. Extra ``metadata`` (str values)
+    is stored in the header too.
     """
+    from safetensors.torch import save
+
+    from dreamguide.provenance import addnet_hash_bytes
+
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA files are written as .safetensors; got {path}")
@@ -195,7 +219,9 @@ def save_kohya_lora(unet, path, adapter_name: str = ADAPTER_NAME, metadata: dict
     header = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
     header.update(metadata or {})
     tensors = {f"unet.{k}": v for k, v in lora_state_dict(unet, adapter_name).items()}
-    return save_safetensors(to_kohya(tensors, alpha), path, header)
+    kohya = {k: v.detach().contiguous() for k, v in to_kohya(tensors, alpha).items()}
+    header["sshs_model_hash"] = addnet_hash_bytes(save(kohya))
+    return save_safetensors(kohya, path, header)
 
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(\.weight)?$")

@@ -379,10 +379,36 @@ class Sampler:
                                                   metadata, records)
         return results
 
+    def _portable_sources(self) -> dict:
+        """The model and personalized weights as PNG metadata names them: a Hub id or a base name,
+        the SHA-256 of the content (:mod:`dreamguide.provenance`), and the short hashes A1111
+        writes (``Model hash``, ``Lora hashes``, ``TI hashes``); worked out once per sampler."""
+        from dreamguide import provenance
+
+        key = tuple(sorted((k, str(v)) for k, v in self.sources.items()))
+        cached = getattr(self, "_portable_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        fields: dict = {}
+        for name in ("model", "lora", "embeddings", "personalized_unet"):
+            found = provenance.portable(self.sources.get(name))
+            fields[name], fields[f"{name}_sha256"] = found["name"], found["sha256"]
+        hashes: dict = {"model": provenance.short_model_hash(fields["model_sha256"])}
+        lora = self.sources.get("lora")
+        if lora and Path(lora).is_file() and Path(lora).suffix == ".safetensors":
+            hashes["lora"] = {Path(lora).stem: provenance.short_network_hash(provenance.addnet_hash(lora))}
+        if fields["embeddings_sha256"]:
+            hashes["ti"] = provenance.short_network_hash(fields["embeddings_sha256"])  # keyed by token below
+        fields["hashes"] = hashes
+        self._portable_cache = (key, fields)
+        return fields
+
     def _metadata(self, item: SampleItem, run: dict) -> dict:
         """Everything that determines one image, as stored in its PNG."""
         from dreamguide import __version__
 
+        sources = self._portable_sources()
+        ti = "ti" in sources["hashes"] and bool(item.token)
         return {
             "prompt": item.prompt,
             "base_prompt": item.base_prompt,
@@ -399,11 +425,10 @@ class Sampler:
             "scheduler": run["scheduler"],
             "scheduler_class": run["scheduler_class"],
             "clipped_model_output": run["clipped_model_output"],
-            "model": self.sources.get("model"),
+            **sources,
+            "hashes": {**{k: v for k, v in sources["hashes"].items() if k != "ti"},
+                       **({"ti": {item.token: sources["hashes"]["ti"]}} if ti else {})},
             "model_kind": self.model.kind,
-            "lora": self.sources.get("lora"),
-            "embeddings": self.sources.get("embeddings"),
-            "personalized_unet": self.sources.get("personalized_unet"),
             "height": run["height"],
             "width": run["width"],
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -563,6 +588,14 @@ def image_filename(result: SampleResult) -> str:
     return f"{result.mode}-seed{result.seed}.png"
 
 
+def grid_metadata(results: Sequence[SampleResult], modes: list[str], seeds: list[int]) -> dict:
+    """A grid's PNG metadata: the settings all its images share, and its columns (modes) and rows (seeds)."""
+    shared = dict(results[0].metadata)
+    for result in results[1:]:
+        shared = {k: v for k, v in shared.items() if result.metadata.get(k) == v}
+    return {**shared, "grid_modes": list(modes), "grid_seeds": list(seeds)}
+
+
 def save_results(
     results: Sequence[SampleResult],
     output: str | os.PathLike,
@@ -586,7 +619,7 @@ def save_results(
         if all((m, s) in by_key for m in modes for s in seeds):
             rows = [[by_key[m, s] for m in modes] for s in seeds]
             grid = images.image_grid(rows, column_labels=modes, row_labels=[f"seed {s}" for s in seeds])
-            written["grid"].append(images.save_png(grid, output / "grid.png"))
+            written["grid"].append(images.save_png(grid, output / "grid.png", grid_metadata(results, modes, seeds)))
     if settings is not None and settings.trace:
         document = trace_document(results, written["image"])
         written["trace"].append(images.write_json(output / "trace.json", document))

@@ -43,8 +43,8 @@ The files are written by :mod:`dreamguide.lora_files` and :mod:`dreamguide.token
 the names in :mod:`dreamguide.filenames`.
 
 Outputs in ``output.dir``: ``pytorch_lora_weights.safetensors`` (diffusers keys),
-``pytorch_lora_weights_kohya.safetensors`` (ComfyUI/A1111), ``embeddings.safetensors`` (when
-tokens train), ``config.toml`` (the resolved config), ``log.jsonl`` (loss and lr per step),
+``<name>.safetensors`` (Kohya keys for ComfyUI/A1111; ``<name>`` is ``TrainConfig.run_name``),
+``embeddings.safetensors`` and its shared copy ``<name>_emb.safetensors`` (when tokens train), ``config.toml`` (the resolved config), ``log.jsonl`` (loss and lr per step),
 ``checkpoint-<step>/`` and ``samples/``. See docs/TRAINING.md.
 """
 

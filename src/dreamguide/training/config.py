@@ -118,12 +118,20 @@ class DCOConfig:
 @dataclass
 class OutputConfig:
     dir: str = "outputs/run"
+    #: The run's name, which the shared files carry (``<name>.safetensors``, the Kohya LoRA;
+    #: ``<name>_emb.safetensors``, the embeddings); "" names the run after the token without its
+    #: angle brackets, else after the output folder.
+    name: str = ""
     #: Save ``checkpoint-<step>/`` every this many steps; 0 turns checkpoints off.
     checkpoint_every: int = 250
     #: Keep only the newest this many checkpoints.
     keep_checkpoints: int = 3
-    #: Log loss and learning rate for TensorBoard under ``<dir>/logs``.
+    #: Log loss and learning rate for TensorBoard under ``<dir>/logs`` (the same as tracker = "tensorboard").
     tensorboard: bool = False
+    #: Experiment tracker through accelerate: "tensorboard" (``<dir>/logs``), "wandb" (Weights &
+    #: Biases, project "dreamguide", run named after the run), or "" (none; unless tensorboard = true).
+    #: Loss and learning rate per step, and every setting of the resolved config as hyperparameters.
+    tracker: Literal["", "tensorboard", "wandb"] = ""
 
 
 @dataclass
@@ -157,6 +165,18 @@ class TrainConfig:
     def uses_ti(self) -> bool:
         """Whether the token embeddings are trained."""
         return self.train.method == "dreambooth-ti" or (self.train.method == "dco" and self.ti.enabled)
+
+    @property
+    def tracker(self) -> str:
+        """The experiment tracker in use: ``output.tracker``, or "tensorboard" for ``output.tensorboard``."""
+        return self.output.tracker or ("tensorboard" if self.output.tensorboard else "")
+
+    @property
+    def run_name(self) -> str:
+        """``output.name``, or the name :func:`dreamguide.filenames.default_run_name` derives."""
+        from dreamguide.filenames import default_run_name
+
+        return self.output.name or default_run_name(self.data.token, self.output.dir)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -205,6 +225,14 @@ class TrainConfig:
                 fail(key, f"must be a finite number >= 0, got {value}")
         if self.lora.alpha <= 0:
             fail("lora.alpha", f"must be positive, got {self.lora.alpha}")
+        if self.output.tensorboard and self.output.tracker not in ("", "tensorboard"):
+            fail("output.tensorboard", f"= true contradicts output.tracker = {self.output.tracker!r}; set one of them")
+        if self.output.name:
+            from dreamguide.filenames import run_name_error
+
+            error = run_name_error(self.output.name)
+            if error:
+                fail("output.name", f"is {error}")
         if not self.lora.target_modules:
             fail("lora.target_modules", "must name at least one module, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0']")
         if not 0.0 <= self.ti.train_fraction <= 1.0:

@@ -48,7 +48,7 @@ from dreamguide.training.data import (
     scan_instance_folder,
 )
 from dreamguide.training.losses import DCO_BETA, dco_loss, mse_loss
-from dreamguide.training.outputs import OutputFiles, run_metadata, write_outputs
+from dreamguide.training.outputs import OutputFiles, kohya_metadata, run_metadata, write_outputs
 from dreamguide.training.tokens import TrainableTokenEmbedding, install, uninstall
 
 
@@ -216,6 +216,11 @@ def _check_optional_dependencies(config: TrainConfig) -> None:
             "output.tensorboard = true needs tensorboard: pip install 'dreamguide[tensorboard]', "
             "or set output.tensorboard = false"
         )
+    if config.tracker and importlib.util.find_spec(config.tracker) is None:
+        raise ConfigError(
+            f"output.tracker = {config.tracker!r} needs {config.tracker}: pip install 'dreamguide[{config.tracker}]', "
+            "or set output.tracker = ''"
+        )
 
 
 def _checkpoint_to_resume(output_dir: Path, resume: str | None) -> Path | None:
@@ -248,9 +253,30 @@ def _make_accelerator(config: TrainConfig):
     GradientState._reset_state()
     return Accelerator(
         mixed_precision=config.train.mixed_precision,
-        log_with="tensorboard" if config.output.tensorboard else None,
+        log_with=_tracker(config),
         project_dir=str(Path(config.output.dir) / TENSORBOARD_DIR),
     )
+
+
+def _tracker(config: TrainConfig):
+    """What ``Accelerator(log_with=...)`` takes for the run's tracker: "tensorboard", a W&B
+    tracker project "dreamguide" with the run's name and ``output.dir`` as its folder, or None."""
+    if config.tracker == "wandb":
+        from accelerate.tracking import WandBTracker
+
+        return [WandBTracker("dreamguide", name=config.run_name, dir=str(config.output.dir))]
+    return config.tracker or None
+
+
+def hyperparameters(config: TrainConfig) -> dict[str, bool | int | float | str]:
+    """Every setting of ``config`` under its dotted key (``train.lr``), as trackers store
+    hyperparameters: lists become comma-separated text."""
+    flat: dict[str, bool | int | float | str] = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    flat["run_name"] = config.run_name
+    return flat
 
 
 def _load_images(config: TrainConfig, model, instance_entries, class_entries):
@@ -387,8 +413,8 @@ def _prepare_batches(
     parked += [] if config.uses_ti else list(model.text_encoders)
     for module in parked:
         module.to("cpu")
-    if config.output.tensorboard:
-        accelerator.init_trackers("dreamguide", config={"method": config.train.method, "steps": config.train.steps})
+    if config.tracker:
+        accelerator.init_trackers("dreamguide", config=hyperparameters(config))
     batches = TrainingBatches(
         instance_text,
         instance_latents,
@@ -482,7 +508,7 @@ def _log_step(config: TrainConfig, accelerator, bar, done: int, loss: float, lr:
     if accelerator.is_main_process:
         with open(Path(config.output.dir) / LOG_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": done, "loss": loss, "lr": lr}) + "\n")
-    if config.output.tensorboard:
+    if config.tracker:
         accelerator.log({"loss": loss, "lr": lr}, step=done)
 
 
@@ -532,9 +558,10 @@ def _finish(config: TrainConfig, model, state: _Trainables, start_step: int) -> 
     vectors = [param.detach().float().cpu() for param in state.token_params]
     for encoder in model.text_encoders:
         uninstall(encoder)
-    files = OutputFiles.in_folder(config.output.dir, with_embeddings=config.uses_ti)
+    files = OutputFiles.in_folder(config.output.dir, with_embeddings=config.uses_ti, name=config.run_name)
     if accelerator.is_main_process:
-        write_outputs(files, model, vectors, run_metadata(config, model, t.steps), config.data.token)
+        kohya = kohya_metadata(config, model, t.steps, config.run_name)
+        write_outputs(files, model, vectors, run_metadata(config, model, t.steps), config.data.token, kohya)
     accelerator.wait_for_everyone()
     if config.sample.every:
         _write_samples(accelerator, config, model, t.steps)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dreamguide.filenames import CONFIG_FILE, EMBEDDINGS_FILE, KOHYA_FILE, LOG_FILE, LORA_FILE, SAMPLES_DIR
+from dreamguide.filenames import CONFIG_FILE, EMBEDDINGS_FILE, LOG_FILE, LORA_FILE, SAMPLES_DIR, kohya_file, shared_embeddings_file
 
 if TYPE_CHECKING:
     from dreamguide.training import TrainConfig, TrainResult
@@ -182,5 +182,6 @@ class TrainingJob:
 
     def files(self) -> list[Path]:
         """The adapter files written so far (diffusers LoRA, Kohya LoRA, token embeddings, config)."""
-        names = (LORA_FILE, KOHYA_FILE, EMBEDDINGS_FILE, CONFIG_FILE)
+        name = self.config.run_name
+        names = (LORA_FILE, kohya_file(name), EMBEDDINGS_FILE, shared_embeddings_file(name), CONFIG_FILE)
         return [self.output_dir / name for name in names if (self.output_dir / name).is_file() and self.result]
