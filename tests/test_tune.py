@@ -118,7 +118,8 @@ def test_resume_after_a_kill_gives_the_same_result(bench, full_run, tmp_path, mo
     sampled.clear()
     again = tune_module.tune(bench, TuneSettings(**TINY), out, progress=False, identity_floor=-1.0, log=lambda _: None)
     best = max(range(3), key=lambda i: again["points"][i]["text_alignment"])
-    assert sampled == [] and again["chosen"] == {"index": best, "by": "identity-floor -1", "value": [0.0, 1.5, 3.0][best]}
+    assert sampled == []
+    assert again["chosen"] == {"index": best, "by": "identity-floor -1", "value": [0.0, 1.5, 3.0][best]}
 
 
 def test_a_folder_of_other_settings_is_refused(bench, full_run):
@@ -209,7 +210,8 @@ def test_sample_settings_end_to_end_on_the_toy_world(tmp_path):
 
     path = _tuned_file(tmp_path / "tuned.json")
     out = tmp_path / "samples"
-    assert main(["sample", "--model", str(BUNDLED_MODEL_DIR), "--lora", str(adapter_dir("sks", "dreambooth") / LORA_FILE),
+    lora = adapter_dir("sks", "dreambooth") / LORA_FILE
+    assert main(["sample", "--model", str(BUNDLED_MODEL_DIR), "--lora", str(lora),
                  "--token", "sks", "--class-word", "ball", "--prompt", "a sks ball in the snow", "--settings",
                  str(path), "--steps", "2", "--no-progress", "--output", str(out), "--device", "cpu"]) == 0
     recorded = json.loads((out / "settings.json").read_text())["settings"]
