@@ -217,3 +217,13 @@ def test_sample_settings_end_to_end_on_the_toy_world(tmp_path):
     recorded = json.loads((out / "settings.json").read_text())["settings"]
     assert recorded["modes"] == ["parallel-rescaled"] and recorded["w_cons"] == 1.25 and recorded["w_text"] == 6.0
     assert recorded["pr"]["rescale"] == 0.5 and recorded["shaping"]["schedule"] == "linear-decrease"
+
+
+def test_top_level_help_lists_tune_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dreamguide.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "tune" in done.stdout and done.stdout.strip().endswith("torch not imported"), done.stdout + done.stderr
