@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     subject.add_argument("--references", help="folder of the subject's reference photos (identity is scored "
                          "against them with DINO)")
     subject.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    subject.add_argument("--threads", type=int, default=0,
+                         help="CPU threads (default: the cores other programs leave idle, by the load average)")
     subject.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="model weights dtype")
 
     sweep = parser.add_argument_group("sweep")
@@ -84,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
                             prompts_per_set=args.prompts_per_set, batch_size=args.batch_size, height=args.height,
                             width=args.width, **given(w_text=args.w_text, w_cons=args.w_cons))
     if args.toyworld_subject:
+        if (args.device or "cpu") == "cpu":
+            from dreamguide.cpu_threads import use_idle_cores
+
+            use_idle_cores(args.threads)
         bench = toyworld_workbench(args.toyworld_subject, args.method, args.prompts_per_set,
                                    device=args.device or "cpu")
     else:
