@@ -3,7 +3,9 @@
 Writes one PNG per (mode, seed) with its settings in the PNG metadata, a labelled grid
 (columns = modes, rows = seeds) when there is more than one image, ``settings.json`` (the
 run's settings and files) and, with ``--trace``, ``trace.json`` (per-step Consistency_p stats).
-Options left out take the library's defaults (``dreamguide.sampling.SampleSettings``).
+Options left out take the library's defaults (``dreamguide.sampling.SampleSettings``). With
+``--settings tuned.json`` (from ``dreamguide tune``) the file's mode, weights and switches replace
+those defaults; flags given explicitly still win over the file (flags > file > defaults).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     prompt.add_argument("--negative-prompt", help=f"negative prompt (default: {default['negative_prompt']!r})")
 
     guide = parser.add_argument_group("guidance")
+    guide.add_argument("--settings", help="tuned.json from `dreamguide tune`: its mode, w_text, w_cons, PR and "
+                       "shaping switches (flags given explicitly win)")
     modes = [*guidance.MODES, *guidance.ALIASES]
     guide.add_argument(
         "--modes",
@@ -101,9 +105,16 @@ def settings_from_args(args: argparse.Namespace):
 
     pr = given(granularity=args.pr_granularity, normalization=args.pr_normalization, rescale=args.pr_rescale,
                eps=args.pr_eps)
+    tuned: dict = {}
+    if getattr(args, "settings", None):
+        from dreamguide.tune import load_tuned
+
+        tuned = load_tuned(args.settings)
+        pr = {**tuned.pop("pr").to_dict(), **pr}
     return SampleSettings(
         prompt=args.prompt,
-        **given(
+        **tuned
+        | given(
             token=args.token,
             class_word=args.class_word,
             base_prompt=args.base_prompt,
