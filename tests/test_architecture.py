@@ -28,8 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("dreamguide.training",),
     # 4: evaluation
     ("dreamguide.evaluation",),
-    # 5: the miniature world, a user of the library
-    ("dreamguide.toyworld",),
+    # 5: users of the library: the miniature world, and per-subject tuning (on a real model or the world)
+    ("dreamguide.toyworld", "dreamguide.tune"),
     # 6: the two front ends
     ("dreamguide.ui", "dreamguide.cli", "dreamguide.__main__"),
 )
@@ -109,7 +109,8 @@ def test_only_the_command_line_imports_the_command_line():
 
 
 def test_the_library_never_imports_the_miniature_world_or_the_app():
-    for package, users in (("dreamguide.toyworld", ("dreamguide.toyworld", "dreamguide.ui", "dreamguide.cli")),
+    for package, users in (("dreamguide.toyworld", ("dreamguide.toyworld", "dreamguide.tune", "dreamguide.ui",
+                                                     "dreamguide.cli")),
                            ("dreamguide.ui", ("dreamguide.ui", "dreamguide.cli"))):
         importers = {n for n, others in IMPORTS.items() if any(o.startswith(package) for o in others)}
         assert {n for n in importers if not n.startswith(users)} == set(), package
