@@ -125,7 +125,7 @@ def test_a_stored_gpu_run_reads_back_to_its_recorded_analysis(tmp_path):
         archive.extractall(tmp_path, filter="data")
     experiment = toy_frontier.load_frontier_experiment(ROOT / "configs" / "toyworld-frontier-adaptive.toml")
     (tmp_path / "generate.json").write_text((stored / "generate.json").read_text(), encoding="utf-8")
-    results = toy_frontier.write_results(experiment, tmp_path, log=lambda _: None)
+    results = toy_frontier.write_frontier_results(experiment, tmp_path, log=lambda _: None)
     recorded = json.loads((stored / "frontier.json").read_text())
     assert results["slices"] == recorded["slices"]
     assert (tmp_path / "frontier.png").stat().st_size > 0

@@ -160,7 +160,7 @@ def _reproduce(args) -> int:
 
 def _frontier(args) -> int:
     from dreamguide.cli import CommandError
-    from dreamguide.toyworld.frontier import load_frontier_experiment, write_results
+    from dreamguide.toyworld.frontier import load_frontier_experiment, write_frontier_results
     from dreamguide.toyworld.reproduce import default_workers, generate, needed_adapters
 
     frontier = load_frontier_experiment(args.config, args.overrides)
@@ -172,5 +172,5 @@ def _frontier(args) -> int:
                  adapters_from=args.adapters_from)
     elif not Path(args.output).is_dir():
         raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
-    write_results(frontier, args.output)
+    write_frontier_results(frontier, args.output)
     return 0

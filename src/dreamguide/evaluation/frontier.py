@@ -134,7 +134,7 @@ def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:+.{digits}f}"
 
 
-def markdown(results: dict) -> str:
+def frontier_markdown(results: dict) -> str:
     """The comparison tables: per slice, each rule's mean identity gain at matched text alignment."""
     lines = ["# Frontier: identity at matched text alignment, each rule minus the baseline", "",
              f"Baseline: `{results['baseline']}`. Gain: mean over a grid of the common text-alignment range of "
@@ -164,7 +164,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path) -> None:
+def plot_frontier(results: dict, path) -> None:
     """One panel per slice: every rule's curve (text alignment vs identity) with bootstrap bars."""
     from dreamguide.evaluation.report import _pyplot, _save_figure
 

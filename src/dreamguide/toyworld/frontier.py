@@ -256,7 +256,7 @@ def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
     return out
 
 
-def write_results(frontier: FrontierExperiment, out, log=print) -> dict:
+def write_frontier_results(frontier: FrontierExperiment, out, log=print) -> dict:
     """Analyse a run folder; write frontier.json, frontier.md and frontier.png into it."""
     from dreamguide.atomic import atomic_write_text
     from dreamguide.evaluation import frontier as analysis
@@ -269,7 +269,7 @@ def write_results(frontier: FrontierExperiment, out, log=print) -> dict:
     record = out / "generate.json"
     results["run"] = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
     atomic_write_text(out / FRONTIER_FILE, json.dumps(results, indent=1) + "\n")
-    atomic_write_text(out / "frontier.md", analysis.markdown(results))
-    analysis.plot(results, out / "frontier.png")
+    atomic_write_text(out / "frontier.md", analysis.frontier_markdown(results))
+    analysis.plot_frontier(results, out / "frontier.png")
     log(f"wrote {out / 'frontier.md'}, {out / FRONTIER_FILE} and {out / 'frontier.png'}")
     return results
