@@ -419,3 +419,28 @@ def test_tracker_settings_are_checked(model_dirs, photos, tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"output.tracker = 'wandb' needs wandb: pip install 'dreamguide\[wandb\]'"):
         train(config, progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_a_changed_config_and_allows_cadence(model_dirs, photos, tmp_path, caplog):
+    """Resume compares the resolved config with the run's: seed, lr, rank or method refused, steps allowed."""
+    from dreamguide.config import ConfigError
+
+    out = tmp_path / "run"
+
+    def config(steps=2, **sections):
+        train_ = {"steps": steps, **sections.pop("train", {})}
+        return make_config(model_dirs["sd"], photos, out, "dreambooth", train=train_, output={"checkpoint_every": 1},
+                           **sections)
+
+    train(config(), progress=False)
+    with pytest.raises(ConfigError) as error:
+        train(config(train={"seed": 99, "lr": 0.5}), resume="latest", progress=False)
+    message = str(error.value)
+    assert "train.lr: 0.01 -> 0.5" in message and "train.seed: 0 -> 99" in message and "train.steps:" not in message
+    with pytest.raises(ConfigError, match=r"lora\.rank: 4 -> 8"):
+        train(config(lora={"rank": 8, "alpha": 8.0}), resume="latest", progress=False)
+    before = (out / "config.toml").read_text()
+    with caplog.at_level("WARNING"):
+        result = train(config(steps=3), resume="latest", progress=False)
+    assert result.step == 3 and len(result.losses) == 1 and "train.steps changed from 2 to 3" in caplog.text
+    assert before != (out / "config.toml").read_text()  # the run's config now says 3 steps

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -173,6 +174,8 @@ def train(
         model = load_model(config.model.pretrained, dtype=torch.float32, variant=config.model.variant or None)
     check_caption_lengths(model, instance_entries, class_entries, config.data.token, config.data.class_word)
     config, instance_images, class_images = _load_images(config, model, instance_entries, class_entries)
+    if checkpoint_path is not None:
+        _check_resumed_config(Path(config.output.dir), config)
     state = _add_trainables(config, model, accelerator)
     start_step = _restore_checkpoint(state, checkpoint_path, config.train.steps) if checkpoint_path else 0
     _start_outputs(accelerator, config, start_step)
@@ -233,6 +236,54 @@ def _checkpoint_to_resume(output_dir: Path, resume: str | None) -> Path | None:
             )
         return None
     return ckpt.resolve_checkpoint(output_dir, resume)
+
+
+_LOG = logging.getLogger(__name__)
+
+#: Config keys a resumed run may change: how long it runs, how often it checkpoints, samples and logs.
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "train.steps", "output.dir", "output.checkpoint_every", "output.keep_checkpoints", "output.tensorboard",
+    "output.tracker", "sample.",
+)
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resumed_config(output_dir: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings that would make a different run than the checkpoint's.
+
+    The run's resolved ``config.toml`` is compared key by key with ``config`` (both resolved, before
+    anything is written): keys in :data:`RESUME_MAY_CHANGE` may differ and are logged; any other
+    difference is an error listing each key with its old and new value.
+    """
+    from dreamguide.config import read_toml
+
+    stored_path = output_dir / CONFIG_FILE
+    if not stored_path.is_file():
+        return  # a run of an earlier version: nothing to compare with
+    stored = _flat(read_toml(stored_path))
+    current = _flat(config.to_dict())
+    changed = {key: (stored.get(key), current.get(key)) for key in sorted(set(stored) | set(current))
+               if stored.get(key) != current.get(key)}
+    allowed = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
+    refused = {k: v for k, v in changed.items() if k not in allowed}
+    if refused:
+        lines = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(
+            f"resuming {output_dir} with settings that differ from the run's ({stored_path.name}): {lines}. "
+            f"Only {', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)} may change on resume; "
+            "start a new run in another output.dir to train with other settings"
+        )
+    for key, (old, new) in allowed.items():
+        _LOG.warning("resume: %s changed from %r to %r", key, old, new)
 
 
 def _scan_images(config: TrainConfig) -> tuple[list, list]:
