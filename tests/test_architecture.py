@@ -17,7 +17,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 0: pure functions and small helpers, no model code
     ("dreamguide", "dreamguide.atomic", "dreamguide.filenames", "dreamguide.prompts", "dreamguide.guidance",
      "dreamguide.denoise", "dreamguide.config", "dreamguide.metrics", "dreamguide.tokenizers",
-     "dreamguide.cuda_graph", "dreamguide.cpu_threads", "dreamguide.provenance"),
+     "dreamguide.cuda_graph", "dreamguide.cpu_threads", "dreamguide.provenance",
+     "dreamguide.locks"),
     # 1: models, their files, their UNet rows; written images
     ("dreamguide.models", "dreamguide.lora_files", "dreamguide.token_files", "dreamguide.unet_rows",
      "dreamguide.images", "dreamguide.testing", "dreamguide.hub"),

@@ -151,7 +151,10 @@ def run_dreambench(args: argparse.Namespace) -> int:
             print(f"  {metric}: {backbone}")
         return 0
     try:
-        run_benchmark(world, config.plan, output, config.report, stop_after_groups=args.stop_after)
+        from dreamguide.locks import output_lock
+
+        with output_lock(output, "bench dreambench"):
+            run_benchmark(world, config.plan, output, config.report, stop_after_groups=args.stop_after)
     except KeyboardInterrupt as stop:
         print(f"interrupted ({stop}); run the same command again to resume")
         return 130

@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dreamguide.cli import CommandError
+    from dreamguide.locks import output_lock
     from dreamguide.sampling import Sampler, no_personalization_message, save_results
 
     settings = settings_from_args(args)
@@ -153,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         fast=not args.no_fast,
     )
-    results = sampler.sample(settings, progress=not args.no_progress)
-    written = save_results(results, Path(args.output), settings=settings, sampler=sampler)
+    with output_lock(args.output, "sample"):
+        results = sampler.sample(settings, progress=not args.no_progress)
+        written = save_results(results, Path(args.output), settings=settings, sampler=sampler)
     for kind, paths in written.items():
         for path in paths:
             print(f"{kind}: {path}")

@@ -121,8 +121,11 @@ def _personalize(args) -> int:
 
     overrides = {"steps": args.steps, "lr": args.lr, "rank": args.rank}
     settings = dataclasses.replace(DEFAULTS, **{k: v for k, v in overrides.items() if v})
-    result = personalize(args.subject, args.method, args.out, settings, model_path=args.model, device=args.device,
-                         progress=True)
+    from dreamguide.locks import output_lock
+
+    with output_lock(args.out, "toyworld personalize"):
+        result = personalize(args.subject, args.method, args.out, settings, model_path=args.model,
+                             device=args.device, progress=True)
     print(f"adapter: {result.lora_path}" + (f"  embeddings: {result.embeddings_path}" if result.embeddings_path else ""))
     return 0
 

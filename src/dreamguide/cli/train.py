@@ -42,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from dreamguide.filenames import CONFIG_FILE
+    from dreamguide.locks import output_lock
     from dreamguide.training import load_train_config, train
 
     overrides = list(args.overrides) + (["data.allow_upscale=true"] if args.allow_upscale else [])
     config = load_train_config(args.config, overrides)
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    with output_lock(config.output.dir, "train"):
+        result = train(config, resume=args.resume, progress=not args.no_progress)
     if not PartialState().is_main_process:
         return 0
     print(f"LoRA:        {result.lora_path}")
