@@ -447,3 +447,50 @@ def test_sdxl_prompts_are_checked_against_both_tokenizers():
     with pytest.warns(UserWarning) as caught:
         check_prompt_length(sdxl, f"a {TOKEN} {CLASS_WORD} {LONG}", (TOKEN,))
     assert len(caught) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Leftovers of killed runs (item 10): damaged newest checkpoint, half-done pruning, torn log line
+
+
+def _checkpoint(folder, step, keep=5):
+    import torch
+
+    from dreamguide.training.checkpoints import save_checkpoint
+
+    return save_checkpoint(folder, step, {"w": torch.ones(2)}, {"state": {}, "param_groups": []}, {"last": step},
+                           keep=keep)
+
+
+def test_resume_latest_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path):
+    from dreamguide.training.checkpoints import resolve_checkpoint
+
+    _checkpoint(tmp_path, 1)
+    newest = _checkpoint(tmp_path, 2)
+    (newest / "adapter.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # torn file
+    with pytest.warns(UserWarning, match=r"skipping .*checkpoint-2: adapter\.safetensors is unreadable"):
+        assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-1"
+    (tmp_path / "checkpoint-1" / "optimizer.pt").write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match="no checkpoint .* is readable"):
+        resolve_checkpoint(tmp_path, "latest")
+
+
+def test_pruning_renames_before_deleting_and_clears_leftover_trash(tmp_path):
+    from dreamguide.training.checkpoints import TRASH_PREFIX, list_checkpoints
+
+    (tmp_path / f"{TRASH_PREFIX}checkpoint-0-123").mkdir(parents=True)  # a run killed mid-delete
+    for step in (1, 2, 3):
+        _checkpoint(tmp_path, step, keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, caplog):
+    from dreamguide.training.trainer import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo', encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        _truncate_log(log, 2)
+    assert log.read_text().splitlines() == ['{"step": 1, "loss": 0.5}', '{"step": 2, "loss": 0.4}']
+    assert "dropping an unreadable line" in caplog.text

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from dreamguide.atomic import atomic_directory
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
+#: Name prefix of pruned checkpoints between their rename and their deletion.
+TRASH_PREFIX = ".trash-"
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -49,15 +52,44 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder ``path`` cannot be resumed from (a file missing, empty or unreadable), or None."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{STATE_FILE} is unreadable ({error})"
+    for name in ("adapter.safetensors", "rng.safetensors"):
+        try:
+            with safe_open(str(path / name), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error types for torn files
+            return f"{name} is unreadable ({error})"
+    for name in ("optimizer.pt", "lr_scheduler.pt"):
+        file = path / name
+        if not file.is_file() or file.stat().st_size == 0:
+            return f"{name} is missing or empty"
+    return None
+
+
 def resolve_checkpoint(output_dir: str | os.PathLike, resume: str) -> Path:
-    """``"latest"`` -> the newest complete checkpoint in ``output_dir``; otherwise a checkpoint folder path."""
+    """``"latest"`` -> the newest readable checkpoint in ``output_dir`` (a damaged newer one is skipped
+    with a warning naming what is wrong); otherwise a checkpoint folder path."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(
                 f"--resume latest: {output_dir} has no checkpoint-<step>/ folder; start without --resume"
             )
-        return found[-1][1]
+        for _, path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warnings.warn(f"--resume latest: skipping {path}: {problem}; trying the previous checkpoint",
+                          stacklevel=2)
+        raise FileNotFoundError(f"--resume latest: no checkpoint in {output_dir} is readable; start without --resume")
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); pass 'latest' or a checkpoint-<step>/ path")
@@ -117,7 +149,13 @@ def save_checkpoint(
         state = {"step": step, "rng": rng_plain, **(extra or {})}
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
     for _, old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first (one atomic step), deleted after: a kill mid-delete leaves a trash folder,
+        # never a half-deleted checkpoint that looks complete.
+        trash = old.with_name(f"{TRASH_PREFIX}{old.name}-{os.getpid()}")
+        old.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    for leftover in output_dir.glob(f"{TRASH_PREFIX}*"):  # from a run killed while pruning
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 

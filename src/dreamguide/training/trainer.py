@@ -440,9 +440,17 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write: repaired by dropping it
+            _LOG.warning("%s: dropping an unreadable line %r (written when a run was killed)", path, line[:80])
     if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        from dreamguide.atomic import atomic_write_text
+
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _prepare_batches(
