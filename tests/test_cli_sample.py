@@ -229,3 +229,46 @@ def test_embeddings_need_their_token(tiny_sd15_dir, sd15_personal, tmp_path, cap
     assert main(["sample", "--model", str(tiny_sd15_dir), "--embeddings", sd15_personal["embeddings"],
                  "--prompt", "a <sks> dog", "--output", str(tmp_path / "x"), *SMALL]) == 2
     assert "need the token they were learned for; pass token='<sks>' (--token)" in capsys.readouterr().err
+
+
+def test_images_are_kept_as_each_batch_finishes(tiny_sd15_dir, sd15_personal, tmp_path, capsys, monkeypatch):
+    """A failure in a later batch loses nothing sampled before it: those PNGs and settings.json are on disk."""
+    from dreamguide.sampling import Sampler
+
+    calls = {"n": 0}
+    original = Sampler._sample_batch
+
+    def fail_second_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("the sample became non-finite (simulated)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "_sample_batch", fail_second_batch)
+    out = tmp_path / "kept"
+    with pytest.raises(FloatingPointError):
+        main(["sample", "--model", str(tiny_sd15_dir), "--lora", sd15_personal["lora"],
+              "--embeddings", sd15_personal["embeddings"], *PROMPT, "--modes", "consistency", "--seeds", "0,1",
+              "--batch-size", "1", "--output", str(out), *SMALL])
+    assert (out / "consistency-seed0.png").is_file() and not (out / "consistency-seed1.png").exists()
+    assert json.loads((out / "settings.json").read_text())["files"] == ["consistency-seed0.png"]
+    assert not (out / ".dreamguide.lock").exists()
+
+
+def test_output_folder_is_checked_before_sampling_and_another_run_is_not_mixed_in(tiny_sd15_dir, sd15_personal,
+                                                                                   tmp_path, capsys):
+    args = ["sample", "--model", str(tiny_sd15_dir), "--lora", sd15_personal["lora"],
+            "--embeddings", sd15_personal["embeddings"], *PROMPT, "--modes", "consistency", *SMALL]
+    a_file = tmp_path / "file.png"
+    a_file.write_bytes(b"x")
+    assert main([*args, "--output", str(a_file)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert main([*args, "--output", str(a_file / "below")]) == 2
+    assert "is a file, so the folder cannot be made" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main([*args, "--seeds", "0-2", "--output", str(out)]) == 0
+    assert main([*args, "--seeds", "0-2", "--output", str(out)]) == 0  # the same run again: allowed
+    assert main([*args, "--seeds", "5", "--output", str(out)]) == 2
+    assert "holds the images of another run (settings.json differs in seeds)" in capsys.readouterr().err
+    assert main([*args, "--seeds", "5", "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["consistency-seed5.png"]  # no stale seed 0-2 images

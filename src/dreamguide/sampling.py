@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -306,8 +306,11 @@ class Sampler:
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def sample(self, settings: SampleSettings, progress: bool = True) -> list[SampleResult]:
-        """Sample every (mode, seed) of ``settings``; results come mode by mode, seeds in order."""
+    def sample(self, settings: SampleSettings, progress: bool = True,
+               on_batch: "Callable[[list[SampleResult]], None] | None" = None) -> list[SampleResult]:
+        """Sample every (mode, seed) of ``settings``; results come mode by mode, seeds in order.
+
+        ``on_batch`` gets each batch's results as soon as they are done (to save them at once)."""
         return self.sample_items(
             settings.items(),
             steps=settings.steps,
@@ -318,6 +321,7 @@ class Sampler:
             height=settings.height,
             width=settings.width,
             clipped_model_output=settings.clipped_model_output,
+            on_batch=on_batch,
         )
 
     def sample_items(
@@ -332,8 +336,10 @@ class Sampler:
         height: int | None = None,
         width: int | None = None,
         clipped_model_output: bool | None = None,
+        on_batch: "Callable[[list[SampleResult]], None] | None" = None,
     ) -> list[SampleResult]:
-        """Sample every item; the results come in item order.
+        """Sample every item; the results come in item order (``on_batch`` also gets each batch's
+        results as soon as that batch is done).
 
         Items are packed in order into batches of up to ``batch_size`` images, whatever their
         prompts, modes and weights; each batch is one denoising loop with one UNet forward per
@@ -377,6 +383,8 @@ class Sampler:
                         metadata = self._metadata(item, run)
                         results[k] = SampleResult(image, item.seed, item.mode, item.prompt, item.base_prompt,
                                                   metadata, records)
+                    if on_batch is not None:
+                        on_batch([results[k] for k in batch])
         return results
 
     def _portable_sources(self) -> dict:

@@ -84,6 +84,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run_.add_argument("--steps", type=int, help=f"denoising steps (default {default['steps']})")
     run_.add_argument("--scheduler", choices=SCHEDULERS, help=f"default {default['scheduler']!r}: the model's own")
     run_.add_argument("--output", default="samples", help="output folder (default: samples)")
+    run_.add_argument("--overwrite", action="store_true",
+                      help="replace another run's images in --output (default: refuse such a folder)")
     run_.add_argument("--trace", action="store_true", default=None,
                       help="write per-step Consistency_p stats to trace.json")
     run_.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +97,66 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.set_defaults(func=run)
     return parser
+
+
+def check_output_folder(output, settings, overwrite: bool = False) -> bool:
+    """``output`` can take this run's images: a writable folder (or one that can be made) that holds no
+    other run's images, unless ``overwrite``. Raises a CommandError naming the problem and the fix;
+    returns True when ``overwrite`` replaces another run's files (remove them first)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from dreamguide.cli import CommandError
+
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"--output {output} is a file; give a folder for the images")
+    existing = next((p for p in (output, *output.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise CommandError(f"--output {output}: {existing} is a file, so the folder cannot be made; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"--output {output}: {existing} is not writable; give a folder you can write to")
+    if not output.is_dir():
+        return False
+    record = output / "settings.json"
+    images = sorted(p.name for p in output.glob("*.png"))
+    if record.is_file():
+        try:
+            earlier = json.loads(record.read_text(encoding="utf-8")).get("settings", {})
+        except (OSError, ValueError):
+            earlier = None
+        if earlier == settings.to_dict():
+            return False  # the same run again: the same files are rewritten in place
+        if overwrite:
+            return True
+        changed = sorted(k for k in settings.to_dict() if earlier is None or earlier.get(k) != settings.to_dict()[k])
+        raise CommandError(
+            f"--output {output} holds the images of another run (settings.json differs in {', '.join(changed)}); "
+            "pass --overwrite to replace them, or choose a new folder"
+        )
+    if images and not overwrite:
+        raise CommandError(f"--output {output} holds {len(images)} PNG images of an unknown run (e.g. {images[0]}); "
+                           "pass --overwrite to replace them, or choose a new folder")
+    return bool(images)
+
+
+def _clear_earlier_run(output) -> None:
+    """Remove the files an earlier run listed in ``settings.json`` (with its grid and trace), so no stale
+    image of a larger earlier run sits beside the new ones."""
+    import json
+
+    record = output / "settings.json"
+    try:
+        files = json.loads(record.read_text(encoding="utf-8")).get("files", []) if record.is_file() else None
+    except (OSError, ValueError):
+        files = None
+    if files is None:  # no record of what the earlier run wrote: its PNGs
+        files = [p.name for p in output.glob("*.png")]
+    for name in [*files, "grid.png", "trace.json", "settings.json"]:
+        path = output / name
+        if path.parent == output and path.is_file():
+            path.unlink()
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -142,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     from dreamguide.sampling import Sampler, no_personalization_message, save_results
 
     settings = settings_from_args(args)
+    replace = check_output_folder(Path(args.output), settings, overwrite=args.overwrite)  # before any model loads
     if settings.needs_personalized and not (args.lora or args.embeddings or args.personalized_unet):
         raise CommandError(no_personalization_message(settings.modes))  # before loading a large model for nothing
     sampler = Sampler.from_pretrained(
@@ -154,9 +217,22 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         fast=not args.no_fast,
     )
-    with output_lock(args.output, "sample"):
-        results = sampler.sample(settings, progress=not args.no_progress)
-        written = save_results(results, Path(args.output), settings=settings, sampler=sampler)
+    output = Path(args.output)
+    with output_lock(output, "sample"):
+        if replace:
+            _clear_earlier_run(output)
+        done: list = []
+        written: dict = {}
+
+        def keep(batch: list) -> None:
+            # Each batch's images are written as soon as they are done, the grid, trace and
+            # settings.json rewritten to match: a kill, a later error or a full disk loses nothing
+            # already sampled.
+            nonlocal written
+            done.extend(batch)
+            written = save_results(done, output, settings=settings, sampler=sampler)
+
+        sampler.sample(settings, progress=not args.no_progress, on_batch=keep)
     for kind, paths in written.items():
         for path in paths:
             print(f"{kind}: {path}")
