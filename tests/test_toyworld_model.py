@@ -163,3 +163,32 @@ def test_cli_personalize_overrides_the_defaults_and_the_adapter_loads(tmp_path):
     model, token = load_personalized("zwx", "dco", folder=tmp_path / "a")
     ranks = {m.r["subject"] for m in model.unet.modules() if "subject" in getattr(m, "lora_A", {})}
     assert token == "zwx" and ranks == {4}
+
+
+def test_cli_personalize_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, capsys):
+    """Like `dreamguide train`: checkpoints, exact resume; an existing adapter is kept unless --overwrite."""
+    from safetensors.torch import load_file
+
+    from dreamguide.cli import main
+
+    def run(out, *extra):
+        return main(["toyworld", "personalize", "--subject", "sks", "--method", "dreambooth", "--out", str(out),
+                     "--rank", "4", "--device", "cpu", "--checkpoint-every", "1", *extra])
+
+    assert run(tmp_path / "straight", "--steps", "3") == 0
+    assert run(tmp_path / "resumed", "--steps", "2") == 0
+    assert run(tmp_path / "resumed", "--steps", "2") == 2
+    assert "already holds an adapter" in capsys.readouterr().err
+    assert run(tmp_path / "resumed", "--steps", "3", "--resume") == 0
+    straight = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert run(tmp_path / "resumed", "--steps", "1", "--overwrite") == 0
+    assert [p.name for p in sorted((tmp_path / "resumed").glob("checkpoint-*"))] == ["checkpoint-1"]
+
+
+def test_personalize_refuses_a_model_that_is_not_a_toy_world_model(tiny_sd15_dir, tmp_path):
+    from dreamguide.toyworld.personalize import personalize
+
+    with pytest.raises(ValueError, match="is a 'sd' model, not a toy-world model"):
+        personalize("sks", "dreambooth", tmp_path / "a", model_path=tiny_sd15_dir, device="cpu")

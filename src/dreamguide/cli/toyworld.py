@@ -45,6 +45,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     personalize.add_argument("--lr", type=float, default=0.0, help="LoRA learning rate (default: the toy default, 2e-3)")
     personalize.add_argument("--rank", type=int, default=0, help="LoRA rank (default: the toy default, 32)")
     personalize.add_argument("--model", help="base model folder (default: the bundled model)")
+    personalize.add_argument("--checkpoint-every", type=int, default=100,
+                             help="write a resumable checkpoint every this many steps (default 100; 0: none)")
+    personalize.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    personalize.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     personalize.add_argument("--device")
     personalize.set_defaults(func=_personalize)
 
@@ -125,7 +129,8 @@ def _personalize(args) -> int:
 
     with output_lock(args.out, "toyworld personalize"):
         result = personalize(args.subject, args.method, args.out, settings, model_path=args.model,
-                             device=args.device, progress=True)
+                             device=args.device, progress=True, resume="latest" if args.resume else None,
+                             overwrite=args.overwrite, checkpoint_every=args.checkpoint_every)
     print(f"adapter: {result.lora_path}" + (f"  embeddings: {result.embeddings_path}" if result.embeddings_path else ""))
     return 0
 

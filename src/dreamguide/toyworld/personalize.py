@@ -20,6 +20,7 @@ The bundled adapter (``weights/subjects/<token>-<method>/``) is one of these run
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,11 +98,17 @@ def personalize(
     model_path=None,
     device: str | None = None,
     progress: bool = False,
+    resume: str | None = None,
+    overwrite: bool = True,
+    checkpoint_every: int = 0,
 ):
     """Fine-tune ``subject`` with ``method``; writes the adapter to ``out`` and returns ``TrainResult``.
 
     ``model``: a loaded base ``DiffusionModel`` to train in place (else the bundled one, or
-    ``model_path``, is loaded). ``result.model`` carries the adapter (``ADAPTER_NAME``) afterwards.
+    ``model_path``, is loaded; it must be a toy-world model). ``result.model`` carries the adapter
+    (``ADAPTER_NAME``) afterwards. ``checkpoint_every`` > 0 writes resumable checkpoints like
+    ``dreamguide train``; ``resume="latest"`` continues the newest one. ``overwrite=False`` refuses an
+    ``out`` that already holds an adapter (unless resuming).
     """
     import time
 
@@ -111,9 +118,20 @@ def personalize(
     subject_ = get_subject(subject)
     token = subject_token(subject_.token, method)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out)
+    if not overwrite and resume is None and (out / LORA_FILE).is_file():
+        raise ValueError(f"{out} already holds an adapter ({LORA_FILE}); pass --overwrite to replace it, "
+                         "--resume to continue its run, or choose another --out")
+    if resume is None:
+        from dreamguide.training.checkpoints import list_checkpoints
+
+        for _, folder in list_checkpoints(out):  # an earlier run's checkpoints: this run replaces that run
+            shutil.rmtree(folder)
     if model is None:
         model = load_toyworld_model(model_path, device=device)
-    out = Path(out)
+    if model.kind != "pixel":
+        raise ValueError(f"{model_path or 'the given model'} is a {model.kind!r} model, not a toy-world model (a pixel "
+                         "model with the world's vocabulary); use the bundled one or `dreamguide toyworld train-base`")
     references = write_reference_folder(subject_.token, out / "references", token)
     config = train_config_from_dict(
         {
@@ -136,12 +154,12 @@ def personalize(
                      "target_modules": list(settings.lora_targets)},
             "ti": {"lr": settings.ti_lr},
             "dco": {"beta": settings.dco_beta},
-            "output": {"dir": str(out), "checkpoint_every": 0},
+            "output": {"dir": str(out), "checkpoint_every": checkpoint_every},
         },
         source=f"toyworld personalize {subject_.token} {method}",
     )
     started = time.time()
-    result = train(config, model=model, progress=progress)
+    result = train(config, model=model, progress=progress, resume=resume)
     record = {
         "subject": subject_.token,
         "class_word": subject_.cls,
