@@ -95,3 +95,13 @@ def test_a_folder_made_for_the_lock_goes_again_when_nothing_was_written(tmp_path
     with output_lock(tmp_path / "kept", "sample"):
         (tmp_path / "kept" / "image.png").write_bytes(b"x")
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["image.png"]
+
+
+def test_taking_the_lock_clears_temporary_files_of_killed_writes(tmp_path):
+    (tmp_path / ".grid.png.abc123.tmp").write_bytes(b"half")
+    (tmp_path / ".checkpoint-4.xyz.tmp").mkdir()
+    (tmp_path / "keep.png").write_bytes(b"x")
+    with pytest.warns(UserWarning, match="removed 2 unfinished temporary file"):
+        with output_lock(tmp_path, "train"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]

@@ -6,7 +6,8 @@ removes it on exit. Processes of one distributed launch (``accelerate launch``, 
 second launch on it stops. A second process that finds the lock of a live owner stops with a message
 naming that owner and what to do, instead of mixing its outputs with the first's. A lock left by a
 killed process (its pid no longer runs on this host) is taken over with a warning; a lock of
-another host is honoured (its pid cannot be checked from here).
+another host is honoured (its pid cannot be checked from here). Holding the lock, the process
+removes the hidden temporary files a killed write left in the folder.
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ def _describe(owner: dict) -> str:
             f"since {since})")
 
 
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete the hidden temporary files and folders (``.<name>.<random>.tmp``, :mod:`dreamguide.atomic`)
+    that a killed write left directly in ``folder``; only safe while holding the folder's lock."""
+    import shutil
+
+    removed = []
+    for path in folder.glob(".*.tmp"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return sorted(removed)
+
+
 @contextmanager
 def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold ``folder``'s lock for the duration of the block; a folder the lock created is removed again
@@ -84,6 +100,10 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
         break
     else:  # pragma: no cover - two takeovers raced
         raise OutputLocked(f"{folder}: could not take the lock {path}; try again")
+    removed = remove_leftovers(folder)
+    if removed:
+        warnings.warn(f"{folder}: removed {len(removed)} unfinished temporary file(s) of a killed run "
+                      f"(e.g. {removed[0]})", stacklevel=3)
     try:
         yield path
     finally:
