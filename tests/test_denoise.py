@@ -91,6 +91,18 @@ def test_non_finite_check_names_the_first_bad_step_and_reads_the_flag_every_few_
     assert len(made) == calls
 
 
+def test_non_finite_advice_suggests_float32_only_below_float32():
+    scheduler = _scheduler(steps=2)
+
+    def bad(x_in, t):
+        return torch.full_like(x_in, float("nan"))
+
+    for dtype, advice in ((torch.float16, r"sample in float32 \(--dtype float32\)"), (torch.float32, "check the adapter")):
+        with pytest.raises(NonFiniteError, match=advice):
+            denoise(bad, torch.randn(1, 3, 4, 4), scheduler, lambda out, i, n: out,
+                    callbacks=[NonFiniteCheck(["mode 'pr' for seed 0"], dtype=dtype)])
+
+
 def test_non_finite_rows_are_caught_even_when_the_update_hides_them():
     """A clipping DDIM turns an infinite prediction into a finite sample; checking the rows still names it."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=True)

@@ -494,3 +494,21 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, caplog):
         _truncate_log(log, 2)
     assert log.read_text().splitlines() == ['{"step": 1, "loss": 0.5}', '{"step": 2, "loss": 0.4}']
     assert "dropping an unreadable line" in caplog.text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.adam_beta1=2", r"train\.adam_beta1 must be in \[0, 1\), got 2\.0"),
+    ("train.adam_epsilon=-1", r"train\.adam_epsilon must be positive, got -1\.0"),
+    ("train.lr_scheduler=bogus", r"train\.lr_scheduler is 'bogus'; choose one of linear, cosine"),
+    ("train.seed=-1", r"train\.seed must be a non-negative integer, got -1"),
+    ("sample.w_text=nan", r"sample\.w_text must be a finite number, got nan"),
+])
+def test_training_config_values_are_checked_when_the_config_is_read(tmp_path, override, message):
+    """Before any model loads: named key, value and what would fix it (reliability item 12)."""
+    from dreamguide.config import ConfigError
+    from dreamguide.training import load_train_config
+
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\npretrained = "m"\n[data]\ninstance_dir = "photos"\nclass_word = "dog"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(path, [override])

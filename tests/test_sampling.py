@@ -353,7 +353,8 @@ def test_nonfinite_prediction_names_the_step(sd15, monkeypatch, trace, check_eve
     try:
         settings = SampleSettings(**TOKEN_KW, modes="pr", seeds="5", steps=steps, height=16, width=16, trace=trace)
         with pytest.raises(sampling.NonFiniteError, match=rf"non-finite \(NaN or inf\) at step 3/{steps} "
-                                                          r"\(timestep \d+\) in mode 'parallel-rescaled' for seed 5"):
+                                                          r"\(timestep \d+\) in mode 'parallel-rescaled' for seed 5; "
+                                                          r"lower the guidance weights, or check the adapter"):
             sampling.Sampler(sd15, adapter_name="subject").sample(settings, progress=False)
     finally:
         handle.remove()

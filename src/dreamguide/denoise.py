@@ -151,8 +151,11 @@ class NonFiniteCheck:
     the message, e.g. ``"mode 'pr' for seed 3"``.
     """
 
-    def __init__(self, labels: Sequence[str], every: int | None = None, row_images: Sequence[int] | None = None):
+    def __init__(self, labels: Sequence[str], every: int | None = None, row_images: Sequence[int] | None = None,
+                 dtype: torch.dtype | None = None):
         self.labels = list(labels)
+        #: The model's dtype: the advice to sample in float32 is given only when it is not float32 already.
+        self.dtype = dtype
         self.every = NONFINITE_CHECK_EVERY if every is None else every
         self.row_images = None if row_images is None else list(row_images)
         self._first_bad: torch.Tensor | None = None
@@ -187,5 +190,7 @@ class NonFiniteCheck:
                 raise NonFiniteError(
                     f"the sample became non-finite (NaN or inf) at step {step + 1}/{steps} "
                     f"(timestep {float(self._timesteps[step]):g}) in {label}; "
-                    "sample in float32 (--dtype float32) or lower the guidance weights"
+                    + ("lower the guidance weights, or check the adapter and model weights for NaN"
+                       if self.dtype == torch.float32 else
+                       "sample in float32 (--dtype float32) or lower the guidance weights")
                 )

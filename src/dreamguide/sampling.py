@@ -477,7 +477,8 @@ class Sampler:
 
         labels = [f"mode {item.mode!r} for seed {item.seed}" for item in items]
         # Traced steps read their predictions anyway: check those too, every step.
-        check = NonFiniteCheck(labels, every=1 if trace else None, row_images=[j for _, j in rows] if trace else None)
+        check = NonFiniteCheck(labels, every=1 if trace else None, row_images=[j for _, j in rows] if trace else None,
+                               dtype=self.dtype)
         traced = [TracedImages(r.images, r.pr) for r in rules if trace and TRACED_NEEDS <= set(r.mode.needs)]
         tracer = ConsistencyTrace(layout, traced, channels)
         x = denoise(

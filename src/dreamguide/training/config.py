@@ -235,6 +235,18 @@ class TrainConfig:
                 fail("output.name", f"is {error}")
         if not self.lora.target_modules:
             fail("lora.target_modules", "must name at least one module, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0']")
+        if self.train.seed < 0:
+            fail("train.seed", f"must be a non-negative integer, got {self.train.seed}")
+        for key, value in (("train.adam_beta1", self.train.adam_beta1), ("train.adam_beta2", self.train.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                fail(key, f"must be in [0, 1), got {value} (AdamW's default: 0.9 for beta1, 0.999 for beta2)")
+        if not self.train.adam_epsilon > 0:
+            fail("train.adam_epsilon", f"must be positive, got {self.train.adam_epsilon} (e.g. 1e-8)")
+        from diffusers.optimization import SchedulerType
+
+        schedulers = [kind.value for kind in SchedulerType]
+        if self.train.lr_scheduler not in schedulers:
+            fail("train.lr_scheduler", f"is {self.train.lr_scheduler!r}; choose one of {', '.join(schedulers)}")
         if not 0.0 <= self.ti.train_fraction <= 1.0:
             fail("ti.train_fraction", f"must be between 0 and 1, got {self.ti.train_fraction}")
         if self.ti.enabled and self.train.method == "dreambooth":
