@@ -512,3 +512,23 @@ def test_training_config_values_are_checked_when_the_config_is_read(tmp_path, ov
     path.write_text('[model]\npretrained = "m"\n[data]\ninstance_dir = "photos"\nclass_word = "dog"\n', encoding="utf-8")
     with pytest.raises(ConfigError, match=message):
         load_train_config(path, [override])
+
+
+def test_devices_and_thread_counts_are_named_when_wrong(tiny_sd15_dir, tmp_path, capsys):
+    import torch
+
+    from dreamguide.cli import main
+    from dreamguide.cpu_threads import use_idle_cores
+    from dreamguide.models import parse_device
+
+    with pytest.raises(ValueError, match=r"--device 'tpu9' is not a device torch knows; use cpu, cuda"):
+        parse_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            parse_device("cuda")
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--threads must be 0 \(the idle cores\) or a positive number of threads, got -3"):
+        use_idle_cores(-3)
+    assert main(["sample", "--model", str(tiny_sd15_dir), "--prompt", "a dog", "--modes", "cfg", "--device", "tpu9",
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "--device 'tpu9' is not a device torch knows" in capsys.readouterr().err

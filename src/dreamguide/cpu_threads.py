@@ -20,9 +20,12 @@ def idle_cores() -> int:
 
 
 def use_idle_cores(threads: int = 0) -> int:
-    """``torch.set_num_threads(threads or idle_cores())``; returns the number set."""
+    """``torch.set_num_threads(threads or idle_cores())``; returns the number set. A negative count is
+    a ValueError (``--threads``)."""
     import torch
 
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"--threads must be 0 (the idle cores) or a positive number of threads, got {threads!r}")
     threads = threads or idle_cores()
     torch.set_num_threads(threads)
     return threads

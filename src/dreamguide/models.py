@@ -176,6 +176,24 @@ class DiffusionModel:
         raise ValueError("a 'pixel' model has no diffusers pipeline; use dreamguide's sampler")
 
 
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """A torch device from ``--device`` (``None``: cuda when available, else cpu); an unknown name or an
+    accelerator this machine lacks is a ValueError naming it and the choices."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device torch knows; use cpu, cuda, cuda:1 or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this machine has no CUDA GPU torch can use; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: there are {torch.cuda.device_count()} CUDA devices (0-based)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device!r}: MPS is not available here; use --device cpu")
+    return parsed
+
+
 def parse_dtype(dtype, device=None) -> torch.dtype:
     """A torch dtype from a dtype or its name (``float32``/``fp32``, ``float16``/``fp16``, ``bfloat16``/``bf16``).
 

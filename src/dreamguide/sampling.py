@@ -235,7 +235,7 @@ class Sampler:
             raise ValueError(
                 f"embeddings {embeddings_path} need the token they were learned for; pass token='<sks>' (--token)"
             )
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = models.parse_device(device)
         dtype = models.parse_dtype(dtype, device)
         model = models.load_model(model_id_or_path, dtype=dtype, device=device)
         if embeddings_path is not None:
