@@ -155,7 +155,7 @@ def test_pixel_model_and_personalized_unet(tiny_pixel_dir, tmp_path):
         (["--seeds", "a-b"], "bad seed 'a-b'"),
         (["--lora", "missing/lora.safetensors"], "LoRA file missing/lora.safetensors does not exist"),
         (["--height", "17"], "height 17 is not divisible by 2 (the VAE downsampling factor of this model)"),
-        (["--model", "someone/not-downloaded"], "'someone/not-downloaded' are not available offline"),
+        (["--model", "someone/not-downloaded"], "'someone/not-downloaded' is not a folder in"),
         (["--model", "./no/such/folder"], "model folder ./no/such/folder does not exist"),
     ],
 )

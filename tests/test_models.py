@@ -118,7 +118,7 @@ def test_hub_id_offline_and_missing_path_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(FileNotFoundError, match="'someone/uncached-model' are not available offline.*local"):
+    with pytest.raises(FileNotFoundError, match="'someone/uncached-model' is not a folder in .* its weights are not available offline.*local"):
         load_model("someone/uncached-model")
     missing = tmp_path / "no-such-model"
     with pytest.raises(FileNotFoundError, match=f"model folder {missing} does not exist"):

@@ -532,3 +532,16 @@ def test_devices_and_thread_counts_are_named_when_wrong(tiny_sd15_dir, tmp_path,
     assert main(["sample", "--model", str(tiny_sd15_dir), "--prompt", "a dog", "--modes", "cfg", "--device", "tpu9",
                  "--output", str(tmp_path / "out")]) == 2
     assert "--device 'tpu9' is not a device torch knows" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_and_unknown_lora_targets_are_named(tmp_path, monkeypatch):
+    from dreamguide.lora_files import add_lora
+    from dreamguide.models import load_model
+    from dreamguide.testing import tiny_sd15_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"'mymodel' is not a folder in .*\./mymodel does not exist"):
+        load_model("mymodel")
+    with pytest.raises(ValueError, match=r"lora\.target_modules \['nope'\]: some match no layer of this UNet"):
+        add_lora(tiny_sd15_pipeline().unet, 4, target_modules=["nope"])

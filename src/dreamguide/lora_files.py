@@ -62,7 +62,15 @@ def add_lora(
     )
     with warnings.catch_warnings():  # PEFT warns on every adapter after the first; several are intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        unet.add_adapter(config, adapter_name=adapter_name)
+        try:
+            unet.add_adapter(config, adapter_name=adapter_name)
+        except ValueError as error:
+            if "not found" not in str(error) and "Target module" not in str(error):
+                raise
+            raise ValueError(
+                f"lora.target_modules {list(target_modules)}: some match no layer of this UNet ({error}); name "
+                f"layers it has, e.g. {list(LORA_TARGETS)}"
+            ) from None
     return unet
 
 

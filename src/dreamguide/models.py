@@ -294,9 +294,10 @@ def _hub_index(repo_id: str) -> dict:
         ) from error
     except Exception as error:  # offline mode, no network, not in the cache
         raise FileNotFoundError(
-            f"the weights of {repo_id!r} are not available offline (not in the local hub cache and the hub "
-            f"cannot be reached: {type(error).__name__}); download them once with network access, or pass a "
-            "local diffusers folder (model_index.json, unet/, text_encoder/, ...) instead"
+            f"{repo_id!r} is not a folder in {Path.cwd()} (if you meant a local folder, check the path: "
+            f"./{repo_id} does not exist), and as a hub id its weights are not available offline (not in the "
+            f"local hub cache and the hub cannot be reached: {type(error).__name__}); download them once with "
+            "network access, or pass a local diffusers folder (model_index.json, unet/, text_encoder/, ...)"
         ) from error
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
