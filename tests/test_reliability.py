@@ -545,3 +545,24 @@ def test_a_missing_model_folder_and_unknown_lora_targets_are_named(tmp_path, mon
         load_model("mymodel")
     with pytest.raises(ValueError, match=r"lora\.target_modules \['nope'\]: some match no layer of this UNet"):
         add_lora(tiny_sd15_pipeline().unet, 4, target_modules=["nope"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"\x80\x04\x95\x10\x00\x00", "is a pickle"),
+    (b"PK\x03\x04rest-of-a-zip", "is a pickle"),
+    (b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": ", "not a complete safetensors file"),
+])
+def test_a_lora_or_embeddings_file_that_is_no_safetensors_file_is_named(tmp_path, content, message):
+    from dreamguide.lora_files import load_lora
+    from dreamguide.models import DiffusionModel  # noqa: F401 (only the file check runs)
+    from dreamguide.testing import tiny_sd15_pipeline
+    from dreamguide.token_files import load_embeddings
+
+    model = DiffusionModel.from_pipeline(tiny_sd15_pipeline())
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"LoRA file .*lora\.safetensors.*{message}"):
+        load_lora(model, path)
+    with pytest.raises(ValueError, match=rf"embeddings file .*{message}"):
+        load_embeddings(model, path, "<sks>")

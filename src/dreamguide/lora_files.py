@@ -273,10 +273,28 @@ def _check_lora_matches(unet, state_dict: dict[str, torch.Tensor], path: Path) -
 
 
 def _safetensors_keys(path: Path) -> list[str]:
+    return list(read_safetensors_header(path, "LoRA"))
+
+
+def read_safetensors_header(path: Path, what: str) -> dict[str, str]:
+    """The tensor names of a safetensors file, with their dtypes; a file that is no safetensors file
+    (empty, truncated, a renamed pickle ``.bin``/``.ckpt``) is a ValueError naming it and why."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return list(handle.keys())
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{what} file {path} is empty; write it again (a run killed while writing it?)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {key: str(handle.get_slice(key).get_dtype()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types
+        with open(path, "rb") as handle:
+            start = handle.read(2)
+        pickled = start[:1] == b"\x80" or start == b"PK"  # a pickle, or a zipped torch.save
+        why = ("it is a pickle (torch.save) file renamed to .safetensors; dreamguide loads weights only from "
+               "safetensors: convert it with safetensors.torch.save_file") if pickled else (
+              f"it is not a complete safetensors file ({size} bytes; truncated or damaged: {error})")
+        raise ValueError(f"{what} file {path}: {why}") from None
 
 
 def load_lora(model: "DiffusionModel", path, adapter_name: str = ADAPTER_NAME) -> None:

@@ -118,6 +118,9 @@ def _read_embedding_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """The tensors and the header of an embeddings file."""
     from safetensors import safe_open
 
+    from dreamguide.lora_files import read_safetensors_header
+
+    read_safetensors_header(Path(path), "embeddings")  # a clear error for a damaged or pickled file
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
