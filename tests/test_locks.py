@@ -105,3 +105,18 @@ def test_taking_the_lock_clears_temporary_files_of_killed_writes(tmp_path):
         with output_lock(tmp_path, "train"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png"]
+
+
+def test_an_output_path_that_is_a_file_is_named_for_every_command(tmp_path, capsys):
+    from dreamguide.cli import main
+
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=r"out\.txt is a file; give a folder for train's outputs"):
+        with output_lock(a_file, "train"):
+            pass
+    with pytest.raises(ValueError, match=r"is below .*out\.txt, which is a file"):
+        with output_lock(a_file / "run", "bench dreambench"):
+            pass
+    assert main(["toyworld", "personalize", "--out", str(a_file), "--steps", "1", "--device", "cpu"]) == 2
+    assert "is a file; give a folder for toyworld personalize's outputs" in capsys.readouterr().err

@@ -77,6 +77,10 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold ``folder``'s lock for the duration of the block; a folder the lock created is removed again
     when the block wrote nothing into it."""
     folder = Path(folder)
+    below = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if below is not None and not below.is_dir():
+        where = "is a file" if below == folder else f"is below {below}, which is a file"
+        raise ValueError(f"the output folder {folder} {where}; give a folder for {command}'s outputs")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / lock_file_name()
