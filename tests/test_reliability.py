@@ -566,3 +566,20 @@ def test_a_lora_or_embeddings_file_that_is_no_safetensors_file_is_named(tmp_path
         load_lora(model, path)
     with pytest.raises(ValueError, match=rf"embeddings file .*{message}"):
         load_embeddings(model, path, "<sks>")
+
+
+def test_a_full_disk_says_no_space_left_and_where_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from dreamguide import atomic
+
+    target = tmp_path / "settings.json"
+    target.write_text("old")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", no_space)
+    with pytest.raises(atomic.DiskFull, match=rf"no space left on the device holding {tmp_path} \(writing settings"):
+        atomic.atomic_write_text(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["settings.json"]

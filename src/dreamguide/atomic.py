@@ -9,12 +9,26 @@ less the umask, as if it had been created directly.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+
+class DiskFull(OSError):
+    """No space left where a file was being written; the message names the place (nothing was replaced)."""
+
+
+def _disk_full(error: OSError, target: Path) -> OSError:
+    if error.errno != errno.ENOSPC:
+        return error
+    usage = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd())
+    return DiskFull(errno.ENOSPC, f"no space left on the device holding {target.parent} (writing {target.name}; "
+                    f"{usage.free // 2**20} MiB free); free space or write elsewhere, then run again: nothing "
+                    "already written was changed")
 
 
 def current_umask() -> int:
@@ -51,6 +65,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(handle.fileno())
         os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise _disk_full(error, path) from error
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -77,6 +94,9 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_full(error, directory) from error
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

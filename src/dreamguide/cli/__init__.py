@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from dreamguide.atomic import DiskFull
     from dreamguide.locks import OutputLocked
 
     try:
         return int(args.func(args) or 0)
-    except (CommandError, ValueError, FileNotFoundError, OutputLocked) as error:
+    except (CommandError, ValueError, FileNotFoundError, OutputLocked, DiskFull) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
