@@ -583,3 +583,19 @@ def test_a_full_disk_says_no_space_left_and_where_and_keeps_the_old_file(tmp_pat
     with pytest.raises(atomic.DiskFull, match=rf"no space left on the device holding {tmp_path} \(writing settings"):
         atomic.atomic_write_text(target, "new")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["settings.json"]
+
+
+def test_a_truncated_weight_file_in_a_model_folder_is_named(tmp_path):
+    import shutil
+
+    from dreamguide.models import load_model, save_model
+    from dreamguide.testing import tiny_sd15_pipeline
+    from dreamguide.models import DiffusionModel
+
+    folder = save_model(DiffusionModel.from_pipeline(tiny_sd15_pipeline()), tmp_path / "model")
+    weights = next(iter(sorted((folder / "unet").glob("*.safetensors"))))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model weight file .*unet.*not a complete safetensors file"):
+        load_model(folder)
+    shutil.rmtree(folder)

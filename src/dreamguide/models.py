@@ -341,6 +341,10 @@ def load_model(
         index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.exists() else {}
         folders = {p.name for p in local.iterdir() if p.is_dir()}
         root = str(local)
+        from dreamguide.lora_files import read_safetensors_header
+
+        for weights in sorted(local.glob("*/*.safetensors")):  # a damaged file is named, before diffusers reads it
+            read_safetensors_header(weights, "model weight")
     elif _looks_like_path(text):
         raise FileNotFoundError(f"model folder {text} does not exist")
     else:
