@@ -182,6 +182,42 @@ def test_toy_comparison_is_the_samplers_images_with_settings_scores_and_plots(to
     assert summary.count("<tr data-mode=") == 3
 
 
+def test_tune_sweeps_the_forms_first_mode_and_recommends_the_knee_like_dreamguide_tune(toy, tmp_path):
+    from dreamguide.tune import TuneSettings, choose, load_tuned, toyworld_workbench, tune
+
+    form = SampleForm(prompt="", token=toy.subject.token, class_word=toy.subject.class_word, seeds="5,6", steps=2,
+                      w_text="6", modes=["pr", "cfg"])
+    outcome = toy.tune(form, values=(3.0, 0.0))
+    assert (outcome.mode, outcome.knob, outcome.field) == ("parallel-rescaled", "w_cons", "w_cons")
+    assert outcome.folder.parent == toy.output / "tune"
+    with Image.open(outcome.plot) as image:
+        assert outcome.plot.name == "tune.png" and image.format == "PNG"
+    # The same sweep through dreamguide.tune directly: the same points and the same choice.
+    settings = TuneSettings(mode="parallel-rescaled", values=(0.0, 3.0), w_text=6.0, steps=2, seeds=(5,),
+                            prompts_per_set=2)
+    direct = tune(toyworld_workbench("sks", "dreambooth", prompts_per_set=2), settings, tmp_path / "direct",
+                  progress=False)
+    assert outcome.record["points"] == direct["points"] and len(direct["points"]) == 2
+    index, rule = choose(direct["points"])
+    assert outcome.value == direct["points"][index]["value"] and outcome.tuned["tune"]["chosen_by"] == rule == "knee"
+    tuned = load_tuned(outcome.folder / "tuned.json")
+    assert tuned["modes"] == ("parallel-rescaled",) and tuned["w_cons"] == outcome.value and tuned["w_text"] == 6.0
+    assert f"w_cons = {outcome.value:g}" in outcome.summary()
+
+
+def test_tune_reports_bad_form_values_on_their_fields_and_subjects_it_cannot_tune(toy, tmp_path):
+    runs = set((toy.output / "tune").glob("*"))
+    for values in ({"w_cons": "nan"}, {"steps": 0}, {"modes": ["cfg", "fancy"]}):
+        form = SampleForm(prompt="a sks ball", token="sks", class_word="ball", **values)
+        expected = field_errors(lambda: sample_settings(form))
+        assert field_errors(lambda: toy.tune(form)) == expected and len(expected) == 1
+    assert set((toy.output / "tune").glob("*")) == runs  # nothing sampled or written
+    base = Workspace(output=tmp_path / "ui", device="cpu")
+    errors = field_errors(lambda: base.tune(SampleForm(prompt="a ball", steps=2)))
+    assert list(errors) == ["general"] and "--toyworld-subject" in errors["general"]
+    assert not (tmp_path / "ui" / "tune").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Personalize: the same message as `dreamguide train`, background runs
 

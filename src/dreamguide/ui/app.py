@@ -263,9 +263,10 @@ def build_app(workspace: "Workspace", log: Callable[[str], None] = print):
                             negative_prompt = gr.Textbox(sample_defaults.negative_prompt, label="Negative prompt")
                         with gr.Row():
                             sample = gr.Button("Sample", variant="primary", elem_id="dg-sample")
-                            # tune: the frontier issue's `dreamguide tune` (it picks each mode's knob value on
-                            # the trade-off curve) plugs in here as one button beside "Sample": it reads this
-                            # form like on_sample does and fills the same outputs. No button until it exists.
+                            tune_button = gr.Button("Tune w_cons", elem_id="dg-tune")
+                        gr.Markdown("*Tune w_cons* runs `dreamguide tune` for the first ticked mode (its knob: "
+                                    "w_cons, w_text or a shaping field) at small settings and puts the "
+                                    "recommended value into that field.")
                         compare_error = error_box("compare")
                     with gr.Column(scale=2):
                         grid = gr.HTML("", elem_id="dg-grid")
@@ -275,6 +276,10 @@ def build_app(workspace: "Workspace", log: Callable[[str], None] = print):
                                                         interactive=False, elem_id="dg-consistency-plot", scale=3)
                             tradeoff_plot = gr.Image(label="Trade-off: identity vs text alignment", type="filepath",
                                                      interactive=False, elem_id="dg-tradeoff-plot", scale=2)
+                        tune_summary = gr.Markdown("", elem_id="dg-tune-summary")
+                        tune_plot = gr.Image(label="Tune: identity vs text alignment per knob value",
+                                             type="filepath", interactive=False, visible=False,
+                                             elem_id="dg-tune-plot")
                         files = gr.File(label="Downloads: each image (its settings in the PNG metadata), the "
                                         "labelled grid, settings.json, trace.json, scores.csv", file_count="multiple",
                                         interactive=False, height=240, elem_id="dg-files")
@@ -414,14 +419,18 @@ def build_app(workspace: "Workspace", log: Callable[[str], None] = print):
                 files: [str(p) for p in (comparison.files or comparison.images)] or None,
             }
 
-        def on_sample(prompt_, base_, negative_, seeds_, steps_, w_text_, w_cons_, modes_, granularity_,
-                      normalization_, rescale_, eps_, *shaping_values):
+        def sample_form(prompt_, base_, negative_, seeds_, steps_, w_text_, w_cons_, modes_, granularity_,
+                        normalization_, rescale_, eps_, *shaping_values) -> SampleForm:
+            """The sample form's values (``sample_inputs``) for the loaded subject."""
             s = workspace.subject
-            form = SampleForm(prompt=prompt_ or "", token=s.token, class_word=s.class_word, base_prompt=base_ or "",
+            return SampleForm(prompt=prompt_ or "", token=s.token, class_word=s.class_word, base_prompt=base_ or "",
                               negative_prompt=negative_ or "", seeds=seeds_ or "", steps=steps_, w_text=w_text_,
                               w_cons=w_cons_, modes=list(modes_ or []), pr_granularity=granularity_,
                               pr_normalization=normalization_, pr_rescale=rescale_, pr_eps=eps_,
                               shaping=dict(zip(shaping_names, shaping_values)))
+
+        def on_sample(*values):
+            form = sample_form(*values)
             cleared = {box: "" for box in set(sample_errors.values())}
             try:
                 from dreamguide.ui.forms import sample_settings
@@ -435,6 +444,23 @@ def build_app(workspace: "Workspace", log: Callable[[str], None] = print):
                 yield {**cleared, compare_error: error_html(f"unexpected error: {type(error).__name__}: {error}")}
 
         sample.click(on_sample, sample_inputs, [*set(sample_errors.values()), *result_views])
+
+        knob_fields = {"w_text": w_text, "w_cons": w_cons, **shaping_inputs}
+
+        def on_tune(*values):
+            form = sample_form(*values)
+
+            def act():
+                outcome = workspace.tune(form)
+                out = {tune_summary: outcome.summary(), tune_plot: gr.Image(str(outcome.plot), visible=True)}
+                if outcome.field in knob_fields:
+                    out[knob_fields[outcome.field]] = f"{outcome.value:g}"
+                return out
+
+            return run_safely(sample_errors, act)
+
+        tune_button.click(on_tune, sample_inputs,
+                   [*set(sample_errors.values()), tune_summary, tune_plot, *knob_fields.values()])
     return app
 
 

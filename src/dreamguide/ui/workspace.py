@@ -5,12 +5,14 @@ and the :class:`LoadedSubject` it draws. :meth:`Workspace.compare` samples one p
 guidance modes from the same seeds, exactly as ``dreamguide sample`` does, writes what that
 command writes (PNGs with their settings, the labelled grid, ``settings.json``, ``trace.json``),
 and adds the scores and the two plots. :meth:`Workspace.start_training` fine-tunes a subject
-in the background and loads the new adapter when the run completes.
+in the background and loads the new adapter when the run completes. :meth:`Workspace.tune` runs
+``dreamguide tune`` at small settings for the loaded toy-world subject (:class:`TuneOutcome`).
 
 Without a model (``model=None``) the workspace is the miniature world: the bundled base model
 (``dreamguide.toyworld.model``), its subjects and bundled adapter, scored by its evaluators.
 Everything is written under ``output``: ``samples/<time>/``, ``runs/<time>-<token>-<method>/``,
-``adapters/`` (uploaded adapter files) and ``subjects/`` (toy subjects' reference photos).
+``adapters/`` (uploaded adapter files), ``subjects/`` (toy subjects' reference photos) and
+``tune/<time>-<subject>-<mode>/`` (what ``dreamguide tune`` writes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -33,6 +36,7 @@ from dreamguide.ui.forms import (
     GENERAL,
     FieldChecks,
     FieldErrors,
+    SampleForm,
     TrainForm,
     check_photos,
     photo_error_field,
@@ -106,6 +110,37 @@ class Comparison:
     seeds: list[int] = field(default_factory=list)
 
 
+#: Knob values one tune run of the page sweeps (spread over ``dreamguide tune``'s defaults) and its prompts per set.
+TUNE_VALUES = 4
+TUNE_PROMPTS_PER_SET = 2
+
+
+@dataclass
+class TuneOutcome:
+    """A finished tune run: the recommended knob value and the files ``dreamguide tune`` wrote."""
+
+    folder: Path
+    #: The tune.json record (settings, every point, the chosen one).
+    record: dict
+    #: The tuned.json settings (``dreamguide sample --settings``).
+    tuned: dict
+    plot: Path
+    mode: str
+    knob: str
+    value: float
+
+    @property
+    def field(self) -> str:
+        """The sample form's field of the knob: ``w_cons``, ``w_text`` or a shaping field's name."""
+        return self.knob.removeprefix("shaping.")
+
+    def summary(self) -> str:
+        best = self.tuned["tune"]
+        return (f"{self.mode}: recommended {self.knob} = {self.value:g} ({best['chosen_by']} of "
+                f"{len(self.record['points'])} values; text alignment {best['text_alignment']:.3f}, identity "
+                f"{best['identity']:.3f}); settings file {self.folder / 'tuned.json'}")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", text) or "subject"
 
@@ -149,6 +184,7 @@ class Workspace:
         self.sampler: "Sampler | None" = None
         self.subject = LoadedSubject(name="no subject: the base model")
         self.job: TrainingJob | None = None
+        self.toy_adapter: tuple[str, str] | None = None
         if training_sample_steps is None:
             from dreamguide.sample_settings import PREVIEW_STEPS
 
@@ -204,13 +240,14 @@ class Workspace:
             token=subject_token(subject_.token, method), class_word=subject_.cls,
             references=self.toy_reference_files(subject_.token),
             name=f"{subject_.token} {subject_.cls} (bundled {method} adapter)",
+            toy_adapter=(subject_.token, method),
         )
 
     # -- loading -------------------------------------------------------------------------------
 
     def load(self, lora: str | os.PathLike | None = None, embeddings: str | os.PathLike | None = None,
              token: str | None = None, class_word: str | None = None, references: Sequence[str | os.PathLike] = (),
-             name: str | None = None) -> LoadedSubject:
+             name: str | None = None, toy_adapter: tuple[str, str] | None = None) -> LoadedSubject:
         """Load the base model with an adapter, as ``dreamguide sample --lora --embeddings --token`` does.
 
         A bad file or token is a :class:`FieldErrors` on ``lora``, ``embeddings`` or ``token``
@@ -228,6 +265,8 @@ class Workspace:
                 raise FieldErrors({_loading_field(str(error), lora, embeddings): str(error)}) from None
             self._release()
             self.sampler = sampler
+            #: (subject, method) of a toy-world subject's bundled adapter, which :meth:`tune` can sweep.
+            self.toy_adapter = toy_adapter
             if lora or embeddings:
                 default = f"{token} {class_word}" if token else Path(lora or embeddings).parent.name
                 self.subject = LoadedSubject(name or default, token, class_word, tuple(Path(p) for p in references),
@@ -282,6 +321,45 @@ class Workspace:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
+
+    # -- tune --------------------------------------------------------------------------------
+
+    def tune(self, form: SampleForm, values: Sequence[float] | None = None,
+             prompts_per_set: int = TUNE_PROMPTS_PER_SET, progress: bool = False) -> TuneOutcome:
+        """``dreamguide tune`` for the loaded subject at the page's small settings: the form's first
+        mode (consistency when none is ticked), its weights, switches and steps, its first seed,
+        ``values`` of the mode's knob (default: :data:`TUNE_VALUES` spread over the command's
+        defaults), ``prompts_per_set`` normal and stylized prompts. Writes under ``tune/``.
+
+        Bad form values are a :class:`FieldErrors` as for :meth:`compare` (a mode whose knob has no
+        default values: ``modes``); a subject other than a toy-world subject's bundled adapter is a
+        ``GENERAL`` error giving the ``dreamguide tune`` command to run instead.
+        """
+        from dreamguide.tune import PLOT_FILE, TUNED_FILE, DEFAULT_VALUES, TuneSettings, _spread, toyworld_workbench
+        from dreamguide.tune import tune as run_tune
+        from dreamguide.ui.forms import sample_settings
+
+        form = dataclasses.replace(form, modes=list(form.modes or ()) or ["consistency"],
+                                   prompt=form.prompt.strip() or f"a {form.token or ''} {form.class_word or ''}")
+        settings = sample_settings(form)
+        mode = settings.modes[0]
+        with self._lock:
+            if self.toy_adapter is None:
+                raise FieldErrors({GENERAL: _tune_elsewhere(self)})
+            subject, method = self.toy_adapter
+        found = FieldChecks()
+        tuning = found.check("modes", lambda: TuneSettings(
+            mode=mode, w_text=settings.w_text, w_cons=settings.w_cons, pr=settings.pr, shaping=settings.shaping,
+            steps=settings.steps, seeds=settings.seeds[:1], prompts_per_set=prompts_per_set,
+            values=tuple(values or _spread(DEFAULT_VALUES.get(_knob(mode), ()), TUNE_VALUES))))
+        found.raise_if_any()
+        bench = toyworld_workbench(subject, method, prompts_per_set=prompts_per_set,
+                                   device=self.device or "cpu")
+        folder = _new_folder(self.output / "tune", f"{_stamp()}-{_slug(subject)}-{mode}")
+        record = run_tune(bench, tuning, folder, progress=progress, log=lambda text: print(text, flush=True))
+        tuned = json.loads((folder / TUNED_FILE).read_text(encoding="utf-8"))
+        return TuneOutcome(folder=folder, record=record, tuned=tuned, plot=folder / PLOT_FILE, mode=mode,
+                           knob=tuning.knob, value=record["chosen"]["value"])
 
     # -- sample and compare --------------------------------------------------------------------
 
@@ -458,6 +536,27 @@ class Workspace:
         self.job = job
         job.start()
         return job
+
+
+def _knob(mode: str) -> str:
+    from dreamguide.guidance import get_mode
+
+    return get_mode(mode).knob
+
+
+def _tune_elsewhere(workspace: Workspace) -> str:
+    """Why the page cannot tune the loaded subject, and the ``dreamguide tune`` command that can."""
+    s = workspace.subject
+    if workspace.toy or not (s.lora or s.embeddings):
+        return ("tuning needs a toy-world subject's bundled adapter: choose a subject and press Use this subject "
+                "(or run `dreamguide tune --toyworld-subject TOKEN --method METHOD --output FOLDER`)")
+    parts = [f"--model {workspace.model}"]
+    parts += [f"--lora {s.lora}"] if s.lora else []
+    parts += [f"--embeddings {s.embeddings}"] if s.embeddings else []
+    parts += [f"--token '{s.token}' --class-word {s.class_word}",
+              f"--references {s.references[0].parent if s.references else 'PHOTO_FOLDER'}", "--output tune"]
+    return ("tuning an adapter on a real model runs on the command line (it loads the DINO and CLIP "
+            f"backbones and samples dozens of images): dreamguide tune {' '.join(parts)}")
 
 
 def _loading_field(message: str, lora, embeddings) -> str:
