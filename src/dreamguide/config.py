@@ -258,6 +258,17 @@ def save_toml(config: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as one level of dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def defaults(cls: type) -> dict[str, Any]:
     """Field name -> default value of the dataclass ``cls`` (factories called)."""
     out = {}

@@ -247,16 +247,6 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
 )
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_resumed_config(output_dir: Path, config: TrainConfig) -> None:
     """Refuse to resume with settings that would make a different run than the checkpoint's.
 
@@ -264,13 +254,13 @@ def _check_resumed_config(output_dir: Path, config: TrainConfig) -> None:
     anything is written): keys in :data:`RESUME_MAY_CHANGE` may differ and are logged; any other
     difference is an error listing each key with its old and new value.
     """
-    from dreamguide.config import read_toml
+    from dreamguide.config import dotted, read_toml
 
     stored_path = output_dir / CONFIG_FILE
     if not stored_path.is_file():
         return  # a run of an earlier version: nothing to compare with
-    stored = _flat(read_toml(stored_path))
-    current = _flat(config.to_dict())
+    stored = dotted(read_toml(stored_path))
+    current = dotted(config.to_dict())
     changed = {key: (stored.get(key), current.get(key)) for key in sorted(set(stored) | set(current))
                if stored.get(key) != current.get(key)}
     allowed = {k: v for k, v in changed.items() if k.startswith(RESUME_MAY_CHANGE)}
@@ -322,10 +312,12 @@ def _tracker(config: TrainConfig):
 def hyperparameters(config: TrainConfig) -> dict[str, bool | int | float | str]:
     """Every setting of ``config`` under its dotted key (``train.lr``), as trackers store
     hyperparameters: lists become comma-separated text."""
-    flat: dict[str, bool | int | float | str] = {}
-    for section, values in config.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    from dreamguide.config import dotted
+
+    flat: dict[str, bool | int | float | str] = {
+        key: ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        for key, value in dotted(config.to_dict()).items()
+    }
     flat["run_name"] = config.run_name
     return flat
 
