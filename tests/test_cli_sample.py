@@ -262,9 +262,9 @@ def test_output_folder_is_checked_before_sampling_and_another_run_is_not_mixed_i
     a_file = tmp_path / "file.png"
     a_file.write_bytes(b"x")
     assert main([*args, "--output", str(a_file)]) == 2
-    assert "is a file; give a folder" in capsys.readouterr().err
+    assert f"the output folder {a_file} is a file; give a folder for the images" in capsys.readouterr().err
     assert main([*args, "--output", str(a_file / "below")]) == 2
-    assert "is a file, so the folder cannot be made" in capsys.readouterr().err
+    assert f"the output folder {a_file / 'below'} is below {a_file}, which is a file" in capsys.readouterr().err
     out = tmp_path / "run"
     assert main([*args, "--seeds", "0-2", "--output", str(out)]) == 0
     assert main([*args, "--seeds", "0-2", "--output", str(out)]) == 0  # the same run again: allowed

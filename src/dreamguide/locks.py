@@ -57,6 +57,18 @@ def _describe(owner: dict) -> str:
             f"since {since})")
 
 
+def check_output_path(folder: Path, what: str) -> None:
+    """``folder`` is, or can be made as, a folder this process can write ``what`` into; else a ValueError
+    naming the path and the problem (a file, a path below a file, no write permission)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"is below {existing}, which is a file"
+        raise ValueError(f"the output folder {folder} {where}; give a folder for {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"the output folder {folder}: {existing} is not writable; give a folder you can write "
+                         f"{what} to")
+
+
 def remove_leftovers(folder: Path) -> list[str]:
     """Delete the hidden temporary files and folders (``.<name>.<random>.tmp``, :mod:`dreamguide.atomic`)
     that a killed write left directly in ``folder``; only safe while holding the folder's lock."""
@@ -77,10 +89,7 @@ def output_lock(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold ``folder``'s lock for the duration of the block; a folder the lock created is removed again
     when the block wrote nothing into it."""
     folder = Path(folder)
-    below = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if below is not None and not below.is_dir():
-        where = "is a file" if below == folder else f"is below {below}, which is a file"
-        raise ValueError(f"the output folder {folder} {where}; give a folder for {command}'s outputs")
+    check_output_path(folder, f"{command}'s outputs")
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / lock_file_name()

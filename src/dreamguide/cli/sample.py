@@ -101,22 +101,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def check_output_folder(output, settings, overwrite: bool = False) -> bool:
     """``output`` can take this run's images: a writable folder (or one that can be made) that holds no
-    other run's images, unless ``overwrite``. Raises a CommandError naming the problem and the fix;
+    other run's images, unless ``overwrite``. Raises a ValueError (the path) or CommandError (another
+    run) naming the problem and the fix;
     returns True when ``overwrite`` replaces another run's files (remove them first)."""
     import json
-    import os
     from pathlib import Path
 
     from dreamguide.cli import CommandError
+    from dreamguide.locks import check_output_path
 
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise CommandError(f"--output {output} is a file; give a folder for the images")
-    existing = next((p for p in (output, *output.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise CommandError(f"--output {output}: {existing} is a file, so the folder cannot be made; give another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(f"--output {output}: {existing} is not writable; give a folder you can write to")
+    check_output_path(output, "the images")
     if not output.is_dir():
         return False
     record = output / "settings.json"
