@@ -610,17 +610,21 @@ def save_results(
     output: str | os.PathLike,
     settings: SampleSettings | None = None,
     sampler: Sampler | None = None,
+    saved: int = 0,
 ) -> dict[str, list[Path]]:
     """Write the images (PNG + metadata), a labelled grid, ``settings.json`` and, if traced, ``trace.json``.
 
-    Returns the written paths by kind (``image``, ``grid``, ``trace``, ``settings``).
+    ``saved``: the first this many results' PNGs are already in ``output`` (written by an earlier
+    call as they arrived) and are not written again. Returns the paths by kind (``image``, ``grid``,
+    ``trace``, ``settings``).
     """
     from dreamguide import images
 
     output = Path(output)
     written: dict[str, list[Path]] = {"image": [], "grid": [], "trace": [], "settings": []}
-    for result in results:
-        written["image"].append(images.save_png(result.image, output / image_filename(result), result.metadata))
+    for k, result in enumerate(results):
+        path = output / image_filename(result)
+        written["image"].append(path if k < saved else images.save_png(result.image, path, result.metadata))
     modes = list(dict.fromkeys(r.mode for r in results))
     seeds = list(dict.fromkeys(r.seed for r in results))
     if len(results) > 1:

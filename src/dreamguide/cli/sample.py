@@ -224,8 +224,9 @@ def run(args: argparse.Namespace) -> int:
             # settings.json rewritten to match: a kill, a later error or a full disk loses nothing
             # already sampled.
             nonlocal written
+            saved = len(done)
             done.extend(batch)
-            written = save_results(done, output, settings=settings, sampler=sampler)
+            written = save_results(done, output, settings=settings, sampler=sampler, saved=saved)
 
         sampler.sample(settings, progress=not args.no_progress, on_batch=keep)
     for kind, paths in written.items():
