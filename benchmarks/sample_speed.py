@@ -76,6 +76,8 @@ VARIANTS: tuple[str, ...] = ("peft", "fast", "graph", "compiled", "dco", "two-ca
 SPLIT_VARIANTS: tuple[str, ...] = ("dco", "two-call")
 #: The benchmark's own random LoRA adapter.
 ADAPTER = "subject"
+#: Personalized-steps schedules the trajectories time besides every step (``--schedules``).
+SCHEDULES: tuple[str, ...] = ("every=3", "every=4", "every=2,stop=0.6")
 #: The three prompts of a step, in the order their random embeddings are drawn.
 PROMPTS: tuple[str, ...] = ("negative_prompt", "base_prompt", "prompt")
 
@@ -124,6 +126,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--json", default="bench-sample.json", help="where to write the results (default bench-sample.json)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trajectory-steps", type=int, default=30,
+                        help="also time whole trajectories of this many steps per image through the sampler, "
+                        "prompt encoding and VAE decode included (0: skip; default 30)")
+    parser.add_argument("--trajectory-modes", default="cfg,dreambooth,consistency,pr",
+                        help="modes of the trajectories (default cfg,dreambooth,consistency,pr)")
+    parser.add_argument("--schedules", default=";".join(SCHEDULES),
+                        help="personalized-steps schedules timed for the consistency modes, ';'-separated, "
+                        f"as `dreamguide sample --personalized-steps` takes them (default {';'.join(SCHEDULES)})")
+    parser.add_argument("--trajectory-repeats", type=int, default=3, help="timed trajectories per configuration")
 
 
 def _csv(text: str, valid: tuple[str, ...] | None, what: str) -> list[str]:
@@ -626,6 +637,17 @@ def summarize(document: dict) -> dict:
                 {"target": f"eager pr >= {goal}x faster than DCO ordering at batch {b}", "value": speedup,
                  "goal": goal, "met": speedup >= goal}
             )
+    trajectory_rows = (document.get("trajectories") or {}).get("rows") or []
+    for b in sorted({r["batch"] for r in trajectory_rows}):
+        skipping = [r for r in trajectory_rows if r["batch"] == b and r["mode"] == "pr" and "vs_cfg" in r
+                    and r["evaluated_fraction"] is not None and r["evaluated_fraction"] <= 1 / 3 + 1e-9]
+        if skipping:
+            best = min(skipping, key=lambda r: r["vs_cfg"])
+            targets.append(
+                {"target": f"pr per image ({best['steps']}-step trajectory) <= 1.15x cfg at batch {b}, personalized row on "
+                 "<= 1/3 of the steps", "value": best["vs_cfg"], "goal": 1.15, "met": best["vs_cfg"] <= 1.15,
+                 "note": f"fastest such schedule: {best['schedule']}"}
+            )
     return summary
 
 
@@ -769,7 +791,33 @@ def _run(bench, args, document, batches, modes, variants, compile_configs, start
                 bench, lambda: compile_and_time(bench, compile_configs, args, document, save), {}
             )
     save()
+    if args.trajectory_steps > 0:
+        document["trajectories"] = _attempt(bench, lambda: trajectories(bench, args, batches), {})
+        save()
     return document
+
+
+def trajectories(bench: Bench, args, batches) -> dict:
+    """Whole trajectories per image (``trajectory_speed``): every mode at every step, the consistency
+    modes also with each ``--schedules`` schedule."""
+    from trajectory_speed import time_trajectories
+
+    from dreamguide.guidance import get_mode
+    from dreamguide.personalized_steps import EVERY_STEP, PersonalizedSteps
+
+    schedules = [PersonalizedSteps.parse(text) for text in args.schedules.split(";") if text.strip()]
+    configs = []
+    for mode in _csv(args.trajectory_modes, MODES + ("parallel-rescaled",), "mode"):
+        mode = {"parallel-rescaled": "pr"}.get(mode, mode)
+        configs.append((mode, EVERY_STEP))
+        if get_mode(mode).has_consistency:
+            configs += [(mode, schedule) for schedule in schedules]
+    bench.unet = None  # the trajectories build their own model
+    bench.release()
+    rows = time_trajectories(str(bench.device), bench.dtype, batches, configs, args.trajectory_steps,
+                             args.trajectory_repeats, args.rank, args.tiny)
+    return {"model": "tiny SDXL pipeline" if args.tiny else "SDXL base architecture (UNet, VAE, text encoders), "
+            "random weights", "resolution": None if args.tiny else 1024, "rows": rows}
 
 
 def compile_and_time(bench: Bench, configs, args, document: dict, save: Callable) -> dict:

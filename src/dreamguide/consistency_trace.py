@@ -40,14 +40,22 @@ class ConsistencyTrace:
 
     ``layout`` says where each image's rows are in the model output; the output's first
     ``channels`` channels are the predictions (a learned variance, if any, comes after them).
+    ``personalized_rows``: per step, what a personalized-steps schedule did with the personalized
+    row (``personalized_steps.PersonalizedSteps.plan``); given, each record says it under
+    ``personalized_row`` (``"evaluated"`` or ``"reused"``: k of the reused g_cons) and steps
+    where the row is off (no consistency term) are not recorded. None: every step evaluates it.
     """
 
-    def __init__(self, layout: "RowLayout", groups: Sequence[TracedImages], channels: int) -> None:
+    def __init__(self, layout: "RowLayout", groups: Sequence[TracedImages], channels: int,
+                 personalized_rows: Sequence[str] | None = None) -> None:
         self.layout, self.groups, self.channels = layout, list(groups), channels
+        self.personalized_rows = None if personalized_rows is None else list(personalized_rows)
         self._steps: list[tuple[int, float, object, list[dict]]] = []
 
     def __call__(self, step: "Step") -> None:
-        if not self.groups:
+        from dreamguide.personalized_steps import OFF
+
+        if not self.groups or (self.personalized_rows is not None and self.personalized_rows[step.i] == OFF):
             return
         prediction = step.output[:, : self.channels]
         stats = []
@@ -77,6 +85,8 @@ class ConsistencyTrace:
                     record = {"step": i, "timestep": float(t)}
                     if sigma is not None:
                         record["sigma"] = float(sigma)
+                    if self.personalized_rows is not None:
+                        record["personalized_row"] = self.personalized_rows[i]
                     record.update(
                         {
                             "mean": stacked["mean"][s][position],

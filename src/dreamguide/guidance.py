@@ -445,6 +445,11 @@ class GuidanceMode:
     def model_calls(self) -> int:
         return len(self.needs)
 
+    @property
+    def has_consistency(self) -> bool:
+        """True for the modes with a consistency term: they read uncond, base and personalized (g_cons = e_ft - e_c)."""
+        return set(_CONSISTENCY_NEEDS) <= set(self.needs)
+
 
 _CONSISTENCY_NEEDS = ("uncond", "base", "personalized")
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from dreamguide import guidance
 from dreamguide.denoise import SCHEDULERS
 from dreamguide.guidance import ConsistencyShaping, ParallelRescaling
+from dreamguide.personalized_steps import EVERY_STEP, PersonalizedSteps
 from dreamguide.prompts import base_prompt as derive_base_prompt
 from dreamguide.prompts import contains_token
 from dreamguide.unet_rows import ROWS
@@ -155,6 +156,8 @@ class SampleSettings:
     pr: ParallelRescaling = field(default_factory=ParallelRescaling)
     #: When and how strongly the consistency term acts (schedules, intervals, the shaping modes' knobs).
     shaping: ConsistencyShaping = field(default_factory=ConsistencyShaping)
+    #: The steps that evaluate the personalized row of the consistency modes (the others reuse or drop it).
+    personalized_steps: PersonalizedSteps = EVERY_STEP
     scheduler: str = "default"
     trace: bool = False
     #: Where the scheduler clips x0 (pixel models' DDIM), step with the noise recomputed from the
@@ -203,7 +206,7 @@ class SampleSettings:
                     f"warned above {USUAL_WEIGHT_LIMIT:g}): the images will likely be saturated or noise",
                     stacklevel=3,
                 )
-        _check_switches(self.pr, self.shaping)
+        _check_switches(self.pr, self.shaping, self.personalized_steps)
 
     @property
     def needs_personalized(self) -> bool:
@@ -216,7 +219,7 @@ class SampleSettings:
             SampleItem(
                 prompt=self.prompt, base_prompt=self.base_prompt, negative_prompt=self.negative_prompt, mode=mode,
                 seed=seed, w_text=self.w_text, w_cons=self.w_cons, pr=self.pr, shaping=self.shaping, token=self.token,
-                class_word=self.class_word,
+                class_word=self.class_word, personalized_steps=self.personalized_steps,
             )
             for mode in self.modes
             for seed in self.seeds
@@ -236,6 +239,8 @@ class SampleSettings:
             data["pr"] = ParallelRescaling(**data["pr"])
         if isinstance(data.get("shaping"), dict):
             data["shaping"] = ConsistencyShaping.from_dict(data["shaping"])
+        if isinstance(data.get("personalized_steps"), dict):
+            data["personalized_steps"] = PersonalizedSteps.from_dict(data["personalized_steps"])
         return cls(**data)
 
     def to_dict(self) -> dict:
@@ -243,6 +248,7 @@ class SampleSettings:
         del data["derived_base_prompt"]
         data["modes"], data["seeds"], data["pr"] = list(self.modes), list(self.seeds), self.pr.to_dict()
         data["shaping"] = self.shaping.to_dict()
+        data["personalized_steps"] = self.personalized_steps.to_dict()
         return data
 
 
@@ -267,6 +273,8 @@ class SampleItem:
     shaping: ConsistencyShaping = field(default_factory=ConsistencyShaping)
     token: str | None = None
     class_word: str | None = None
+    #: The steps that evaluate the personalized row; images of one batch share it (the sampler batches so).
+    personalized_steps: PersonalizedSteps = EVERY_STEP
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -283,7 +291,7 @@ class SampleItem:
         set_("seed", parse_seeds(self.seed)[0])
         for name in ("w_text", "w_cons"):
             set_(name, check_finite(name, getattr(self, name)))
-        _check_switches(self.pr, self.shaping)
+        _check_switches(self.pr, self.shaping, self.personalized_steps)
 
     @property
     def rule(self) -> tuple:
@@ -291,7 +299,11 @@ class SampleItem:
         return (self.mode, self.w_text, self.w_cons, self.pr, self.shaping)
 
 
-def _check_switches(pr, shaping) -> None:
+def _check_switches(pr, shaping, personalized_steps=EVERY_STEP) -> None:
+    if not isinstance(personalized_steps, PersonalizedSteps):
+        raise ValueError(
+            f"personalized_steps must be a personalized_steps.PersonalizedSteps, got {type(personalized_steps).__name__}"
+        )
     if not isinstance(pr, ParallelRescaling):
         raise ValueError(f"pr must be a guidance.ParallelRescaling, got {type(pr).__name__}")
     if not isinstance(shaping, ConsistencyShaping):

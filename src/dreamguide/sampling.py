@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 
 #: ``Sampler(adapter_name=AUTO)``: the UNet's one LoRA adapter, if it has exactly one.
 AUTO = "auto"
+#: Routed UNet forwards a sampler keeps between batches (each may hold a captured CUDA graph).
+ROW_CALLS_KEPT = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,12 +115,14 @@ def _rules(items: Sequence[SampleItem]) -> list[_Rule]:
     return rules
 
 
-def _combine(layout: "RowLayout", rules: Sequence[_Rule], channels: int, scheduler, output, i: int, steps: int):
+def _combine(layout: "RowLayout", rules: Sequence[_Rule], channels: int, scheduler, output, i: int, steps: int,
+             off: bool = False):
     """The guided prediction of every image of the batch from the UNet rows of step ``i`` of ``steps``.
 
     Each rule combines the rows of its images (``guidance.guide``); a learned variance (if the
     scheduler uses one) is taken from the row of each image's last prediction. A rule that
-    depends on the progress through sampling reads ``i / max(steps - 1, 1)``.
+    depends on the progress through sampling reads ``i / max(steps - 1, 1)``. ``off``: the step
+    is outside the personalized-steps interval, so the modes with a consistency term give ``cfg``.
     """
     import torch
 
@@ -126,6 +130,10 @@ def _combine(layout: "RowLayout", rules: Sequence[_Rule], channels: int, schedul
     progress = i / max(steps - 1, 1)
     parts = []
     for rule in rules:
+        if off and rule.mode.has_consistency:
+            rows = guidance.Predictions(**{need: layout.take(prediction, need, rule.images) for need in ("uncond", "base")})
+            parts.append(guidance.guide("cfg", rows, rule.w_text))
+            continue
         rows = guidance.Predictions(**{need: layout.take(prediction, need, rule.images) for need in rule.mode.needs})
         parts.append(guidance.guide(rule.mode, rows, rule.w_text, rule.w_cons, rule.pr, shaping=rule.shaping,
                                     progress=progress))
@@ -137,13 +145,80 @@ def _combine(layout: "RowLayout", rules: Sequence[_Rule], channels: int, schedul
 
 
 def _batches(items: Sequence[SampleItem], size: int) -> list[list[int]]:
-    """Item indices in consecutive batches of up to ``size``; inside a batch, images of one rule are adjacent."""
+    """Item indices in batches of up to ``size``, consecutive among the items of one personalized-steps
+    schedule (a batch has one); inside a batch, images of one rule are adjacent."""
+    groups: dict = {}
+    for k, item in enumerate(items):
+        groups.setdefault(item.personalized_steps, []).append(k)
     batches = []
-    for start in range(0, len(items), size):
-        batch = list(range(start, min(start + size, len(items))))
-        order = list(dict.fromkeys(items[k].rule for k in batch))
-        batches.append(sorted(batch, key=lambda k: order.index(items[k].rule)))
+    for members in groups.values():
+        for start in range(0, len(members), size):
+            batch = members[start : start + size]
+            order = list(dict.fromkeys(items[k].rule for k in batch))
+            batches.append(sorted(batch, key=lambda k: order.index(items[k].rule)))
     return batches
+
+
+class _PersonalizedRows:
+    """The model function of a batch whose personalized-steps schedule skips the personalized row.
+
+    Evaluated steps run every row (``full``); the other steps run the rows without the
+    personalized rows of the consistency images (``reduced``: the ``cfg`` rows, a second shape,
+    so a second CUDA graph) and put in their place e_c + g_cons', with g_cons' reused
+    (``personalized_steps.Carried``) or zero where the row is off, so the output always has
+    ``full``'s rows. Steps are counted by calls: one call per denoising step, in order.
+    """
+
+    def __init__(self, schedule, steps: int, images: Sequence[int], full, reduced, channels: int) -> None:
+        from dreamguide.personalized_steps import Carried
+
+        self.plan = schedule.plan(steps)
+        self.images = list(images)
+        self.full, self.reduced, self.channels = full, reduced, channels
+        self.carried = Carried(schedule)
+        self.calls = 0
+        # Where each row of the full layout comes from: a reduced row, or synthesized row s (after them).
+        reduced_rows = {row: r for r, row in enumerate(reduced.layout.rows)}
+        synthesized = {j: s for s, j in enumerate(self.images)}
+        self.order = [reduced_rows[row] if row in reduced_rows else len(reduced_rows) + synthesized[row[1]]
+                      for row in full.layout.rows]
+
+    def __call__(self, x_in, t):
+        import torch
+
+        from dreamguide.models import take_rows
+        from dreamguide.personalized_steps import EVALUATE, REUSE
+
+        i = self.calls
+        self.calls += 1
+        status = self.plan[i]
+        if status == EVALUATE:
+            output = self.full(x_in, t)
+            prediction = output[:, : self.channels]
+            layout = self.full.layout
+            uncond, base, personalized = (layout.take(prediction, need, self.images)
+                                          for need in ("uncond", "base", "personalized"))
+            self.carried.remember(i, personalized - base, base - uncond)
+            return output
+        output = self.reduced(x_in, t)
+        layout = self.reduced.layout
+        uncond = layout.take(output[:, : self.channels], "uncond", self.images)
+        base = layout.take(output, "base", self.images)  # with its variance channels, if any
+        g_cons = self.carried.recall(i, base[:, : self.channels] - uncond) if status == REUSE else None
+        synthesized = base.clone()
+        if g_cons is not None:
+            synthesized[:, : self.channels] += g_cons.to(synthesized.dtype)
+        return take_rows(torch.cat([output, synthesized]), self.order)
+
+
+class _BatchRows:
+    """One row layout's UNet call for a batch: gathers the rows, calls the UNet, returns float32 rows."""
+
+    def __init__(self, layout, call, conditioning, dtype) -> None:
+        self.layout, self.call, self.conditioning, self.dtype = layout, call, conditioning, dtype
+
+    def __call__(self, x_in, t):
+        return self.call(self.layout.gather(x_in).to(self.dtype), t, self.conditioning).float()
 
 
 def _only_adapter(model: "DiffusionModel", personalized_unet) -> str | None:
@@ -428,6 +503,7 @@ class Sampler:
             "w_cons": item.w_cons,
             "pr": item.pr.to_dict(),
             "shaping": item.shaping.to_dict(),
+            "personalized_steps": item.personalized_steps.to_dict(),
             "seed": item.seed,
             "steps": run["steps"],
             "scheduler": run["scheduler"],
@@ -448,6 +524,7 @@ class Sampler:
         from dreamguide import unet_rows
         from dreamguide.consistency_trace import TRACED_NEEDS, ConsistencyTrace, TracedImages
         from dreamguide.denoise import NonFiniteCheck, denoise, initial_noise
+        from dreamguide.personalized_steps import OFF
 
         unet = self.model.unet
         scheduler = make_scheduler(self.model.scheduler, run["scheduler"])
@@ -458,29 +535,32 @@ class Sampler:
         x = noise.to(self.device) * scheduler.init_noise_sigma
 
         rules = _rules(items)
-        layout = unet_rows.RowLayout.of([guidance.get_mode(item.mode).needs for item in items])
+        needs = [guidance.get_mode(item.mode).needs for item in items]
+        full = self._batch_rows(unet_rows.RowLayout.of(needs), items, conditioning, prompt_rows)
+        layout = full.layout
         rows = layout.rows
-        row_conditioning = conditioning.select(
-            [prompt_rows[getattr(items[j], unet_rows.ROWS[need].prompt)] for need, j in rows]
-        )
-        unet_call = unet_rows.row_function(
-            unet, layout.routes(self._personalized_route), personalized_unet=self.personalized_unet, fast=self.fast
-        )
-
-        def model(x_in, t):
-            return unet_call(layout.gather(x_in).to(self.dtype), t, row_conditioning).float()
-
         channels = x.shape[1]
+        schedule = items[0].personalized_steps
+        skipping = [j for j, item in enumerate(items) if guidance.get_mode(item.mode).has_consistency]
+        plan = None
+        model = full
+        if skipping and not schedule.every_step:
+            reduced_needs = [tuple(n for n in need if n != "personalized") if j in skipping else need
+                             for j, need in enumerate(needs)]
+            reduced = self._batch_rows(unet_rows.RowLayout.of(reduced_needs), items, conditioning, prompt_rows)
+            model = _PersonalizedRows(schedule, run["steps"], skipping, full, reduced, channels)
+            plan = model.plan
 
         def combine(output, i, steps):
-            return _combine(layout, rules, channels, scheduler, output, i, steps)
+            off = plan is not None and plan[i] == OFF
+            return _combine(layout, rules, channels, scheduler, output, i, steps, off=off)
 
         labels = [f"mode {item.mode!r} for seed {item.seed}" for item in items]
         # Traced steps read their predictions anyway: check those too, every step.
         check = NonFiniteCheck(labels, every=1 if trace else None, row_images=[j for _, j in rows] if trace else None,
                                dtype=self.dtype)
         traced = [TracedImages(r.images, r.pr) for r in rules if trace and TRACED_NEEDS <= set(r.mode.needs)]
-        tracer = ConsistencyTrace(layout, traced, channels)
+        tracer = ConsistencyTrace(layout, traced, channels, personalized_rows=plan)
         x = denoise(
             model, x, scheduler, combine,
             generators=generators,
@@ -489,6 +569,33 @@ class Sampler:
         )
         images = [self._to_image(x[j : j + 1]) for j in range(len(items))]
         return list(zip(images, tracer.records()))
+
+    def _batch_rows(self, layout: "RowLayout", items, conditioning, prompt_rows) -> _BatchRows:
+        """The UNet call of one row layout of a batch (its conditioning rows, its routed forward)."""
+        from dreamguide import unet_rows
+
+        row_conditioning = conditioning.select(
+            [prompt_rows[getattr(items[j], unet_rows.ROWS[need].prompt)] for need, j in layout.rows]
+        )
+        call = self._row_call(layout.routes(self._personalized_route))
+        return _BatchRows(layout, call, row_conditioning, self.dtype)
+
+    def _row_call(self, routes):
+        """The routed UNet forward for ``routes``, kept for the next batches of the same rows (so a CUDA
+        graph captured for one batch is replayed by the next of the same shape); a few are kept."""
+        from dreamguide import unet_rows
+
+        unet = self.model.unet
+        # The weights' storage is part of the key: a graph replays the tensors it was captured with.
+        weights = hash(tuple(p.data_ptr() for p in unet.parameters()))
+        key = (None if routes is None else tuple(routes), tuple(getattr(unet, "peft_config", None) or {}), weights,
+               id(self.personalized_unet), self.fast)
+        cache = self.__dict__.setdefault("_row_calls", {})
+        if key not in cache:
+            while len(cache) >= ROW_CALLS_KEPT:
+                cache.pop(next(iter(cache)))
+            cache[key] = unet_rows.row_function(unet, routes, personalized_unet=self.personalized_unet, fast=self.fast)
+        return cache[key]
 
     @property
     def _personalized_route(self) -> str | None:

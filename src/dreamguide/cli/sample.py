@@ -28,6 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     default = defaults(SampleSettings)
     pr = default["pr"]
+    default_steps = default["personalized_steps"].describe()
     parser = subparsers.add_parser(
         "sample",
         help="sample images with (parallel-rescaled) consistency guidance",
@@ -70,6 +71,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"PR rule for k (default {pr.normalization})")
     guide.add_argument("--pr-rescale", type=float, help=f"PR rescale factor lambda (default {pr.rescale})")
     guide.add_argument("--pr-eps", type=float, help=f"PR epsilon (default {pr.eps})")
+    steps = guide.add_mutually_exclusive_group()
+    steps.add_argument(
+        "--personalized-steps", metavar="SCHEDULE",
+        help="steps that run the personalized row of the consistency modes: N (every N steps, the others reuse "
+        "the last consistency term) or key=value pairs of every, start, stop, reuse (hold|extrapolate), carry "
+        f"(g_cons|parts), e.g. every=3,stop=0.8 (default: {default_steps}; docs/SAMPLING.md)",
+    )
+    steps.add_argument("--every-step", action="store_true", default=None,
+                       help="run the personalized row at every step (the schedule off)")
 
     run_ = parser.add_argument_group("sampling")
     seeds = ",".join(map(str, default["seeds"]))
@@ -185,10 +195,26 @@ def settings_from_args(args: argparse.Namespace):
             w_text=args.w_text,
             w_cons=args.w_cons,
             pr=ParallelRescaling(**pr) if pr else None,
+            personalized_steps=_personalized_steps(args),
             scheduler=args.scheduler,
             trace=args.trace,
         ),
     )
+
+
+def _personalized_steps(args: argparse.Namespace):
+    """The ``--personalized-steps`` / ``--every-step`` schedule, or None when neither was given."""
+    from dreamguide.personalized_steps import EVERY_STEP, PersonalizedSteps
+
+    if getattr(args, "every_step", None):
+        return EVERY_STEP
+    text = getattr(args, "personalized_steps", None)
+    if text is None:
+        return None
+    try:
+        return PersonalizedSteps.parse(text)
+    except ValueError as error:
+        raise ValueError(f"--personalized-steps {text!r}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:

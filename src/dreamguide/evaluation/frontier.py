@@ -109,6 +109,40 @@ def compare(table, n_units: int, rule: str, baseline: str, samples: int = 2000, 
     }
 
 
+#: Non-inferiority margin of ``paired_at_knob``: a rule is non-inferior to its reference on a metric
+#: when the lower end of the paired interval of (rule - reference) lies above minus this.
+NON_INFERIORITY_MARGIN = 0.01
+
+
+def paired_at_knob(table, n_units: int, rule: str, reference: str, samples: int = 2000, seed: int = 0,
+                   confidence: float = 0.95, margin: float = NON_INFERIORITY_MARGIN) -> dict:
+    """``rule`` minus ``reference`` at each knob value both have (text alignment and identity), paired
+    over units, with percentile-bootstrap intervals; ``non_inferior`` where both lower ends are above -margin.
+
+    For a rule that computes the same thing another way (e.g. the personalized row on fewer steps):
+    the question is not where its curve lies but whether each of its points is as good as the reference's.
+    """
+    knobs = sorted({k for r, k in table if r == rule} & {k for r, k in table if r == reference})
+    if not knobs:
+        raise KeyError(f"rules {rule!r} and {reference!r} share no knob value")
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n_units, n_units), minlength=n_units) for _ in range(samples)])
+    alpha = (1 - confidence) / 2
+    points = []
+    for knob in knobs:
+        point = {"knob": float(knob)}
+        for m, metric in enumerate(("text", "identity")):
+            diff = table[(rule, knob)][m] - table[(reference, knob)][m]
+            boot = counts @ diff / n_units
+            low, high = np.quantile(boot, [alpha, 1 - alpha])
+            point[metric] = round(float(diff.mean()), 4)
+            point[f"{metric}_low"], point[f"{metric}_high"] = round(float(low), 4), round(float(high), 4)
+        point["non_inferior"] = bool(point["text_low"] > -margin and point["identity_low"] > -margin)
+        points.append(point)
+    return {"rule": rule, "reference": reference, "margin": margin, "points": points,
+            "non_inferior": all(p["non_inferior"] for p in points)}
+
+
 def curve_summary(table, n_units: int, rule: str, samples: int = 1000, seed: int = 0,
                   confidence: float = 0.95) -> dict:
     """The rule's points (knob, text, identity) with percentile-bootstrap intervals over units."""
@@ -156,6 +190,19 @@ def frontier_markdown(results: dict) -> str:
                          f"[{_fmt(c['mean_gain_low'])}, {_fmt(c['mean_gain_high'])}] | {_fmt(min(diffs))} / "
                          f"{_fmt(max(diffs))} | {'yes' if c['measurably_lower_somewhere'] else 'no'} | "
                          f"{'**yes**' if c['dominates'] else 'no'} |")
+        if entry.get("paired"):
+            margin = entry["paired"][0]["margin"]
+            lines += ["", f"Same knob value, rule minus its reference (paired over units; non-inferior: both "
+                      f"lower ends above -{margin:g}):", "",
+                      "| rule | reference | knob | text alignment [95% CI] | identity [95% CI] | non-inferior |",
+                      "|---|---|---|---|---|---|"]
+            for p in entry["paired"]:
+                for point in p["points"]:
+                    lines.append(
+                        f"| {p['rule']} | {p['reference']} | {point['knob']:g} | {_fmt(point['text'])} "
+                        f"[{_fmt(point['text_low'])}, {_fmt(point['text_high'])}] | {_fmt(point['identity'])} "
+                        f"[{_fmt(point['identity_low'])}, {_fmt(point['identity_high'])}] | "
+                        f"{'yes' if point['non_inferior'] else '**no**'} |")
         lines += ["", "Curves (knob: text alignment, identity):", ""]
         for name, c in entry["curves"].items():
             points = ", ".join(f"{k:g}: ({t:.3f}, {i:.3f})" for k, t, i in zip(c["knob"], c["text"], c["identity"]))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from dreamguide.guidance import W_CONS, W_TEXT, ConsistencyShaping, ParallelRescaling, get_mode
+from dreamguide.personalized_steps import EVERY_STEP, PersonalizedSteps
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class Variant:
     #: False: diffusers' default DDIM update (noise not recomputed from the clipped x0).
     clipped_model_output: bool = True
     shaping: ConsistencyShaping = field(default_factory=ConsistencyShaping)
+    #: The steps that evaluate the personalized row (``personalized_steps.PersonalizedSteps``).
+    personalized_steps: PersonalizedSteps = EVERY_STEP
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name != self.name.strip():
@@ -74,6 +77,8 @@ class Variant:
         data = {"name": self.name, "pr": self.pr.to_dict(), "clipped_model_output": self.clipped_model_output}
         if self.shaping != ConsistencyShaping():  # written only when used: earlier runs' records stay equal
             data["shaping"] = self.shaping.to_dict()
+        if self.personalized_steps != EVERY_STEP:  # likewise
+            data["personalized_steps"] = self.personalized_steps.to_dict()
         return data
 
 

@@ -203,7 +203,8 @@ class ToyBenchWorld:
         items = []
         for job in jobs:
             case, setting, variant = job.case, job.setting, job.setting.variant
-            switches = {} if variant is None else {"pr": variant.pr, "shaping": variant.shaping}
+            switches = {} if variant is None else {"pr": variant.pr, "shaping": variant.shaping,
+                                                   "personalized_steps": variant.personalized_steps}
             items.append(SampleItem(
                 prompt=case.token_prompt, base_prompt=case.base_prompt, mode=setting.mode, seed=job.seed,
                 w_text=setting.w_text, token=token, class_word=case.class_word, **switches,

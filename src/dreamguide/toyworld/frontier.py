@@ -23,6 +23,7 @@ from typing import Sequence
 
 from dreamguide.evaluation.protocol import Variant
 from dreamguide.guidance import W_CONS, W_TEXT, ConsistencyShaping, ParallelRescaling, get_mode
+from dreamguide.personalized_steps import EVERY_STEP, PersonalizedSteps
 from dreamguide.toyworld.experiment import ExperimentReport, PlanConfig, PromptSetConfig, ToyExperiment
 from dreamguide.toyworld.personalize import PersonalizeSettings
 
@@ -43,6 +44,11 @@ class FrontierRule:
     w_cons: float = W_CONS
     pr: ParallelRescaling = field(default_factory=ParallelRescaling)
     shaping: ConsistencyShaping = field(default_factory=ConsistencyShaping)
+    #: The steps that evaluate the personalized row (the cost work: docs/SAMPLING.md).
+    personalized_steps: PersonalizedSteps = EVERY_STEP
+    #: Another rule to compare with point by point (same knob values, paired over units), besides the
+    #: curve comparison with the baseline: e.g. the same rule with the personalized row on every step.
+    reference: str = ""
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -155,6 +161,17 @@ class FrontierExperiment:
             raise ConfigError(f"{source}: two rules are named {next(n for n in names if names.count(n) > 1)!r}")
         if self.baseline not in names:
             raise ConfigError(f"{source}: baseline {self.baseline!r} is not one of the rules ({', '.join(names)})")
+        for rule in self.rules:
+            if not rule.reference:
+                continue
+            if rule.reference not in names or rule.reference == rule.name:
+                raise ConfigError(f"{source}: rule {rule.name!r} has reference {rule.reference!r}, which is not "
+                                  f"another rule ({', '.join(names)})")
+            other = self.rule(rule.reference)
+            if other.knob != rule.knob or not set(rule.values) & set(other.values):
+                raise ConfigError(f"{source}: rule {rule.name!r} and its reference {rule.reference!r} must sweep "
+                                  f"the same knob over shared values (got {rule.knob} {list(rule.values)} and "
+                                  f"{other.knob} {list(other.values)})")
         try:
             self.experiment().validate(source)
         except ValueError as error:
@@ -172,15 +189,16 @@ class FrontierExperiment:
             pr, shaping = rule.switches(rule.values[0])
             weights = {"w_text": (rule.w_text,), "w_cons": (rule.w_cons,)}
             plan_variants: tuple[str, ...] = ()
+            steps = rule.personalized_steps
             if rule.knob in weights:
                 weights[rule.knob] = rule.values
-                if (pr, shaping) != (ParallelRescaling(), ConsistencyShaping()):
-                    variants.append(Variant(rule.name, pr, shaping=shaping))
+                if (pr, shaping, steps) != (ParallelRescaling(), ConsistencyShaping(), EVERY_STEP):
+                    variants.append(Variant(rule.name, pr, shaping=shaping, personalized_steps=steps))
                     plan_variants = (rule.name,)
             else:
                 for value in rule.values:
                     pr, shaping = rule.switches(value)
-                    variants.append(Variant(rule.variant_name(value), pr, shaping=shaping))
+                    variants.append(Variant(rule.variant_name(value), pr, shaping=shaping, personalized_steps=steps))
                 plan_variants = tuple(rule.variant_name(v) for v in rule.values)
             plans.append(PlanConfig(rule.name, self.adapters, sets, modes=(rule.mode,), w_text=weights["w_text"],
                                     w_cons=weights["w_cons"], variants=plan_variants, title=rule.description,
@@ -232,7 +250,15 @@ def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
     slices = [(kind, s.name) for kind in frontier.adapters for s in frontier.prompt_sets]
     out = {"baseline": frontier.baseline, "rules": {r.name: {"mode": r.mode, "knob": r.knob,
                                                                "values": list(r.values),
-                                                               "description": r.description}
+                                                               "description": r.description,
+                                                               **({"personalized_steps":
+                                                                   r.personalized_steps.describe(),
+                                                                   "evaluated_fraction":
+                                                                   r.personalized_steps.evaluated_fraction(
+                                                                       frontier.steps)}
+                                                                  if r.personalized_steps != EVERY_STEP else {}),
+                                                               **({"reference": r.reference}
+                                                                  if r.reference else {})}
                                                       for r in frontier.rules}, "slices": []}
     for kind, prompt_set in slices:
         selected = [row for rule_rows_ in rows.values() for row in rule_rows_
@@ -241,7 +267,8 @@ def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
             continue
         units, table = analysis.unit_table(selected, unit_keys=("subject", "adapter", "template", "prompt_index"),
                                            text_key="text_alignment", identity_key="identity")
-        entry = {"adapter": kind, "prompt_set": prompt_set, "units": len(units), "curves": {}, "compared": []}
+        entry = {"adapter": kind, "prompt_set": prompt_set, "units": len(units), "curves": {}, "compared": [],
+                 "paired": []}
         present = sorted({rule for rule, _ in table}, key=[r.name for r in frontier.rules].index)
         for name in present:
             entry["curves"][name] = analysis.curve_summary(table, len(units), name, frontier.bootstrap_samples,
@@ -252,6 +279,11 @@ def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
                     entry["compared"].append(analysis.compare(
                         table, len(units), name, frontier.baseline, frontier.bootstrap_samples,
                         frontier.bootstrap_seed, frontier.grid_points, frontier.confidence))
+        for rule in frontier.rules:
+            if rule.reference and rule.name in present and rule.reference in present:
+                entry["paired"].append(analysis.paired_at_knob(
+                    table, len(units), rule.name, rule.reference, frontier.bootstrap_samples,
+                    frontier.bootstrap_seed, frontier.confidence))
         out["slices"].append(entry)
     return out
 
