@@ -134,6 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedules", default=";".join(SCHEDULES),
                         help="personalized-steps schedules timed for the consistency modes, ';'-separated, "
                         f"as `dreamguide sample --personalized-steps` takes them (default {';'.join(SCHEDULES)})")
+    parser.add_argument("--schedule-modes", default="pr",
+                        help="consistency modes timed with each of --schedules (default pr: the others of the "
+                        "consistency family run the same rows)")
     parser.add_argument("--trajectory-repeats", type=int, default=3, help="timed trajectories per configuration")
 
 
@@ -792,12 +795,14 @@ def _run(bench, args, document, batches, modes, variants, compile_configs, start
             )
     save()
     if args.trajectory_steps > 0:
-        document["trajectories"] = _attempt(bench, lambda: trajectories(bench, args, batches), {})
+        document["trajectories"] = {"rows": []}
+        result = _attempt(bench, lambda: trajectories(bench, args, batches, document["trajectories"], save), {})
+        document["trajectories"].update({k: v for k, v in result.items() if k != "rows"})
         save()
     return document
 
 
-def trajectories(bench: Bench, args, batches) -> dict:
+def trajectories(bench: Bench, args, batches, record: dict, save: Callable) -> dict:
     """Whole trajectories per image (``trajectory_speed``): every mode at every step, the consistency
     modes also with each ``--schedules`` schedule."""
     from trajectory_speed import time_trajectories
@@ -806,16 +811,18 @@ def trajectories(bench: Bench, args, batches) -> dict:
     from dreamguide.personalized_steps import EVERY_STEP, PersonalizedSteps
 
     schedules = [PersonalizedSteps.parse(text) for text in args.schedules.split(";") if text.strip()]
+    scheduled = {get_mode(m).name for m in _csv(args.schedule_modes, None, "mode")}
     configs = []
     for mode in _csv(args.trajectory_modes, MODES + ("parallel-rescaled",), "mode"):
         mode = {"parallel-rescaled": "pr"}.get(mode, mode)
         configs.append((mode, EVERY_STEP))
-        if get_mode(mode).has_consistency:
+        if get_mode(mode).has_consistency and get_mode(mode).name in scheduled:
             configs += [(mode, schedule) for schedule in schedules]
     bench.unet = None  # the trajectories build their own model
     bench.release()
+    record.update({"steps": args.trajectory_steps, "repeats": args.trajectory_repeats})
     rows = time_trajectories(str(bench.device), bench.dtype, batches, configs, args.trajectory_steps,
-                             args.trajectory_repeats, args.rank, args.tiny)
+                             args.trajectory_repeats, args.rank, args.tiny, rows=record["rows"], on_row=save)
     return {"model": "tiny SDXL pipeline" if args.tiny else "SDXL base architecture (UNet, VAE, text encoders), "
             "random weights", "resolution": None if args.tiny else 1024, "rows": rows}
 

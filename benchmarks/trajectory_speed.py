@@ -44,9 +44,10 @@ class _Timed:
 
 
 def time_trajectories(device: str, dtype, batches, configs, steps: int, repeats: int, rank: int, tiny: bool,
-                      log=print) -> list[dict]:
+                      log=print, rows: list | None = None, on_row=None) -> list[dict]:
     """Per ``(mode, schedule)`` of ``configs`` and batch size: milliseconds per image of a ``steps``-step
-    trajectory, and its parts. ``schedule`` is a ``PersonalizedSteps``."""
+    trajectory, and its parts. ``schedule`` is a ``PersonalizedSteps``. Rows are appended to ``rows``
+    (a new list if None) as they are measured, ``on_row()`` called after each (to save partial results)."""
     import torch
 
     from bench_throughput import sdxl_model, tiny_model
@@ -66,7 +67,7 @@ def time_trajectories(device: str, dtype, batches, configs, steps: int, repeats:
     now = _clock(cuda)
     encode, decode = _Timed(sampler._encode, now), _Timed(sampler._to_image, now)
     sampler._encode, sampler._to_image = encode, decode
-    rows = []
+    rows = [] if rows is None else rows
     for batch in batches:
         for mode, schedule in configs:
             items = [SampleItem(prompt="a photo of sks dog", base_prompt="a photo of a dog", mode=mode, seed=seed,
@@ -92,12 +93,13 @@ def time_trajectories(device: str, dtype, batches, configs, steps: int, repeats:
                    "encode_ms_per_image": round(enc, 2), "decode_ms_per_image": round(dec, 2),
                    "denoise_ms_per_image": round(total - enc - dec, 2),
                    "ms_per_image_min": round(min(totals) * 1e3 / batch, 2), "repeats": repeats}
+            cfg = next((r for r in rows if r["mode"] == "cfg" and r["batch"] == batch), row if mode == "cfg" else None)
+            if cfg is not None:
+                row["vs_cfg"] = round(row["ms_per_image"] / cfg["ms_per_image"], 3)
+                row["denoise_vs_cfg"] = round(row["denoise_ms_per_image"] / cfg["denoise_ms_per_image"], 3)
             rows.append(row)
+            if on_row is not None:
+                on_row()
             log(f"  trajectory {mode:<12} {row['schedule']:<40} batch {batch}: {total:8.1f} ms/image "
                 f"(encode {enc:.1f}, denoise {total - enc - dec:.1f}, decode {dec:.1f})")
-    for row in rows:
-        cfg = next((r for r in rows if r["mode"] == "cfg" and r["batch"] == row["batch"]), None)
-        if cfg is not None:
-            row["vs_cfg"] = round(row["ms_per_image"] / cfg["ms_per_image"], 3)
-            row["denoise_vs_cfg"] = round(row["denoise_ms_per_image"] / cfg["denoise_ms_per_image"], 3)
     return rows

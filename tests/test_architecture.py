@@ -16,6 +16,7 @@ SRC = ROOT / "src" / "dreamguide"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # 0: pure functions and small helpers, no model code
     ("dreamguide", "dreamguide.atomic", "dreamguide.filenames", "dreamguide.prompts", "dreamguide.guidance",
+     "dreamguide.personalized_steps",
      "dreamguide.denoise", "dreamguide.config", "dreamguide.metrics", "dreamguide.tokenizers",
      "dreamguide.cuda_graph", "dreamguide.cpu_threads", "dreamguide.provenance",
      "dreamguide.locks"),

@@ -267,8 +267,7 @@ def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
             continue
         units, table = analysis.unit_table(selected, unit_keys=("subject", "adapter", "template", "prompt_index"),
                                            text_key="text_alignment", identity_key="identity")
-        entry = {"adapter": kind, "prompt_set": prompt_set, "units": len(units), "curves": {}, "compared": [],
-                 "paired": []}
+        entry = {"adapter": kind, "prompt_set": prompt_set, "units": len(units), "curves": {}, "compared": []}
         present = sorted({rule for rule, _ in table}, key=[r.name for r in frontier.rules].index)
         for name in present:
             entry["curves"][name] = analysis.curve_summary(table, len(units), name, frontier.bootstrap_samples,
@@ -281,7 +280,7 @@ def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
                         frontier.bootstrap_seed, frontier.grid_points, frontier.confidence))
         for rule in frontier.rules:
             if rule.reference and rule.name in present and rule.reference in present:
-                entry["paired"].append(analysis.paired_at_knob(
+                entry.setdefault("paired", []).append(analysis.paired_at_knob(
                     table, len(units), rule.name, rule.reference, frontier.bootstrap_samples,
                     frontier.bootstrap_seed, frontier.confidence))
         out["slices"].append(entry)
