@@ -27,6 +27,7 @@ every mode starts from the same noise for the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -61,8 +62,9 @@ if TYPE_CHECKING:
 
 #: ``Sampler(adapter_name=AUTO)``: the UNet's one LoRA adapter, if it has exactly one.
 AUTO = "auto"
-#: Routed UNet forwards a sampler keeps between batches (each may hold a captured CUDA graph).
-ROW_CALLS_KEPT = 4
+#: Routed UNet forwards one sampling call keeps between its batches (each may hold a captured CUDA
+#: graph and its memory): the two row shapes of a personalized-steps schedule.
+ROW_CALLS_KEPT = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +221,15 @@ class _BatchRows:
 
     def __call__(self, x_in, t):
         return self.call(self.layout.gather(x_in).to(self.dtype), t, self.conditioning).float()
+
+
+@contextlib.contextmanager
+def _forgetting(owner, name: str):
+    """Within the block ``owner.<name>`` lives; on leaving it is emptied (its memory freed), also on errors."""
+    try:
+        yield
+    finally:
+        setattr(owner, name, {})
 
 
 def _only_adapter(model: "DiffusionModel", personalized_unet) -> str | None:
@@ -446,7 +457,8 @@ class Sampler:
                "clipped_model_output": bool(clipped and clipped_step_kwargs(made)), "height": height, "width": width}
         results: list[SampleResult | None] = [None] * len(items)
         batches = _batches(items, batch_size)
-        with torch.no_grad():
+        self._row_calls: dict = {}  # this call's routed forwards (and CUDA graphs), freed when it returns
+        with torch.no_grad(), _forgetting(self, "_row_calls"):
             texts = list(dict.fromkeys(t for i in items for t in (i.negative_prompt, i.base_prompt, i.prompt)))
             conditioning = self._encode(texts, height, width)
             prompt_rows = {text: row for row, text in enumerate(texts)}
@@ -581,20 +593,17 @@ class Sampler:
         return _BatchRows(layout, call, row_conditioning, self.dtype)
 
     def _row_call(self, routes):
-        """The routed UNet forward for ``routes``, kept for the next batches of the same rows (so a CUDA
-        graph captured for one batch is replayed by the next of the same shape); a few are kept."""
+        """The routed UNet forward for ``routes``, kept for the next batches of the same rows of this
+        sampling call (a CUDA graph captured for one batch is replayed by the next of the same shape)."""
         from dreamguide import unet_rows
 
-        unet = self.model.unet
-        # The weights' storage is part of the key: a graph replays the tensors it was captured with.
-        weights = hash(tuple(p.data_ptr() for p in unet.parameters()))
-        key = (None if routes is None else tuple(routes), tuple(getattr(unet, "peft_config", None) or {}), weights,
-               id(self.personalized_unet), self.fast)
         cache = self.__dict__.setdefault("_row_calls", {})
+        key = None if routes is None else tuple(routes)
         if key not in cache:
             while len(cache) >= ROW_CALLS_KEPT:
                 cache.pop(next(iter(cache)))
-            cache[key] = unet_rows.row_function(unet, routes, personalized_unet=self.personalized_unet, fast=self.fast)
+            cache[key] = unet_rows.row_function(self.model.unet, routes, personalized_unet=self.personalized_unet,
+                                                fast=self.fast)
         return cache[key]
 
     @property
