@@ -44,9 +44,11 @@ class _Timed:
 
 
 def time_trajectories(device: str, dtype, batches, configs, steps: int, repeats: int, rank: int, tiny: bool,
-                      log=print, rows: list | None = None, on_row=None) -> list[dict]:
+                      log=print, rows: list | None = None, on_row=None, keep_graphs=(False,)) -> list[dict]:
     """Per ``(mode, schedule)`` of ``configs`` and batch size: milliseconds per image of a ``steps``-step
-    trajectory, and its parts. ``schedule`` is a ``PersonalizedSteps``. Rows are appended to ``rows``
+    trajectory, and its parts. ``schedule`` is a ``PersonalizedSteps``. ``keep_graphs``: each value times
+    every configuration once more, False with CUDA graphs captured in each call (as one ``dreamguide
+    sample`` run), True with the graphs kept between calls (the steady state of repeated sampling). Rows are appended to ``rows``
     (a new list if None) as they are measured, ``on_row()`` called after each (to save partial results)."""
     import torch
 
@@ -63,43 +65,44 @@ def time_trajectories(device: str, dtype, batches, configs, steps: int, repeats:
             for name, parameter in model.unet.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 1e-3)  # B nonzero: the adapter really runs
-    sampler = Sampler(model, adapter_name="subject")
     now = _clock(cuda)
-    encode, decode = _Timed(sampler._encode, now), _Timed(sampler._to_image, now)
-    sampler._encode, sampler._to_image = encode, decode
     rows = [] if rows is None else rows
-    for batch in batches:
-        for mode, schedule in configs:
-            items = [SampleItem(prompt="a photo of sks dog", base_prompt="a photo of a dog", mode=mode, seed=seed,
-                                token="sks", class_word="dog", personalized_steps=schedule)
-                     for seed in range(batch)]
+    for keep, batch, (mode, schedule) in ((k, b, c) for k in keep_graphs for b in batches for c in configs):
+        sampler = Sampler(model, adapter_name="subject", keep_graphs=keep)
+        encode, decode = _Timed(sampler._encode, now), _Timed(sampler._to_image, now)
+        sampler._encode, sampler._to_image = encode, decode
+        items = [SampleItem(prompt="a photo of sks dog", base_prompt="a photo of a dog", mode=mode, seed=seed,
+                            token="sks", class_word="dog", personalized_steps=schedule)
+                 for seed in range(batch)]
 
-            def call():
-                return sampler.sample_items(items, steps=steps, batch_size=batch, progress=False)
+        def call():
+            return sampler.sample_items(items, steps=steps, batch_size=batch, progress=False)
 
-            call()  # captures this layout's CUDA graphs (kept by the sampler for the next calls)
-            totals, encodes, decodes = [], [], []
-            for _ in range(repeats):
-                encode.total = decode.total = 0.0
-                start = now()
-                call()
-                totals.append(now() - start)
-                encodes.append(encode.total)
-                decodes.append(decode.total)
-            total, enc, dec = (statistics.median(v) * 1e3 / batch for v in (totals, encodes, decodes))
-            row = {"mode": mode, "schedule": schedule.describe(), "schedule_settings": schedule.to_dict(),
-                   "evaluated_fraction": schedule.evaluated_fraction(steps) if mode != "cfg" else None,
-                   "batch": batch, "steps": steps, "ms_per_image": round(total, 2),
-                   "encode_ms_per_image": round(enc, 2), "decode_ms_per_image": round(dec, 2),
-                   "denoise_ms_per_image": round(total - enc - dec, 2),
-                   "ms_per_image_min": round(min(totals) * 1e3 / batch, 2), "repeats": repeats}
-            cfg = next((r for r in rows if r["mode"] == "cfg" and r["batch"] == batch), row if mode == "cfg" else None)
-            if cfg is not None:
-                row["vs_cfg"] = round(row["ms_per_image"] / cfg["ms_per_image"], 3)
-                row["denoise_vs_cfg"] = round(row["denoise_ms_per_image"] / cfg["denoise_ms_per_image"], 3)
-            rows.append(row)
-            if on_row is not None:
-                on_row()
-            log(f"  trajectory {mode:<12} {row['schedule']:<40} batch {batch}: {total:8.1f} ms/image "
-                f"(encode {enc:.1f}, denoise {total - enc - dec:.1f}, decode {dec:.1f})")
+        call()  # untimed: cuDNN picks its kernels; with kept graphs, this call captures them
+        totals, encodes, decodes = [], [], []
+        for _ in range(repeats):
+            encode.total = decode.total = 0.0
+            start = now()
+            call()
+            totals.append(now() - start)
+            encodes.append(encode.total)
+            decodes.append(decode.total)
+        total, enc, dec = (statistics.median(v) * 1e3 / batch for v in (totals, encodes, decodes))
+        row = {"mode": mode, "schedule": schedule.describe(), "graphs_kept": keep,
+               "schedule_settings": schedule.to_dict(),
+               "evaluated_fraction": schedule.evaluated_fraction(steps) if mode != "cfg" else None,
+               "batch": batch, "steps": steps, "ms_per_image": round(total, 2),
+               "encode_ms_per_image": round(enc, 2), "decode_ms_per_image": round(dec, 2),
+               "denoise_ms_per_image": round(total - enc - dec, 2),
+               "ms_per_image_min": round(min(totals) * 1e3 / batch, 2), "repeats": repeats}
+        cfg = next((r for r in rows if r["mode"] == "cfg" and r["batch"] == batch and r["graphs_kept"] == keep),
+                   row if mode == "cfg" else None)
+        if cfg is not None:
+            row["vs_cfg"] = round(row["ms_per_image"] / cfg["ms_per_image"], 3)
+            row["denoise_vs_cfg"] = round(row["denoise_ms_per_image"] / cfg["denoise_ms_per_image"], 3)
+        rows.append(row)
+        if on_row is not None:
+            on_row()
+        log(f"  trajectory {mode:<12} {row['schedule']:<40} batch {batch}{' kept' if keep else ''}: "
+            f"{total:8.1f} ms/image (encode {enc:.1f}, denoise {total - enc - dec:.1f}, decode {dec:.1f})")
     return rows

@@ -224,12 +224,13 @@ class _BatchRows:
 
 
 @contextlib.contextmanager
-def _forgetting(owner, name: str):
-    """Within the block ``owner.<name>`` lives; on leaving it is emptied (its memory freed), also on errors."""
+def _forgetting(owner, name: str, forget: bool = True):
+    """On leaving the block ``owner.<name>`` is emptied (its memory freed), also on errors; kept if not ``forget``."""
     try:
         yield
     finally:
-        setattr(owner, name, {})
+        if forget:
+            setattr(owner, name, {})
 
 
 def _only_adapter(model: "DiffusionModel", personalized_unet) -> str | None:
@@ -255,6 +256,9 @@ class Sampler:
     the identity comes from the token prompt alone). ``sources`` records where the weights came
     from (keys ``model``, ``lora``, ``embeddings``, ``personalized_unet``) for the image metadata.
     ``fast``: the UNet rows of a batch take the fast path where it is exact (``unet_rows.row_function``).
+    ``keep_graphs``: keep the routed forwards (on CUDA: their captured graphs and the graphs' memory)
+    from one sampling call to the next, so repeated calls of the same batch shape replay instead of
+    capturing again; by default they are freed when each call returns.
     """
 
     def __init__(
@@ -266,6 +270,7 @@ class Sampler:
         embeddings: str | os.PathLike | None = None,
         sources: dict | None = None,
         fast: bool = True,
+        keep_graphs: bool = False,
     ) -> None:
         if adapter_name == AUTO:
             adapter_name = _only_adapter(model, personalized_unet)
@@ -283,6 +288,8 @@ class Sampler:
         self.adapter_name = adapter_name
         self.personalized_unet = personalized_unet
         self.fast = fast
+        self.keep_graphs = keep_graphs
+        self._row_calls: dict = {}
         self.sources = {"model": model.source, "lora": None, "embeddings": None, "personalized_unet": None}
         if embeddings is not None:
             self.sources["embeddings"] = os.fspath(embeddings)
@@ -457,8 +464,8 @@ class Sampler:
                "clipped_model_output": bool(clipped and clipped_step_kwargs(made)), "height": height, "width": width}
         results: list[SampleResult | None] = [None] * len(items)
         batches = _batches(items, batch_size)
-        self._row_calls: dict = {}  # this call's routed forwards (and CUDA graphs), freed when it returns
-        with torch.no_grad(), _forgetting(self, "_row_calls"):
+        # The routed forwards (and CUDA graphs) of this call, freed when it returns unless kept.
+        with torch.no_grad(), _forgetting(self, "_row_calls", not self.keep_graphs):
             texts = list(dict.fromkeys(t for i in items for t in (i.negative_prompt, i.base_prompt, i.prompt)))
             conditioning = self._encode(texts, height, width)
             prompt_rows = {text: row for row, text in enumerate(texts)}
@@ -597,13 +604,16 @@ class Sampler:
         sampling call (a CUDA graph captured for one batch is replayed by the next of the same shape)."""
         from dreamguide import unet_rows
 
-        cache = self.__dict__.setdefault("_row_calls", {})
-        key = None if routes is None else tuple(routes)
+        cache = self._row_calls
+        unet = self.model.unet
+        # With keep_graphs the weights' storage is part of the key: a graph replays the tensors it was
+        # captured with, so a reloaded adapter must not meet an old graph.
+        weights = hash(tuple(p.data_ptr() for p in unet.parameters())) if self.keep_graphs else None
+        key = (None if routes is None else tuple(routes), weights, id(self.personalized_unet))
         if key not in cache:
             while len(cache) >= ROW_CALLS_KEPT:
                 cache.pop(next(iter(cache)))
-            cache[key] = unet_rows.row_function(self.model.unet, routes, personalized_unet=self.personalized_unet,
-                                                fast=self.fast)
+            cache[key] = unet_rows.row_function(unet, routes, personalized_unet=self.personalized_unet, fast=self.fast)
         return cache[key]
 
     @property
