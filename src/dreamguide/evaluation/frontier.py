@@ -176,8 +176,14 @@ def frontier_markdown(results: dict) -> str:
              "(subject, adapter, prompt) units. *Dominates*: never measurably lower, never lower at the point "
              "estimate, and measurably higher somewhere.", ""]
     for entry in results["slices"]:
-        lines += [f"## {entry['adapter']} adapters, {entry['prompt_set']} prompts ({entry['units']} units)", "",
-                  "| rule | knob | common text range | mean identity gain [95% CI] | lowest / highest gain "
+        lines += [f"## {entry['adapter']} adapters, {entry['prompt_set']} prompts ({entry['units']} units)", ""]
+        if entry.get("incomplete"):
+            lines += ["Unfinished rules (share of their images done; only knob values with every unit are "
+                      "kept, a rule with fewer than two is left out): " + "; ".join(
+                          f"`{name}` {part['done']:.0%}, kept "
+                          + (", ".join(f"{v:g}" for v in part["values_kept"]) or "none")
+                          for name, part in entry["incomplete"].items()) + ".", ""]
+        lines += ["| rule | knob | common text range | mean identity gain [95% CI] | lowest / highest gain "
                   "| measurably lower somewhere | dominates |", "|---|---|---|---|---|---|---|"]
         for c in entry["compared"]:
             rule = results["rules"][c["rule"]]

@@ -243,6 +243,35 @@ def rule_rows(frontier: FrontierExperiment, out) -> dict[str, list[dict]]:
     return rows
 
 
+#: What one unit of the comparisons is: a subject's adapter on one prompt (its seeds averaged).
+UNIT_KEYS = ("subject", "adapter", "template", "prompt_index")
+
+
+def _complete_rules(frontier: FrontierExperiment, rows: list[dict]) -> tuple[list[dict], dict[str, dict]]:
+    """The rows of the finished points: knob values that have every unit and seed of the slice (a point on
+    fewer units would not be comparable). A rule keeps its finished points if it has two or more; each
+    unfinished rule is returned with the share of its images done and the knob values kept."""
+    units = {tuple(row[k] for k in UNIT_KEYS) for row in rows}
+    counts: dict[tuple, int] = {}
+    for row in rows:
+        key = (row["rule"], float(row["knob"]))
+        counts[key] = counts.get(key, 0) + 1
+    full = len(units) * len(frontier.seeds)
+    incomplete, keep = {}, set()
+    for rule in frontier.rules:
+        done = [counts.get((rule.name, float(v)), 0) for v in rule.values]
+        if not any(done):
+            continue
+        finished = [float(v) for v, n in zip(rule.values, done) if n == full]
+        if len(finished) == len(rule.values):
+            keep.update((rule.name, v) for v in finished)
+            continue
+        kept = finished if len(finished) >= 2 else []
+        keep.update((rule.name, v) for v in kept)
+        incomplete[rule.name] = {"done": round(sum(done) / (full * len(rule.values)), 3), "values_kept": kept}
+    return [row for row in rows if (row["rule"], float(row["knob"])) in keep], incomplete
+
+
 def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
     """Curves and comparisons with the baseline, for every (adapter kind, prompt set) slice."""
     from dreamguide.evaluation import frontier as analysis
@@ -265,9 +294,12 @@ def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
                     if row["adapter"] == kind and row["prompt_set"] == prompt_set]
         if not selected:
             continue
-        units, table = analysis.unit_table(selected, unit_keys=("subject", "adapter", "template", "prompt_index"),
-                                           text_key="text_alignment", identity_key="identity")
+        selected, incomplete = _complete_rules(frontier, selected)
+        units, table = analysis.unit_table(selected, unit_keys=UNIT_KEYS, text_key="text_alignment",
+                                           identity_key="identity")
         entry = {"adapter": kind, "prompt_set": prompt_set, "units": len(units), "curves": {}, "compared": []}
+        if incomplete:  # written only when some rule is unfinished: earlier runs' records stay equal
+            entry["incomplete"] = incomplete
         present = sorted({rule for rule, _ in table}, key=[r.name for r in frontier.rules].index)
         for name in present:
             entry["curves"][name] = analysis.curve_summary(table, len(units), name, frontier.bootstrap_samples,
