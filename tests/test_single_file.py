@@ -261,6 +261,18 @@ def test_tune_and_the_app_load_a_single_file(exported, tmp_path):
                                                                        "config": str(case["config"])}
 
 
+def test_the_app_checks_a_single_file_before_it_starts(exported, tmp_path, capsys):
+    case = exported["sdxl"]
+    for args, message in [
+        (["--model", str(tmp_path / "model.ckpt")], "model.ckpt is a pickle checkpoint"),
+        (["--model", str(case["file"]), "--model-config", str(exported["sd15"]["config"])],
+         "is an SDXL checkpoint but the config folder"),
+        (["--model-config", str(case["config"])], "--model-config is the config folder of a single-file --model"),
+    ]:
+        assert main(["ui", *args]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_dreambench_config_takes_a_single_file_and_its_config_folder(exported, tmp_path):
     from dreamguide.evaluation.suites.dreambench import DreamBenchWorld
     from dreamguide.evaluation.suites.dreambench_config import dreambench_config_from_dict

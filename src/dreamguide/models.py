@@ -348,12 +348,10 @@ def load_model(
     if local.is_file() or local.suffix.lower() in CHECKPOINT_SUFFIXES:
         from dreamguide import single_file
 
-        architecture = single_file.checkpoint_architecture(local)
+        checkpoint, local = local, single_file.check_checkpoint(local, config)
         if variant:
             raise ValueError(f"variant {variant!r} picks weight files of a model folder; the single-file "
-                             f"checkpoint {local} has one set of weights: leave the variant out")
-        checkpoint = local
-        local = single_file.config_folder(checkpoint, config, architecture)
+                             f"checkpoint {checkpoint} has one set of weights: leave the variant out")
     elif config is not None:
         raise ValueError(f"a model config ({os.fspath(config)}) is for single-file checkpoints; {text} is a model "
                          "folder or hub id, which brings its own configs: leave the model config out")
@@ -375,8 +373,6 @@ def load_model(
         folders = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
         root = text
     kind = detect_kind(index, folders)
-    if checkpoint is not None:
-        single_file.check_config(checkpoint, architecture, kind, local)
 
     named = text if checkpoint is None else f"the config folder {root}"
     common = dict(torch_dtype=dtype, use_safetensors=True)

@@ -216,6 +216,21 @@ def check_config(path: Path, architecture: str, kind: str, root: Path) -> None:
                 f"pass the config folder of the model this checkpoint was made from")
 
 
+def check_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Path:
+    """All that is checked of a single-file checkpoint before its weights are read (the file, its
+    architecture, the config folder and its fit: :func:`checkpoint_architecture`,
+    :func:`config_folder`, :func:`check_config`); returns the config folder."""
+    from dreamguide.models import detect_kind
+
+    path = Path(path)
+    architecture = checkpoint_architecture(path)
+    root = config_folder(path, config, architecture)
+    index_file = root / "model_index.json"
+    index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.is_file() else {}
+    check_config(path, architecture, detect_kind(index, {p.name for p in root.iterdir() if p.is_dir()}), root)
+    return root
+
+
 def load_weights(path: Path, root: Path, kind: str, dtype: torch.dtype, tokenizers: list, scheduler) -> tuple:
     """(unet, vae, text_encoders) from the checkpoint ``path``, built with the configs in ``root`` by
     diffusers' ``from_single_file`` (the tokenizers and scheduler already loaded are passed in)."""

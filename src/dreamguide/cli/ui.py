@@ -58,23 +58,24 @@ def missing_gradio_message() -> str | None:
 def run(args: argparse.Namespace) -> int:
     from dreamguide.cli import CommandError
 
-    message = missing_gradio_message()
-    if message:
-        raise CommandError(message)
     if args.port is not None and not 0 < args.port < 65536:
         raise CommandError(f"--port must be between 1 and 65535, got {args.port}")
     if args.model_config and not args.model:
         raise CommandError("--model-config is the config folder of a single-file --model; the miniature world's "
                            "model needs none")
-    from pathlib import Path
+    if args.model:
+        from pathlib import Path
 
-    from dreamguide.models import CHECKPOINT_SUFFIXES
+        from dreamguide.models import CHECKPOINT_SUFFIXES
 
-    if args.model and Path(args.model).suffix.lower() in CHECKPOINT_SUFFIXES:
-        from dreamguide.single_file import checkpoint_architecture, config_folder
+        if Path(args.model).suffix.lower() in CHECKPOINT_SUFFIXES:
+            from dreamguide.single_file import check_checkpoint
 
-        # The app loads the model when a subject is loaded: a checkpoint that cannot load fails here, not then.
-        config_folder(args.model, args.model_config, checkpoint_architecture(args.model))
+            # The app loads the model when a subject is loaded: a checkpoint that cannot load fails now, not then.
+            check_checkpoint(args.model, args.model_config)
+    message = missing_gradio_message()
+    if message:
+        raise CommandError(message)
     import torch
 
     from dreamguide.cpu_threads import use_idle_cores
