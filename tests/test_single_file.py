@@ -137,6 +137,13 @@ def test_refused_files_and_configs_are_named_with_the_fix(exported, tmp_path, mo
     with pytest.raises(ValueError, match=r"does not fit the config folder .*narrow-config: its text_encoder_2 is 48 "
                                          r"wide, text_encoder_2/config.json says 32 \(hidden_size\)"):
         load_model(sdxl["file"], config=narrow)
+    # SDXL encoders of one width: diffusers reads the first encoder's weights for both, the
+    # projection of the second is never set; refused rather than left uninitialized.
+    same_width = tiny_sdxl_pipeline(seed=0)
+    with pytest.raises(ValueError, match=r"gave no weights for 1 tensors of the text_encoder_2 .* \(e\.g\. "
+                                         r"text_projection\.weight\), so they would stay unset"):
+        load_model(save_single_file(same_width, tmp_path / "same-width.safetensors"),
+                   config=save_model_config(same_width, tmp_path / "same-width-config"))
     with pytest.raises(FileNotFoundError, match=f"model config folder {tmp_path / 'nowhere'} does not exist"):
         load_model(sd15["file"], config=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=f"model config folder {tmp_path} has no model_index.json"):

@@ -235,6 +235,7 @@ def load_weights(path: Path, root: Path, kind: str, dtype: torch.dtype, tokenize
     """(unet, vae, text_encoders) from the checkpoint ``path``, built with the configs in ``root`` by
     diffusers' ``from_single_file`` (the tokenizers and scheduler already loaded are passed in)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     extra: dict = {"tokenizer": tokenizers[0], "scheduler": scheduler, "feature_extractor": None, "image_encoder": None}
     if kind == "sdxl":
@@ -246,13 +247,14 @@ def load_weights(path: Path, root: Path, kind: str, dtype: torch.dtype, tokenize
     try:
         pipe = pipeline_class.from_single_file(str(path), config=str(root), local_files_only=True, torch_dtype=dtype,
                                                **extra)
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError, SingleFileComponentError) as error:
         raise ValueError(f"{path} cannot be loaded with the config folder {root}: {error}") from error
     text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if kind == "sdxl" else [])
     for label, module in (("unet", pipe.unet), ("vae", pipe.vae), *zip(("text_encoder", "text_encoder_2"),
                                                                          text_encoders)):
         unset = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
         if unset:
-            raise ValueError(f"{path} lacks weights for {len(unset)} tensors of the {label} the config folder {root} "
-                             f"describes (e.g. {unset[0]}); the config belongs to another model")
+            raise ValueError(f"{path} gave no weights for {len(unset)} tensors of the {label} the config folder "
+                             f"{root} describes (e.g. {unset[0]}), so they would stay unset; the config may belong "
+                             "to another model, or the file may lack part of the model")
     return pipe.unet, pipe.vae, text_encoders
