@@ -370,20 +370,27 @@ def single_file_state_dict(pipe, architecture: str | None = None) -> dict[str, t
 
 
 def save_single_file(pipe, path, architecture: str | None = None) -> Path:
-    """Write :func:`single_file_state_dict` of ``pipe`` as one ``.safetensors`` file."""
-    from safetensors.torch import save_file
+    """Write :func:`single_file_state_dict` of ``pipe`` as one ``.safetensors`` file (atomically)."""
+    from dreamguide.atomic import save_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(single_file_state_dict(pipe, architecture), str(path))
-    return path
+    return save_safetensors(single_file_state_dict(pipe, architecture), path)
 
 
 def save_model_config(pipe, directory) -> Path:
     """The pipeline saved as a diffusers folder without its weights: ``model_index.json``, each
     component's ``config.json``, the scheduler and tokenizer files (the config folder that a
-    single-file checkpoint is loaded with)."""
-    directory = save_tiny_pipeline(pipe, directory)
-    for weights in directory.glob("*/*.safetensors"):
-        weights.unlink()
-    return directory
+    single-file checkpoint is loaded with), atomically."""
+    import shutil
+
+    from dreamguide.atomic import atomic_directory
+
+    with atomic_directory(directory) as tmp:
+        full = save_tiny_pipeline(pipe, tmp / "with-weights")
+        for file in sorted(full.rglob("*")):
+            if file.is_file() and file.suffix != ".safetensors":
+                (tmp / file.relative_to(full)).parent.mkdir(parents=True, exist_ok=True)
+                file.replace(tmp / file.relative_to(full))
+        shutil.rmtree(full)
+    return Path(directory)
