@@ -21,8 +21,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "dreamguide.cuda_graph", "dreamguide.cpu_threads", "dreamguide.provenance",
      "dreamguide.locks"),
     # 1: models, their files, their UNet rows; written images
-    ("dreamguide.models", "dreamguide.lora_files", "dreamguide.token_files", "dreamguide.unet_rows",
-     "dreamguide.images", "dreamguide.testing", "dreamguide.hub"),
+    ("dreamguide.models", "dreamguide.single_file", "dreamguide.lora_files", "dreamguide.token_files",
+     "dreamguide.unet_rows", "dreamguide.images", "dreamguide.testing", "dreamguide.hub"),
     # 2: sampling
     ("dreamguide.sample_settings", "dreamguide.consistency_trace", "dreamguide.sampling",
      "dreamguide.integrations"),

@@ -8,8 +8,10 @@ A ``DiffusionModel`` is the handful of components the rest of the project needs,
 
 Formats read by ``load_model``: a diffusers folder (``model_index.json`` + ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and for SDXL ``text_encoder_2/``,
-``tokenizer_2/``), a hub id of one (from the local cache when offline), and the pixel format
-(the same layout without ``vae/``). Weights are read only from safetensors.
+``tokenizer_2/``), a hub id of one (from the local cache when offline), the pixel format
+(the same layout without ``vae/``), and a single-file SD 1.x / 2.x / SDXL checkpoint with the
+config folder of its architecture (:mod:`dreamguide.single_file`). Weights are read only from
+safetensors.
 
 What a model is personalized with has modules of its own: LoRA adapters on the UNet and their
 files in :mod:`dreamguide.lora_files`, learned tokens and their files in :mod:`dreamguide.token_files`.
@@ -33,6 +35,8 @@ from dreamguide.atomic import atomic_directory
 logger = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("sdxl", "sd", "pixel")
+#: Suffixes that make ``load_model`` read a path as a single-file checkpoint (pickle ones are refused).
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl")
 PIXEL_CLASS_NAME = "PixelTextToImage"
 
 #: Names accepted for a dtype (``parse_dtype``), besides a ``torch.dtype`` itself.
@@ -323,17 +327,34 @@ def load_model(
     device="cpu",
     scheduler=None,
     variant: str | None = None,
+    config=None,
 ) -> DiffusionModel:
-    """Load an SDXL, SD 1.x/2.x or pixel model from a diffusers folder or hub id, component by component.
+    """Load an SDXL, SD 1.x/2.x or pixel model from a diffusers folder, a hub id or a single-file
+    ``.safetensors`` checkpoint, component by component.
 
     ``scheduler``: None (the model's own), a short name (``ddim``, ``euler``, ...), a diffusers
     scheduler class name, or a scheduler instance. ``variant`` picks e.g. the ``fp16`` weight files.
+    ``config`` (single-file checkpoints only): the folder, or hub id, of a diffusers model of the
+    same architecture whose configs and tokenizers the file is read with (no weights needed); None
+    reads the architecture from the file and uses its reference model's configs
+    (:func:`dreamguide.single_file.config_folder`).
     """
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     text = os.fspath(id_or_path)
     local = Path(text).expanduser()
+    checkpoint = None
+    if local.is_file() or local.suffix.lower() in CHECKPOINT_SUFFIXES:
+        from dreamguide import single_file
+
+        checkpoint, local = local, single_file.check_checkpoint(local, config)
+        if variant:
+            raise ValueError(f"variant {variant!r} picks weight files of a model folder; the single-file "
+                             f"checkpoint {checkpoint} has one set of weights: leave the variant out")
+    elif config is not None:
+        raise ValueError(f"a model config ({os.fspath(config)}) is for single-file checkpoints; {text} is a model "
+                         "folder or hub id, which brings its own configs: leave the model config out")
     if local.exists():
         if not local.is_dir():
             raise FileNotFoundError(f"{local} is a file; load_model needs a model folder (with model_index.json)")
@@ -353,6 +374,7 @@ def load_model(
         root = text
     kind = detect_kind(index, folders)
 
+    named = text if checkpoint is None else f"the config folder {root}"
     common = dict(torch_dtype=dtype, use_safetensors=True)
     if variant:
         common["variant"] = variant
@@ -362,28 +384,35 @@ def load_model(
             loaded = cls.from_pretrained(root, subfolder=sub, **kwargs)
         except OSError as error:  # missing folder or file, or only pickle (.bin) weights
             raise FileNotFoundError(
-                f"cannot load {sub}/ of {text}: {str(error).rstrip('.')}. dreamguide reads weights only from .safetensors; "
+                f"cannot load {sub}/ of {named}: {str(error).rstrip('.')}. dreamguide reads weights only from .safetensors; "
                 "convert .bin weights with diffusers/transformers save_pretrained(safe_serialization=True)"
             ) from error
         return loaded.eval() if isinstance(loaded, torch.nn.Module) else loaded
 
-    unet = component("unet", diffusers.UNet2DConditionModel, **common)
+    if checkpoint is None:
+        unet = component("unet", diffusers.UNet2DConditionModel, **common)
     scheduler_config = diffusers.DDIMScheduler.load_config(root, subfolder="scheduler")
     scheduler_class = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
         raise ValueError(
-            f"{text}: unknown scheduler class {scheduler_config.get('_class_name')!r} in scheduler/; "
+            f"{named}: unknown scheduler class {scheduler_config.get('_class_name')!r} in scheduler/; "
             "pass scheduler='ddim' (or another diffusers scheduler) to load_model"
         )
     default_scheduler = scheduler_class.from_config(scheduler_config)
     tokenizers = [component("tokenizer", CLIPTokenizer)]
-    text_encoders = [component("text_encoder", CLIPTextModel, **common)]
-    vae = None
-    if kind == "sdxl":
-        tokenizers.append(component("tokenizer_2", CLIPTokenizer))
-        text_encoders.append(component("text_encoder_2", CLIPTextModelWithProjection, **common))
-    if kind != "pixel":
-        vae = component("vae", diffusers.AutoencoderKL, **common)
+    if checkpoint is None:
+        text_encoders = [component("text_encoder", CLIPTextModel, **common)]
+        vae = None
+        if kind == "sdxl":
+            tokenizers.append(component("tokenizer_2", CLIPTokenizer))
+            text_encoders.append(component("text_encoder_2", CLIPTextModelWithProjection, **common))
+        if kind != "pixel":
+            vae = component("vae", diffusers.AutoencoderKL, **common)
+    else:
+        if kind == "sdxl":
+            tokenizers.append(component("tokenizer_2", CLIPTokenizer))
+        unet, vae, text_encoders = single_file.load_weights(checkpoint, local, kind, dtype, tokenizers,
+                                                            default_scheduler)
     model = DiffusionModel(
         kind=kind,
         unet=unet,

@@ -309,11 +309,13 @@ class Sampler:
         dtype: "torch.dtype | str | None" = None,
         device: "torch.device | str | None" = None,
         fast: bool = True,
+        model_config: str | os.PathLike | None = None,
     ) -> "Sampler":
         """Load a model and its personalized weights: a LoRA, token embeddings and/or a full UNet folder.
 
         ``dtype`` ``None``/``"auto"`` means float16 on CUDA and float32 elsewhere; ``device``
-        ``None`` means CUDA when available.
+        ``None`` means CUDA when available. ``model_config``: the config folder (or hub id) a
+        single-file checkpoint is read with (``load_model``'s ``config``).
         """
         import torch
 
@@ -330,7 +332,7 @@ class Sampler:
             )
         device = models.parse_device(device)
         dtype = models.parse_dtype(dtype, device)
-        model = models.load_model(model_id_or_path, dtype=dtype, device=device)
+        model = models.load_model(model_id_or_path, dtype=dtype, device=device, config=model_config)
         if embeddings_path is not None:
             token_files.load_embeddings(model, embeddings_path, token)
         unet = None
@@ -338,16 +340,19 @@ class Sampler:
             lora_files.load_lora(model, lora_path)
         if unet_path is not None:
             unet = load_personalized_unet(unet_path, model, dtype=dtype, device=device)
+        sources = {
+            "model": os.fspath(model_id_or_path),
+            "lora": None if lora_path is None else os.fspath(lora),
+            "embeddings": None if embeddings_path is None else os.fspath(embeddings),
+            "personalized_unet": None if unet_path is None else os.fspath(personalized_unet),
+        }
+        if model_config is not None:
+            sources["model_config"] = os.fspath(model_config)
         return cls(
             model,
             adapter_name=AUTO if lora_path is not None else None,
             personalized_unet=unet,
-            sources={
-                "model": os.fspath(model_id_or_path),
-                "lora": None if lora_path is None else os.fspath(lora),
-                "embeddings": None if embeddings_path is None else os.fspath(embeddings),
-                "personalized_unet": None if unet_path is None else os.fspath(personalized_unet),
-            },
+            sources=sources,
             fast=fast,
         )
 

@@ -205,9 +205,10 @@ def load_scorer(backbones=None, device: str = "cpu"):
 
 def model_workbench(model: str, *, token: str, class_word: str, references, lora=None, embeddings=None,
                     prompts_per_set: int = 4, backbones=None, device: str | None = None,
-                    dtype: str | None = None) -> Workbench:
-    """An adapter (LoRA and/or token embeddings) on a diffusers model, scored with DINO identity against
-    the photos in ``references`` and CLIP-T text alignment with the base prompt (:mod:`dreamguide.metrics`).
+                    dtype: str | None = None, model_config=None) -> Workbench:
+    """An adapter (LoRA and/or token embeddings) on a model (a diffusers folder or hub id, or a single-file
+    checkpoint read with the config folder ``model_config``), scored with DINO identity against the
+    photos in ``references`` and CLIP-T text alignment with the base prompt (:mod:`dreamguide.metrics`).
 
     The metric backbones and the reference photos are loaded first, so a missing one fails before
     the diffusion model is loaded or anything sampled.
@@ -228,7 +229,7 @@ def model_workbench(model: str, *, token: str, class_word: str, references, lora
     photos = [Image.open(p).convert("RGB") for p in files]
     refs = scorer.embed_references(photos)
     sampler = Sampler.from_pretrained(model, lora=lora, embeddings=embeddings, token=token, dtype=dtype,
-                                      device=device)
+                                      device=device, model_config=model_config)
     cases = [(name, template.format(f"{token} {class_word}"), template.format(class_word))
              for name, templates in MODEL_PROMPTS.items() for template in _spread(templates, prompts_per_set)]
 
@@ -240,6 +241,8 @@ def model_workbench(model: str, *, token: str, class_word: str, references, lora
               "embeddings": None if embeddings is None else str(embeddings), "token": token,
               "class_word": class_word, "references": [str(p) for p in files],
               "backbones": {"dino": scorer.backbones.dino, "clip": scorer.backbones.clip}}
+    if model_config is not None:
+        source["model_config"] = str(model_config)
     return Workbench(sampler, token, class_word, cases, score, source)
 
 

@@ -37,7 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True, help="diffusers model folder or hub id (SDXL, SD 1.x/2.x, pixel)")
+    model.add_argument("--model", required=True, help="diffusers model folder, hub id or single-file .safetensors "
+                       "checkpoint (SDXL, SD 1.x/2.x, pixel)")
+    model.add_argument("--model-config", help="for a single-file --model: the folder (or hub id) of a diffusers model "
+                       "of its architecture, for its configs and tokenizers (default: its architecture's reference "
+                       "model, from the hub cache when offline)")
     model.add_argument("--lora", help="personalized LoRA (.safetensors, diffusers/PEFT format)")
     model.add_argument("--embeddings", help="textual-inversion embeddings (.safetensors) for --token")
     model.add_argument("--personalized-unet", help="folder of a fully fine-tuned UNet (instead of a LoRA)")
@@ -237,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         fast=not args.no_fast,
+        model_config=args.model_config,
     )
     output = Path(args.output)
     with output_lock(output, "sample"):

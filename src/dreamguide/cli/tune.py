@@ -33,7 +33,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     subject = parser.add_argument_group("subject (a toy-world subject, or --model with an adapter)")
     subject.add_argument("--toyworld-subject", help="toy-world subject token, e.g. sks (bundled model, CPU)")
     subject.add_argument("--method", default="dreambooth", help="toy-world adapter method (default dreambooth)")
-    subject.add_argument("--model", help="diffusers model folder or hub id (SDXL, SD 1.x)")
+    subject.add_argument("--model", help="diffusers model folder, hub id or single-file .safetensors checkpoint "
+                         "(SDXL, SD 1.x)")
+    subject.add_argument("--model-config", help="for a single-file --model: the folder (or hub id) of a diffusers "
+                         "model of its architecture, for its configs and tokenizers")
     subject.add_argument("--lora", help="the subject's LoRA (.safetensors)")
     subject.add_argument("--embeddings", help="the subject's learned token embeddings (.safetensors)")
     subject.add_argument("--token", help='identifier token, e.g. "<sks>"')
@@ -82,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.toyworld_subject) == bool(args.model):
         raise CommandError("pass either --toyworld-subject (e.g. sks) or --model with the subject's adapter")
+    if args.model_config and not args.model:
+        raise CommandError("--model-config is the config folder of a single-file --model; the toy world's "
+                           "model needs none")
     settings = TuneSettings(mode=args.mode, values=_values(args.values), steps=args.steps, seeds=args.seeds,
                             prompts_per_set=args.prompts_per_set, batch_size=args.batch_size, height=args.height,
                             width=args.width, **given(w_text=args.w_text, w_cons=args.w_cons))
@@ -97,6 +103,6 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError("--references (a folder of the subject's photos) is needed to score identity")
         bench = model_workbench(args.model, token=args.token, class_word=args.class_word, references=args.references,
                                 lora=args.lora, embeddings=args.embeddings, prompts_per_set=args.prompts_per_set,
-                                device=args.device, dtype=args.dtype)
+                                device=args.device, dtype=args.dtype, model_config=args.model_config)
     tune(bench, settings, args.output, identity_floor=args.identity_floor, progress=not args.no_progress)
     return 0

@@ -2,7 +2,8 @@
 
 Without --model it opens on the bundled miniature world (CPU, no downloads): its base model,
 subjects and subject adapter, ready to sample. With --model it works on an SDXL or SD 1.x
-diffusers model (hub id or local folder). Needs the optional extra: pip install -e ".[ui]".
+model: a hub id, a diffusers folder, or a single-file .safetensors checkpoint (with --model-config,
+the config folder of its architecture). Needs the optional extra: pip install -e ".[ui]".
 Everything the app writes (samples, training runs, uploaded adapters) goes under --output.
 """
 
@@ -26,7 +27,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", help="diffusers model folder or hub id (SDXL, SD 1.x); default: the miniature world")
+    parser.add_argument("--model", help="diffusers model folder, hub id or single-file .safetensors checkpoint "
+                        "(SDXL, SD 1.x); default: the miniature world")
+    parser.add_argument("--model-config", help="for a single-file --model: the folder (or hub id) of a diffusers "
+                        "model of its architecture, for its configs and tokenizers")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
@@ -54,11 +58,24 @@ def missing_gradio_message() -> str | None:
 def run(args: argparse.Namespace) -> int:
     from dreamguide.cli import CommandError
 
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CommandError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.model_config and not args.model:
+        raise CommandError("--model-config is the config folder of a single-file --model; the miniature world's "
+                           "model needs none")
+    if args.model:
+        from pathlib import Path
+
+        from dreamguide.models import CHECKPOINT_SUFFIXES
+
+        if Path(args.model).suffix.lower() in CHECKPOINT_SUFFIXES:
+            from dreamguide.single_file import check_checkpoint
+
+            # The app loads the model when a subject is loaded: a checkpoint that cannot load fails now, not then.
+            check_checkpoint(args.model, args.model_config)
     message = missing_gradio_message()
     if message:
         raise CommandError(message)
-    if args.port is not None and not 0 < args.port < 65536:
-        raise CommandError(f"--port must be between 1 and 65535, got {args.port}")
     import torch
 
     from dreamguide.cpu_threads import use_idle_cores
@@ -69,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         use_idle_cores(args.threads)
-    workspace = Workspace(args.model, output=args.output, device=device, dtype=args.dtype)
+    workspace = Workspace(args.model, output=args.output, device=device, dtype=args.dtype,
+                          model_config=args.model_config)
     try:
         if workspace.toy:
             workspace.use_toy_subject("sks")

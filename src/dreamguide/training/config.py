@@ -34,10 +34,13 @@ _SAMPLER_DEFAULTS = defaults(SampleSettings)
 
 @dataclass
 class ModelConfig:
-    #: Hub id or local folder of a diffusers pipeline (safetensors weights).
+    #: Hub id or local folder of a diffusers pipeline, or a single-file ``.safetensors`` checkpoint.
     pretrained: str = ""
     #: Weight variant such as "fp16", or "" for the default files.
     variant: str = ""
+    #: For a single-file checkpoint: the folder (or hub id) of a diffusers model of its architecture,
+    #: whose configs and tokenizers it is read with; "" reads its architecture's reference configs.
+    config: str = ""
 
 
 @dataclass
@@ -192,6 +195,9 @@ class TrainConfig:
 
         if not self.data.instance_dir:
             fail("data.instance_dir", "is required: the folder of subject images")
+        if self.model.config and self.model.pretrained and not self.model.pretrained.lower().endswith(".safetensors"):
+            fail("model.config", f"is for a single-file checkpoint (.safetensors); model.pretrained "
+                 f"{self.model.pretrained!r} is a folder or hub id with its own configs: leave model.config out")
         if not self.data.token.strip() or any(c.isspace() for c in self.data.token):
             fail("data.token", f"must be one word without spaces, got {self.data.token!r}")
         if not self.data.class_word.strip():
@@ -285,7 +291,8 @@ def load_train_config(path: str | os.PathLike, overrides: list[str] | tuple[str,
     config = load_toml(TrainConfig, path, list(overrides))
     if not config.model.pretrained:
         source = str(path) + (" (with --set overrides)" if overrides else "")
-        raise ConfigError(f"{source}: model.pretrained is required: a hub id or a local diffusers folder")
+        raise ConfigError(f"{source}: model.pretrained is required: a hub id, a local diffusers folder or a "
+                          "single-file .safetensors checkpoint")
     return config
 
 

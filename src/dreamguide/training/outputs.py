@@ -61,6 +61,7 @@ def run_metadata(config: TrainConfig, model, step: int) -> dict[str, Any]:
     base = portable(config.model.pretrained or model.source)
     shared = config.to_dict()
     shared["model"]["pretrained"] = portable_name(config.model.pretrained) or ""
+    shared["model"]["config"] = portable_name(config.model.config) or ""
     for section, key in (("data", "instance_dir"), ("data", "class_dir"), ("output", "dir")):
         shared[section][key] = portable_name(shared[section][key]) or ""
     instance_dir = Path(config.data.instance_dir)

@@ -171,7 +171,8 @@ def train(
     accelerator = _make_accelerator(config)
     if model is None:
         # Loaded in float32 on the CPU: the VAE stays float32, the rest is cast down before moving.
-        model = load_model(config.model.pretrained, dtype=torch.float32, variant=config.model.variant or None)
+        model = load_model(config.model.pretrained, dtype=torch.float32, variant=config.model.variant or None,
+                           config=config.model.config or None)
     check_caption_lengths(model, instance_entries, class_entries, config.data.token, config.data.class_word)
     config, instance_images, class_images = _load_images(config, model, instance_entries, class_entries)
     if checkpoint_path is not None:

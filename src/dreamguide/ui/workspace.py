@@ -165,7 +165,9 @@ def _stamp() -> str:
 class Workspace:
     """The model in use and what the page does with it (see the module docstring).
 
-    ``model``: hub id or diffusers folder of an SDXL / SD 1.x model; None for the miniature world.
+    ``model``: hub id, diffusers folder or single-file ``.safetensors`` checkpoint of an SDXL / SD 1.x
+    model; None for the miniature world. ``model_config``: the config folder (or hub id) a single-file
+    checkpoint is read with (``load_model``'s ``config``; None: its architecture's reference configs).
     ``device``/``dtype``: as ``dreamguide sample --device/--dtype`` (None: CUDA when available,
     float16 there, float32 on the CPU). ``scorer``: see :mod:`dreamguide.ui.scores` (default: the
     world's evaluators, or DINO + CLIP-T for real models).
@@ -173,11 +175,13 @@ class Workspace:
 
     def __init__(self, model: str | os.PathLike | None = None, output: str | os.PathLike = "ui-output",
                  device: str | None = None, dtype: str | None = None, scorer=None,
-                 training_sample_steps: int | None = None) -> None:
+                 training_sample_steps: int | None = None, model_config: str | os.PathLike | None = None) -> None:
         from dreamguide.toyworld.model import BUNDLED_MODEL_DIR
 
         self.toy = model is None
         self.model = str(BUNDLED_MODEL_DIR) if model is None else os.fspath(model)
+        #: The config folder (or hub id) a single-file checkpoint ``model`` is read with; None: the default.
+        self.model_config = None if model_config is None else os.fspath(model_config)
         self.output = Path(output).resolve()
         self.device, self.dtype = device, dtype
         self.scorer = scorer or (ToyScorer() if self.toy else MetricScorer(device=device))
@@ -260,7 +264,7 @@ class Workspace:
         with self._lock:
             try:
                 sampler = Sampler.from_pretrained(self.model, lora=lora, embeddings=embeddings, token=token,
-                                                  dtype=self.dtype, device=self.device)
+                                                  dtype=self.dtype, device=self.device, model_config=self.model_config)
             except (ValueError, FileNotFoundError) as error:
                 raise FieldErrors({_loading_field(str(error), lora, embeddings): str(error)}) from None
             self._release()
@@ -462,7 +466,7 @@ class Workspace:
 
         cuda = (self.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         base: dict[str, Any] = {
-            "model": {"pretrained": self.model},
+            "model": {"pretrained": self.model, **({"config": self.model_config} if self.model_config else {})},
             "data": {"instance_dir": str(photos)},
             "train": {"mixed_precision": "bf16" if cuda else "no"},
             "output": {"dir": str(out), "checkpoint_every": 250, "keep_checkpoints": 1},
@@ -551,6 +555,7 @@ def _tune_elsewhere(workspace: Workspace) -> str:
         return ("tuning needs a toy-world subject's bundled adapter: choose a subject and press Use this subject "
                 "(or run `dreamguide tune --toyworld-subject TOKEN --method METHOD --output FOLDER`)")
     parts = [f"--model {workspace.model}"]
+    parts += [f"--model-config {workspace.model_config}"] if workspace.model_config else []
     parts += [f"--lora {s.lora}"] if s.lora else []
     parts += [f"--embeddings {s.embeddings}"] if s.embeddings else []
     parts += [f"--token '{s.token}' --class-word {s.class_word}",

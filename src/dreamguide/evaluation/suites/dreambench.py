@@ -104,7 +104,9 @@ class DreamBenchWorld:
         train = self.config.train
         info = self.load_data().subjects[subject]
         instance = Path(self.config.dreambench) / subject
-        overrides = [*train.overrides, f"model.pretrained={self.config.model.base}",
+        model = [f"model.pretrained={self.config.model.base}"]
+        model += [f"model.config={self.config.model.config}"] if self.config.model.config else []
+        overrides = [*train.overrides, *model,
                      f"data.instance_dir={instance}", f"data.class_word={info.class_word}",
                      f"output.dir={Path(train.output) / subject}"]
         return load_train_config(train.config, overrides=overrides)
@@ -160,6 +162,7 @@ class DreamBenchWorld:
         return {
             "dreambench": str(cfg.dreambench),
             "base_model": cfg.model.base,
+            **({"model_config": cfg.model.config} if cfg.model.config else {}),
             "subjects": list(self.load_data().subjects),
             "prompt_sets": list(cfg.prompt_sets),
             "prompts_per_set": cfg.prompts_per_set,
@@ -240,7 +243,8 @@ class DreamBenchWorld:
         if self._model is None:
             device = _device(self.config.model.device)
             self._model = models.load_model(self.config.model.base, dtype=models.parse_dtype(self.config.model.dtype,
-                                                                                            device), device=device)
+                                                                                            device), device=device,
+                                            config=self.config.model.config or None)
         return self._model
 
     def _drop_model(self) -> None:

@@ -89,7 +89,8 @@ def _sampling_default(name: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelSection:
-    base: str = ""  # hub id or folder of the base model (required)
+    base: str = ""  # hub id, folder or single-file .safetensors checkpoint of the base model (required)
+    config: str = ""  # for a single-file base: the config folder (or hub id) of its architecture
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
 
@@ -177,7 +178,8 @@ class DreamBenchConfig:
         if not self.dreambench:
             raise ConfigError(f"{source}: missing key 'dreambench' (the DreamBench folder)")
         if not self.model.base:
-            raise ConfigError(f"{source}: missing [model] base (hub id or folder of the base model)")
+            raise ConfigError(f"{source}: missing [model] base (hub id, folder or single-file checkpoint of the "
+                              "base model)")
         if not self.prompt_sets:
             raise ConfigError(f"{source}: prompt_sets is empty: choose from {', '.join(DREAMBENCH_PROMPT_SETS)}")
         if self.prompts_per_set < 0:
@@ -210,7 +212,8 @@ class DreamBenchConfig:
             dreambench=path(self.dreambench),
             output=path(self.output),
             sampling=dataclasses.replace(s, modes=plan.modes),
-            model=dataclasses.replace(self.model, base=_id_or_path(self.model.base, base)),
+            model=dataclasses.replace(self.model, base=_id_or_path(self.model.base, base),
+                                      config=self.model.config and _id_or_path(self.model.config, base)),
             adapters=dataclasses.replace(
                 self.adapters, folder=path(self.adapters.folder),
                 subjects=tuple(dataclasses.replace(a, lora=path(a.lora), embeddings=path(a.embeddings))
