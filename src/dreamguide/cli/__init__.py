@@ -32,8 +32,8 @@ def report_skipped(skipped, output) -> int:
 
     if not skipped:
         return 0
-    lines = [f"  {adapter_label(s['subject'], s['adapter'])}: {s['missing']} of {s['images']} images not made: "
-             f"{s['reason']}" for s in skipped]
+    lines = [f"  {adapter_label(s['subject'], s['adapter'])}{' in plan ' + s['plan'] if s.get('plan') else ''}: "
+             f"{s['missing']} of {s['images']} images not made: {s['reason']}" for s in skipped]
     print(f"warning: not every subject was scored; {len(skipped)} skipped (the results and tables leave them out, "
           f"{output} lists them):", *lines, "fix their adapters and run the same command again: the missing images "
           "are made and scored, the finished ones kept", sep="\n", file=sys.stderr)

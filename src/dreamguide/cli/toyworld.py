@@ -138,7 +138,7 @@ def _personalize(args) -> int:
 def _reproduce(args) -> int:
     import json
 
-    from dreamguide.cli import CommandError
+    from dreamguide.cli import CommandError, report_skipped
     from dreamguide.config import given
     from dreamguide.sampling import parse_seeds
     from dreamguide.toyworld.experiment import EXPERIMENT_FILE, load_toy_experiment
@@ -161,9 +161,10 @@ def _reproduce(args) -> int:
                  adapters_from=args.adapters_from, bundle=args.bundle)
     elif not Path(args.output).is_dir():
         raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
-    score(experiment, args.output)
+    results = score(experiment, args.output)
     print(f"results: {Path(args.output) / 'results.md'}  plots: pareto.png, timesteps.png")
-    return 0
+    skipped = [{**entry, "plan": name} for name, plan in results["plans"].items() for entry in plan.get("skipped", [])]
+    return report_skipped(skipped, Path(args.output) / "results.md")
 
 
 def _frontier(args) -> int:
