@@ -168,7 +168,7 @@ def _reproduce(args) -> int:
 
 
 def _frontier(args) -> int:
-    from dreamguide.cli import CommandError
+    from dreamguide.cli import CommandError, report_skipped
     from dreamguide.toyworld.frontier import load_frontier_experiment, write_frontier_results
     from dreamguide.toyworld.reproduce import default_workers, generate, needed_adapters
 
@@ -181,5 +181,6 @@ def _frontier(args) -> int:
                  adapters_from=args.adapters_from)
     elif not Path(args.output).is_dir():
         raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
-    write_frontier_results(frontier, args.output)
-    return 0
+    results = write_frontier_results(frontier, args.output)
+    skipped = [{**entry, "plan": rule} for rule, entries in results.get("skipped", {}).items() for entry in entries]
+    return report_skipped(skipped, Path(args.output) / "frontier.json")
