@@ -272,6 +272,8 @@ bootstrap_samples = 50
 """)
     out, without, clean = tmp_path / "out", tmp_path / "without", tmp_path / "clean"
     command = ["bench", "dreambench", str(config), "--output", str(out)]
+    assert main([*command, "--check"]) == 3  # --check names it too
+    assert f"warning: subject 'backpack': LoRA file {bad} holds NaN" in capsys.readouterr().err
     assert main(command) == 3
     err = capsys.readouterr().err
     assert "not every subject was scored; 1 skipped" in err

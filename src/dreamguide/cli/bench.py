@@ -119,7 +119,9 @@ def _add_dreambench(subparsers) -> argparse.ArgumentParser:
 def run_dreambench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dreamguide.cli import CommandError, report_skipped
+    import sys
+
+    from dreamguide.cli import EXIT_SKIPPED, CommandError, report_skipped
     from dreamguide.config import given
     from dreamguide.evaluation.report import write_report
     from dreamguide.evaluation.runner import build_jobs, group_jobs, merge_results, run_benchmark, skipped_adapters
@@ -152,7 +154,10 @@ def run_dreambench(args: argparse.Namespace) -> int:
               f"{len(jobs)} images in {len(group_jobs(jobs))} sampler calls")
         for metric, backbone in world.metric_backbones().items():
             print(f"  {metric}: {backbone}")
-        return 0
+        unusable = world.unusable_adapters()
+        for error in unusable:
+            print(f"warning: {error}; a run skips this subject", file=sys.stderr)
+        return EXIT_SKIPPED if unusable else 0
     try:
         from dreamguide.locks import output_lock
 
