@@ -317,14 +317,16 @@ def _setting_cells(row: dict, variants: bool) -> list[str]:
     return cells + [row.get("variant") or ""] if variants else cells
 
 
-def skipped_lines(skipped: Sequence[dict]) -> list[str]:
+def _skipped_lines(skipped: Sequence[dict]) -> list[str]:
     """The Markdown paragraph and table of skipped subjects (none: no lines)."""
     if not skipped:
         return []
     adapters = any(s.get("adapter") for s in skipped)
     count = f"{len(skipped)} subject{'s' if len(skipped) > 1 else ''}"
-    return [f"**Skipped: {count}; the tables leave {'them' if len(skipped) > 1 else 'it'} out.** Fix the adapter "
-            "and run the same command again: the missing images are made and scored, the others are kept.", "",
+    several = len(skipped) > 1
+    return [f"**Skipped: {count}; the tables leave {'them' if several else 'it'} out.** Fix "
+            f"{'their adapters' if several else 'the adapter'} and run the same command again: the missing images "
+            "are made and scored, the others are kept.", "",
             *markdown_table(["subject", *(["adapter"] if adapters else []), "found", "images not made", "reason"],
                             [[s["subject"], *([s["adapter"]] if adapters else []), s["found"],
                               f"{s['missing']} of {s['images']}",
@@ -340,7 +342,7 @@ def markdown_summary(overall, per_subject, compared, backbones, kinds, settings:
     parts = [
         f"# Benchmark summary ({world})",
         "",
-        *skipped_lines(skipped),
+        *_skipped_lines(skipped),
         "Metrics and the backbones that compute them. Text metrics score the **base prompt** "
         "(identifier token replaced by the class word).",
         "",

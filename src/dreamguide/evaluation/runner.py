@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dreamguide.atomic import atomic_write_bytes, atomic_write_text
-from dreamguide.evaluation.protocol import Job, Plan, UnusableAdapter, World, adapter_label
+from dreamguide.evaluation.protocol import Job, Plan, UnusableAdapter, World
 
 
 class RunMismatch(ValueError):
@@ -249,7 +249,8 @@ def run_shard(
         _skip(skipped, error, "before sampling", log)
     if process_index == 0:  # files of processes a launch with more processes left
         for path in (output / "skipped").glob("rank-*.json"):
-            if not path.stem.removeprefix("rank-").isdigit() or int(path.stem.removeprefix("rank-")) >= num_processes:
+            rank = path.stem.removeprefix("rank-")
+            if not rank.isdigit() or int(rank) >= num_processes:
                 path.unlink()
     _write_skipped(output, process_index, skipped)
     runnable = [g for g in pending if _adapter_key(g) not in skipped]
