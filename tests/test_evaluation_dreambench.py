@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dreamguide.config import ConfigError
-from dreamguide.evaluation.runner import run_benchmark
+from dreamguide.evaluation.runner import run_benchmark, skipped_adapters
 from dreamguide.evaluation.suites.dreambench import DreamBenchWorld
 from dreamguide.evaluation.suites.dreambench_config import dreambench_config_from_dict, load_dreambench_config
 from dreamguide.cli import main
@@ -219,6 +219,100 @@ checkpoint_every = 0
     again = run_benchmark(world, folder.plan, tmp_path / "from-folder", folder.report, 0, 1, **QUIET)
     assert [(r["prompt"], r["siglip"], r["dino"]) for r in again] == [(r["prompt"], r["siglip"], r["dino"])
                                                                        for r in rows]
+
+
+def _poisoned(source: Path, out: Path, value: float, every: bool = False) -> str:
+    """``source`` written to ``out`` with ``value`` in the first lora_B tensor's first entry (``every``: in
+    every entry of every tensor); returns that first key."""
+    from safetensors.torch import load_file
+
+    from dreamguide.atomic import save_safetensors
+
+    tensors = load_file(str(source))
+    key = sorted(k for k in tensors if k.endswith(".lora_B.weight"))[0]
+    for name in (sorted(tensors) if every else [key]):
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[: None if every else 1] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, out)
+    return key
+
+
+def test_a_subject_with_a_nan_adapter_is_skipped_and_scored_once_fixed(tmp_path, assets, capsys):
+    """dog, backpack, cat; backpack's LoRA holds a NaN: the run finishes the others, lists backpack, exits 3."""
+    root, b = assets["root"], assets["backbones"]
+    bad = tmp_path / "adapters" / "backpack.safetensors"
+    key = _poisoned(root / "lora.safetensors", bad, float("nan"))
+    config = tmp_path / "bench.toml"
+    config.write_text(f"""
+dreambench = "{DREAMBENCH}"
+subjects = ["dog", "backpack", "cat"]
+prompts_per_set = 1
+[model]
+base = "{assets['base']}"
+[sampling]
+modes = ["pr"]
+seeds = [0]
+w_cons = [3.0]
+steps = 2
+[adapters.subjects.dog]
+lora = "{root / 'lora.safetensors'}"
+embeddings = "{root / 'embeddings.safetensors'}"
+[adapters.subjects.backpack]
+lora = "{bad}"
+[adapters.subjects.cat]
+lora = "{root / 'lora.safetensors'}"
+[metrics.backbones]
+dino = "{b.dino}"
+dinov2 = "{b.dinov2}"
+clip = "{b.clip}"
+siglip = "{b.siglip}"
+[report]
+bootstrap_samples = 50
+""")
+    out, without, clean = tmp_path / "out", tmp_path / "without", tmp_path / "clean"
+    command = ["bench", "dreambench", str(config), "--output", str(out)]
+    assert main([*command, "--check"]) == 3  # --check names it too
+    assert f"warning: subject 'backpack': LoRA file {bad} holds NaN" in capsys.readouterr().err
+    assert main(command) == 3
+    err = capsys.readouterr().err
+    assert "not every subject was scored; 1 skipped" in err
+    assert (f"subject 'backpack': 2 of 2 images not made: LoRA file {bad} holds NaN or infinite values: {key!r} "
+            "has 1 of") in err
+    assert main(["bench", "dreambench", str(config), "--output", str(without), "--subjects", "dog,cat"]) == 0
+    # the others are scored exactly as in a run without backpack, which the report lists with the reason
+    assert (out / "results.csv").read_text() == (without / "results.csv").read_text()
+    assert (out / "tables" / "per_subject.csv").read_text() == (without / "tables" / "per_subject.csv").read_text()
+    assert not (out / "images" / "backpack").exists()
+    summary = (out / "tables" / "summary.md").read_text()
+    assert "**Skipped: 1 subject; the tables leave it out.**" in summary
+    assert f"| backpack | before sampling | 2 of 2 | LoRA file {bad} holds NaN or infinite values: {key!r}" in summary
+    (skipped,) = list(csv.DictReader((out / "tables" / "skipped.csv").open()))
+    assert skipped["subject"] == "backpack" and key in skipped["reason"] and skipped["missing"] == "2"
+    # --report-only says the same
+    assert main([*command, "--report-only"]) == 3 and "1 skipped" in capsys.readouterr().err
+
+    # fixed adapter, same command: backpack's images are made and scored, nothing else is redone
+    bad.write_bytes((root / "lora.safetensors").read_bytes())
+    assert main(command) == 0
+    assert "6 groups in this shard, 4 already done, 2 to run" in capsys.readouterr().out
+    assert not (out / "tables" / "skipped.csv").exists() and "Skipped" not in (out / "tables" / "summary.md").read_text()
+    assert main(["bench", "dreambench", str(config), "--output", str(clean)]) == 0
+    assert (out / "results.csv").read_text() == (clean / "results.csv").read_text()
+
+
+def test_a_subject_whose_samples_become_non_finite_is_skipped_naming_its_files(tmp_path, assets):
+    """Finite but huge LoRA weights pass the file check; the sample overflows, and that subject is skipped."""
+    huge = tmp_path / "huge.safetensors"
+    _poisoned(assets["root"] / "lora.safetensors", huge, 1e30, every=True)
+    config = _config(assets, adapters={"subjects": {"dog": {"lora": str(huge)},
+                                                    "backpack": {"lora": str(assets["root"] / "lora.safetensors")}}})
+    world = DreamBenchWorld(config)
+    rows = run_benchmark(world, config.plan, tmp_path / "out", config.report, 0, 1, **QUIET)
+    assert [r["subject"] for r in rows] == ["backpack", "backpack"]
+    (entry,) = skipped_adapters(world, config.plan, tmp_path / "out")
+    assert entry["subject"] == "dog" and entry["found"] == "while sampling" and entry["missing"] == 2
+    assert "became non-finite (NaN or inf)" in entry["reason"] and f"adapter: LoRA {huge}" in entry["reason"]
 
 
 @pytest.mark.parametrize("changes, message", [

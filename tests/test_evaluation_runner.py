@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreamguide.evaluation.protocol import Generated, Plan, PromptCase, World
+from dreamguide.denoise import NonFiniteError
+from dreamguide.evaluation.protocol import Generated, Plan, PromptCase, UnusableAdapter, World
 from dreamguide.evaluation.report import (
     NO_DIFFERENCE,
     ReportSettings,
@@ -214,6 +215,93 @@ def test_tables_and_figures(tmp_path):
     for name in ("pareto.png", "consistency_p.png"):
         with Image.open(tmp_path / "figures" / name) as image:
             assert image.size[0] > 100
+
+
+class BrokenAdapterWorld(CountingWorld):
+    """CountingWorld whose subject ``s2`` has an unusable adapter: NaN weights found by ``prepare``
+    ("before"), or samples that become non-finite from its second prompt on ("while")."""
+
+    def __init__(self, broken: str | None, named: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.broken, self.named = broken, named
+
+    def unusable_adapters(self):
+        if self.broken != "before":
+            return []
+        return [UnusableAdapter("s2", "", "LoRA file s2.safetensors holds NaN or infinite values: 'unet.x' has 3 of 8")]
+
+    def generate(self, jobs):
+        bad = [j for j in jobs if j.case.subject == "s2" and j.case.prompt_index > 0]
+        if self.broken == "while" and bad:
+            message = f"the sample became non-finite (NaN or inf) at step 2/4 in {bad[0].key}"
+            raise UnusableAdapter("s2", "", message) if self.named else NonFiniteError(message)
+        return super().generate(jobs)
+
+
+def _tables(output):
+    return {name: (Path(output) / "tables" / name).read_text()
+            for name in ("overall.csv", "per_subject.csv", "comparisons.csv")}
+
+
+@pytest.mark.parametrize("broken", ["before", "while"])
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_subject_whose_adapter_fails_is_skipped_reported_and_made_after_the_fix(tmp_path, broken, processes):
+    settings = ReportSettings(bootstrap_samples=50)
+    everyone = run_benchmark(CountingWorld(), PLAN, tmp_path / "everyone", settings, 0, 1, **QUIET)
+    without = run_benchmark(CountingWorld(subjects=("s1", "s3")), PLAN, tmp_path / "without", settings, 0, 1, **QUIET)
+    out = tmp_path / "broken"
+    worlds = [BrokenAdapterWorld(broken) for _ in range(processes)]
+    logged = []
+    for rank in reversed(range(processes)):  # the main process last: it merges
+        rows = run_benchmark(worlds[rank], PLAN, out, settings, rank, processes, log=logged.append)
+    # the others are finished and scored exactly as in a run without s2; s2's rows are left out
+    assert rows == without
+    assert _csv(out) == _csv(tmp_path / "without") and _tables(out) == _tables(tmp_path / "without")
+    made = [key for world in worlds for key in world.generated]
+    s2_jobs = [j for j in build_jobs(CountingWorld(), PLAN) if j.case.subject == "s2"]
+    # "while": the groups of its first prompt were made before the failure (and stay in the manifest)
+    before_failure = {j.key for j in s2_jobs if broken == "while" and j.key.startswith("s2/dreambench-00/")}
+    assert {k for k in made if k.startswith("s2/")} == before_failure
+    # the report lists it with the reason, in the summary, in skipped.csv and in the log
+    (entry,) = read_rows(out / "tables" / "skipped.csv")
+    missing = len(s2_jobs) - len(before_failure)
+    assert (entry["subject"], entry["adapter"], entry["images"], entry["missing"]) == ("s2", "", len(s2_jobs), missing)
+    reason = "holds NaN or infinite values: 'unet.x'" if broken == "before" else "became non-finite (NaN or inf)"
+    assert reason in entry["reason"] and entry["found"] == ("before sampling" if broken == "before"
+                                                            else "while sampling")
+    summary = (out / "tables" / "summary.md").read_text()
+    assert "**Skipped: 1 subject; the tables leave it out.**" in summary and reason in summary
+    assert summary.replace(summary[summary.index("**Skipped"):summary.index("Metrics and")], "") == \
+        (tmp_path / "without" / "tables" / "summary.md").read_text()
+    assert any(line.startswith("skipped subject 's2'") and reason in line for line in logged)
+
+    # fixed: the same command makes and scores s2's missing images only; the result is the whole run's
+    fixed = [CountingWorld() for _ in range(processes)]
+    for rank in reversed(range(processes)):
+        rows = run_benchmark(fixed[rank], PLAN, out, settings, rank, processes, **QUIET)
+    assert sorted(k for world in fixed for k in world.generated) == sorted(
+        j.key for j in s2_jobs if j.key not in before_failure)
+    assert rows == everyone and _csv(out) == _csv(tmp_path / "everyone")
+    assert (out / "tables" / "summary.md").read_text() == (tmp_path / "everyone" / "tables" / "summary.md").read_text()
+    assert not (out / "tables" / "skipped.csv").exists() and not list((out / "skipped").glob("*"))
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_failed_call_of_several_adapters_skips_only_the_failing_one(tmp_path, named):
+    without = run_benchmark(CountingWorld(subjects=("s1", "s3")), PLAN, tmp_path / "without",
+                            ReportSettings(bootstrap_samples=20), 0, 1, **QUIET)
+    world = BrokenAdapterWorld("while", named=named)
+    world.groups_per_call = 20  # 18 groups per subject: calls of groups 0-19 (s1, s2), 20-39 (s2, s3), 40-53 (s3)
+    calls = []
+    generate = world.generate
+    world.generate = lambda jobs: calls.append(sorted({j.case.subject for j in jobs})) or generate(jobs)
+    counts = run_shard(world, PLAN, tmp_path / "batched", **QUIET)
+    # s2's second prompt fails in the call of groups 20-39: an error that names its adapter drops that
+    # adapter's groups from the call; a bare non-finite error is located by one call per adapter
+    assert calls == [["s1", "s2"], ["s2", "s3"], *([] if named else [["s2"]]), ["s3"], ["s3"]]
+    assert counts["skipped"] == 16 and counts["pending"] == 0 and counts["ran"] == 18 + 2 + 18
+    rows, missing = merge_results(world, PLAN, tmp_path / "batched")
+    assert not missing and rows == without
 
 
 def test_bootstrap_interval_and_no_measurable_difference():

@@ -167,3 +167,38 @@ def test_frontier_command_samples_every_rule_on_the_toy_world(tmp_path, capsys):
 
     # consistency only in the second half of the two steps: not the same image as at every step
     assert not np.array_equal(pixels("late", 3.0, "normal"), pixels("consistency", 3.0, "normal"))
+
+
+def test_frontier_command_skips_an_adapter_with_nan_weights_and_lists_it(tmp_path, capsys):
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from dreamguide.atomic import save_safetensors
+    from dreamguide.cli import main
+    from dreamguide.filenames import LORA_FILE
+    from dreamguide.toyworld.personalize import adapter_dir
+
+    adapters = tmp_path / "adapters"
+    for subject in ("sks", "zwx"):
+        shutil.copytree(adapter_dir("sks", "dreambooth"), adapters / f"{subject}-dreambooth")
+    tensors = load_file(str(adapters / "zwx-dreambooth" / LORA_FILE))
+    save_safetensors({k: torch.full_like(v, float("inf")) for k, v in tensors.items()},
+                     adapters / "zwx-dreambooth" / LORA_FILE)
+    config = tmp_path / "frontier.toml"
+    config.write_text(
+        'subjects = ["sks", "zwx"]\nadapters = ["dreambooth"]\nseeds = [0]\nsteps = 1\nbootstrap_samples = 20\n'
+        'prompt_sets = [{name = "normal", templates = ["a red {}"]}]\n'
+        '[[rules]]\nname = "consistency"\nvalues = [0.0, 3.0]\n', encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["toyworld", "frontier", "--config", str(config), "--output", str(out), "--adapters-from",
+                 str(adapters), "--workers", "1", "--device", "cpu"]) == 3
+    assert "subject 'zwx' (dreambooth adapter) in plan consistency: 2 of 2 images not made: LoRA file" \
+        in capsys.readouterr().err
+    results = json.loads((out / "frontier.json").read_text())
+    ((rule, (entry,)),) = results["skipped"].items()
+    assert rule == "consistency" and (entry["subject"], entry["found"]) == ("zwx", "before sampling")
+    rows = toy_frontier.rule_rows(toy_frontier.load_frontier_experiment(config), out)
+    assert {r["subject"] for r in rows["consistency"]} == {"sks"} and results["slices"][0]["units"] == 1

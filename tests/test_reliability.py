@@ -3,6 +3,7 @@ odd image files, stray captions, file modes (tiny models, offline)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -143,6 +144,52 @@ def test_from_kohya_refuses_half_pairs(sd15):
     down = sorted(k for k in kohya if k.endswith(".lora_down.weight"))[0]
     with pytest.raises(ValueError, match=rf"has {down!r} but not '.*lora_up.weight'"):
         from_kohya({k: v for k, v in kohya.items() if k != down.replace("lora_down", "lora_up")}, names)
+
+
+@pytest.mark.parametrize("layout, poison", [("diffusers", ".lora_B.weight"), ("kohya", ".lora_down.weight"),
+                                            ("kohya", ".alpha")])
+def test_a_lora_file_with_nan_or_inf_is_refused_naming_the_tensor(lora_files, layout, poison, tmp_path):
+    from safetensors.torch import load_file
+
+    from dreamguide.atomic import save_safetensors
+    from dreamguide.lora_files import NonFiniteWeights, load_lora
+    from dreamguide.models import DiffusionModel
+    from dreamguide.testing import tiny_sd15_pipeline
+
+    tensors = load_file(str(lora_files[0] if layout == "diffusers" else lora_files[1]))
+    keys = sorted(k for k in tensors if k.endswith(poison))
+    tensors[keys[1]] = tensors[keys[1]].clone()
+    count = min(2, tensors[keys[1]].numel())  # an alpha is a single number
+    tensors[keys[1]].view(-1)[:count] = float("nan")
+    tensors[keys[3]] = torch.full_like(tensors[keys[3]], float("-inf"))
+    save_safetensors(tensors, tmp_path / "bad.safetensors")
+    model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
+    with pytest.raises(NonFiniteWeights, match=(
+            rf"LoRA file .*bad\.safetensors holds NaN or infinite values: {re.escape(repr(keys[1]))} has {count} of "
+            rf"{tensors[keys[1]].numel()} values non-finite \(and 1 more tensor\(s\): {re.escape(repr(keys[3]))}\); "
+            r"did the training that wrote it diverge")) as caught:
+        load_lora(model, tmp_path / "bad.safetensors", adapter_name="bad")
+    assert caught.value.bad == [(keys[1], count, tensors[keys[1]].numel()), (keys[3], tensors[keys[3]].numel(),
+                                                                             tensors[keys[3]].numel())]
+    assert "bad" not in (getattr(model.unet, "peft_config", None) or {})
+
+
+def test_an_embeddings_file_with_nan_is_refused_naming_the_tensor(sd15, tmp_path):
+    from dreamguide.lora_files import NonFiniteWeights
+    from dreamguide.models import DiffusionModel
+    from dreamguide.testing import tiny_sd15_pipeline
+    from dreamguide.token_files import add_tokens, load_embeddings, save_embeddings
+
+    model = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
+    add_tokens(model, [TOKEN], CLASS_WORD)
+    vectors = [torch.zeros(1, model.text_encoders[0].get_input_embeddings().weight.shape[1])]
+    vectors[0][0, 3] = float("nan")
+    save_embeddings(model, [TOKEN], tmp_path / "embeddings.safetensors", vectors=vectors)
+    fresh = DiffusionModel.from_pipeline(tiny_sd15_pipeline(seed=0))
+    with pytest.raises(NonFiniteWeights, match=rf"embeddings file .*embeddings\.safetensors holds NaN or infinite "
+                                               rf"values: 'emb_params' has 1 of {vectors[0].numel()} values non-finite;"):
+        load_embeddings(fresh, tmp_path / "embeddings.safetensors")
+    assert TOKEN not in fresh.tokenizers[0].get_vocab()
 
 
 # ---------------------------------------------------------------------------------------------

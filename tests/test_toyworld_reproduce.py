@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dreamguide.config import ConfigError
 from dreamguide.toyworld.experiment import ToyExperiment, load_toy_experiment
@@ -138,6 +139,57 @@ def test_reproduce_in_worker_processes_equals_one_process(tmp_path):
         assert (tmp_path / "sharded" / name).is_file()
 
 
+
+
+def test_an_adapter_with_nan_weights_is_skipped_and_listed_in_the_results(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from dreamguide.atomic import save_safetensors
+    from dreamguide.cli import main
+    from dreamguide.filenames import LORA_FILE
+    from dreamguide.toyworld.personalize import adapter_dir
+    from dreamguide.toyworld.reproduce import generate, score
+
+    adapters = tmp_path / "adapters"
+    for subject in ("sks", "zwx"):
+        shutil.copytree(adapter_dir("sks", "dreambooth"), adapters / f"{subject}-dreambooth")
+    tensors = load_file(str(adapters / "zwx-dreambooth" / LORA_FILE))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_safetensors(tensors, adapters / "zwx-dreambooth" / LORA_FILE)
+    quiet = dict(log=lambda *a: None)
+    experiment = _tiny_experiment(["sks", "zwx"], adapters=("dreambooth",))
+    record = generate(experiment, tmp_path / "out", plans=["main"], device="cpu", adapters_from=adapters, **quiet)
+    assert record["skipped_groups"] == {"main": 13 * 2} and not record["pending_groups"]  # 13 prompts x 2 calls
+    results = score(experiment, tmp_path / "out", **quiet)
+    (entry,) = results["plans"]["main"]["skipped"]
+    assert (entry["subject"], entry["adapter"], entry["found"], entry["missing"]) == ("zwx", "dreambooth",
+                                                                                      "before sampling", 13 * 4)
+    assert f"LoRA file {adapters / 'zwx-dreambooth' / LORA_FILE} holds NaN or infinite values: {key!r}" \
+        in entry["reason"]
+    assert "**Skipped adapters**" in (tmp_path / "out" / "results.md").read_text()
+    # the other subject's numbers are those of an experiment without zwx
+    alone = _tiny_experiment(["sks"], adapters=("dreambooth",))
+    generate(alone, tmp_path / "alone", plans=["main"], device="cpu", adapters_from=adapters, **quiet)
+    assert score(alone, tmp_path / "alone", **quiet)["plans"]["main"]["summary"] == results["plans"]["main"]["summary"]
+    assert main(["toyworld", "reproduce", "--output", str(tmp_path / "out"), "--score-only"]) == 3
+    assert "subject 'zwx' (dreambooth adapter) in plan main: 52 of 52 images not made" in capsys.readouterr().err
+
+    # finite but huge weights pass the file check; the overflowing samples skip the adapter, naming its folder
+    from dreamguide.evaluation.protocol import Plan
+    from dreamguide.evaluation.runner import run_shard, skipped_adapters
+    from dreamguide.toyworld.bench_world import ToyBenchWorld
+
+    save_safetensors({k: torch.full_like(v, 1e30) for k, v in tensors.items()}, adapters / "zwx-dreambooth" / LORA_FILE)
+    world = ToyBenchWorld(subjects=["sks", "zwx"], adapters=("dreambooth",), prompt_sets={"p": ("a {} on the beach",)},
+                          steps=1, adapters_dir=adapters, device="cpu")
+    plan = Plan(modes=("pr",), seeds=(0,))
+    counts = run_shard(world, plan, tmp_path / "huge", **quiet)
+    assert (counts["ran"], counts["skipped"]) == (1, 1)
+    (entry,) = skipped_adapters(world, plan, tmp_path / "huge")
+    assert (entry["subject"], entry["adapter"], entry["found"]) == ("zwx", "dreambooth", "while sampling")
+    assert "became non-finite" in entry["reason"] and f"(adapter {adapters / 'zwx-dreambooth'})" in entry["reason"]
 
 
 def test_score_only_on_a_run_of_the_earlier_layout_gives_the_earlier_numbers(tmp_path):

@@ -297,13 +297,59 @@ def read_safetensors_header(path: Path, what: str) -> dict[str, str]:
         raise ValueError(f"{what} file {path}: {why}") from None
 
 
+class NonFiniteWeights(ValueError):
+    """A weight file holds NaN or infinite values: ``path``, and per bad tensor (key, bad values, all values)."""
+
+    def __init__(self, what: str, path, bad: Sequence[tuple[str, int, int]]):
+        super().__init__(what, path, bad)
+        self.what, self.path, self.bad = what, Path(path), list(bad)
+
+    def __str__(self) -> str:
+        (key, count, total), rest = self.bad[0], [k for k, _, _ in self.bad[1:]]
+        more = ""
+        if rest:
+            listed = ", ".join(repr(k) for k in rest[:3]) + (", ..." if len(rest) > 3 else "")
+            more = f" (and {len(rest)} more tensor(s): {listed})"
+        return (f"{self.what} file {self.path} holds NaN or infinite values: {key!r} has {count} of {total} values "
+                f"non-finite{more}; did the training that wrote it diverge? Train it again (e.g. with a lower "
+                "learning rate) or use an earlier checkpoint")
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[tuple[str, int, int]]:
+    """(key, non-finite values, values) of every floating-point tensor with a NaN or inf, by key."""
+    bad = []
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append((key, count, tensor.numel()))
+    return bad
+
+
+def check_finite_file(path, what: str) -> None:
+    """Raise :class:`NonFiniteWeights` naming the tensors of a safetensors file that hold NaN or inf.
+
+    Reads one tensor at a time, so a large file needs no more memory than its largest tensor.
+    """
+    from safetensors import safe_open
+
+    bad = []
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        for key in sorted(handle.keys()):
+            bad += non_finite_tensors({key: handle.get_tensor(key)})
+    if bad:
+        raise NonFiniteWeights(what, path, bad)
+
+
 def load_lora(model: "DiffusionModel", path, adapter_name: str = ADAPTER_NAME) -> None:
     """Load a LoRA ``.safetensors`` file into ``model.unet`` as adapter ``adapter_name``.
 
     Reads diffusers/PEFT files (``unet.<module>.lora_A.weight``, as ``save_lora`` and
     ``StableDiffusionXLPipeline.save_lora_weights`` write) and Kohya files (``lora_unet_..._lora_down``,
     ``..._lora_up``, ``.alpha``), converted by diffusers. Text-encoder LoRA weights are refused,
-    and so is a file with a layer missing one half of its pair or its alpha (:func:`check_lora_pairs`).
+    and so is a file with a layer missing one half of its pair or its alpha (:func:`check_lora_pairs`), and
+    one that holds NaN or infinite values (:class:`NonFiniteWeights`, naming the tensors).
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -333,6 +379,7 @@ def load_lora(model: "DiffusionModel", path, adapter_name: str = ADAPTER_NAME) -
         raise ValueError(f"the UNet already has an adapter named {adapter_name!r}; pick another adapter_name")
     unet_state = convert_unet_state_dict_to_peft({k[len("unet.") :]: v for k, v in state_dict.items()})
     _check_lora_matches(model.unet, unet_state, path)
+    check_finite_file(path, "LoRA")
     alphas = {k: v for k, v in (network_alphas or {}).items() if k.startswith("unet.")} or None
     model.unet.load_lora_adapter(
         {f"unet.{k}": v for k, v in unet_state.items()},

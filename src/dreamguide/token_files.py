@@ -131,13 +131,19 @@ def load_embeddings(model: "DiffusionModel", path, token=None) -> list[str]:
     Formats: SDXL ``clip_l``/``clip_g``, SD 1.x ``emb_params``, and diffusers' ``{"<token>": tensor}``.
     Token names: ``token`` if given (a string for n vectors gives ``token``, ``token_1``, ... as
     diffusers does, or pass a list), else those stored by ``save_embeddings``, else the dict key.
+    A file that holds NaN or infinite values is refused (:class:`~dreamguide.lora_files.NonFiniteWeights`).
     """
+    from dreamguide.lora_files import NonFiniteWeights, non_finite_tensors
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: embeddings are read only from .safetensors files")
     tensors, header = _read_embedding_file(path)
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise NonFiniteWeights("embeddings", path, bad)
     stored_tokens = json.loads(header["tokens"]) if "tokens" in header else None
     if set(tensors) == set(SDXL_EMBEDDING_KEYS):
         if model.kind != "sdxl":

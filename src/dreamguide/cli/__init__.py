@@ -16,8 +16,28 @@ import sys
 from dreamguide import __version__
 
 
+#: Exit status of a benchmark that finished but skipped subjects (an unusable adapter): the results and
+#: tables hold the others, the skipped ones are listed on stderr and in the report. Bad input exits with 2,
+#: an interrupted run with 130.
+EXIT_SKIPPED = 3
+
+
 class CommandError(Exception):
     """Bad input found by a command: printed as ``error: ...`` without a traceback."""
+
+
+def report_skipped(skipped, output) -> int:
+    """Print the subjects a benchmark skipped to stderr; returns :data:`EXIT_SKIPPED`, or 0 when none."""
+    from dreamguide.evaluation.protocol import adapter_label
+
+    if not skipped:
+        return 0
+    lines = [f"  {adapter_label(s['subject'], s['adapter'])}{' in plan ' + s['plan'] if s.get('plan') else ''}: "
+             f"{s['missing']} of {s['images']} images not made: {s['reason']}" for s in skipped]
+    print(f"warning: not every subject was scored; {len(skipped)} skipped (the results and tables leave them out, "
+          f"{output} lists them):", *lines, "fix their adapters and run the same command again: the missing images "
+          "are made and scored, the finished ones kept", sep="\n", file=sys.stderr)
+    return EXIT_SKIPPED
 
 
 def _summary(module) -> str:

@@ -68,6 +68,8 @@ example (one GPU, or several with accelerate):
   accelerate launch --num_processes 2 -m dreamguide bench dreambench bench.toml --output runs/dreambench
 
 A killed run resumes where it stopped when started again with the same config and output.
+A subject whose adapter holds NaN (or whose samples become non-finite) is skipped: the others
+are finished and reported, the skipped ones listed, and the exit status is 3.
 The config format is in docs/EVALUATION.md.
 """
 
@@ -117,10 +119,12 @@ def _add_dreambench(subparsers) -> argparse.ArgumentParser:
 def run_dreambench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dreamguide.cli import CommandError
+    import sys
+
+    from dreamguide.cli import EXIT_SKIPPED, CommandError, report_skipped
     from dreamguide.config import given
     from dreamguide.evaluation.report import write_report
-    from dreamguide.evaluation.runner import build_jobs, group_jobs, merge_results, run_benchmark
+    from dreamguide.evaluation.runner import build_jobs, group_jobs, merge_results, run_benchmark, skipped_adapters
     from dreamguide.evaluation.suites.dreambench import DreamBenchWorld
     from dreamguide.evaluation.suites.dreambench_config import load_dreambench_config, override
 
@@ -133,8 +137,9 @@ def run_dreambench(args: argparse.Namespace) -> int:
         rows, missing = merge_results(world, config.plan, output)
         if missing:
             raise CommandError(f"{output}: {missing} images are not done yet; run the benchmark to finish them")
-        write_report(rows, world, config.plan, output, config.report)
-        return 0
+        skipped = skipped_adapters(world, config.plan, output)
+        write_report(rows, world, config.plan, output, config.report, skipped=skipped)
+        return report_skipped(skipped, output / "tables" / "skipped.csv")
     if args.train_only:
         if config.train is None:
             raise CommandError(f"{args.config} has no [train] section; --train-only trains the subjects it lists")
@@ -149,13 +154,18 @@ def run_dreambench(args: argparse.Namespace) -> int:
               f"{len(jobs)} images in {len(group_jobs(jobs))} sampler calls")
         for metric, backbone in world.metric_backbones().items():
             print(f"  {metric}: {backbone}")
-        return 0
+        unusable = world.unusable_adapters()
+        for error in unusable:
+            print(f"warning: {error}; a run skips this subject", file=sys.stderr)
+        return EXIT_SKIPPED if unusable else 0
     try:
         from dreamguide.locks import output_lock
 
         with output_lock(output, "bench dreambench"):
-            run_benchmark(world, config.plan, output, config.report, stop_after_groups=args.stop_after)
+            rows = run_benchmark(world, config.plan, output, config.report, stop_after_groups=args.stop_after)
     except KeyboardInterrupt as stop:
         print(f"interrupted ({stop}); run the same command again to resume")
         return 130
-    return 0
+    if rows is None:  # another process merges
+        return 0
+    return report_skipped(skipped_adapters(world, config.plan, output), output / "tables" / "skipped.csv")

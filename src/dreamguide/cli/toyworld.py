@@ -138,7 +138,7 @@ def _personalize(args) -> int:
 def _reproduce(args) -> int:
     import json
 
-    from dreamguide.cli import CommandError
+    from dreamguide.cli import CommandError, report_skipped
     from dreamguide.config import given
     from dreamguide.sampling import parse_seeds
     from dreamguide.toyworld.experiment import EXPERIMENT_FILE, load_toy_experiment
@@ -161,13 +161,14 @@ def _reproduce(args) -> int:
                  adapters_from=args.adapters_from, bundle=args.bundle)
     elif not Path(args.output).is_dir():
         raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
-    score(experiment, args.output)
+    results = score(experiment, args.output)
     print(f"results: {Path(args.output) / 'results.md'}  plots: pareto.png, timesteps.png")
-    return 0
+    skipped = [{**entry, "plan": name} for name, plan in results["plans"].items() for entry in plan.get("skipped", [])]
+    return report_skipped(skipped, Path(args.output) / "results.md")
 
 
 def _frontier(args) -> int:
-    from dreamguide.cli import CommandError
+    from dreamguide.cli import CommandError, report_skipped
     from dreamguide.toyworld.frontier import load_frontier_experiment, write_frontier_results
     from dreamguide.toyworld.reproduce import default_workers, generate, needed_adapters
 
@@ -180,5 +181,6 @@ def _frontier(args) -> int:
                  adapters_from=args.adapters_from)
     elif not Path(args.output).is_dir():
         raise CommandError(f"--score-only: {args.output} does not exist; run without --score-only first")
-    write_frontier_results(frontier, args.output)
-    return 0
+    results = write_frontier_results(frontier, args.output)
+    skipped = [{**entry, "plan": rule} for rule, entries in results.get("skipped", {}).items() for entry in entries]
+    return report_skipped(skipped, Path(args.output) / "frontier.json")

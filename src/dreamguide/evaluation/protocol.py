@@ -16,11 +16,17 @@ A world implements ``World``:
     generate(jobs)          images (and Consistency_p traces) for jobs that share one ``group``
     score(jobs, images)     one {metric: value} dict per image
     describe()              a JSON-able description, stored in run.json
+    unusable_adapters()     optional: the adapters ``prepare()`` found unusable (NaN weights), as
+                            ``UnusableAdapter`` errors; the runner skips their cases
 
 ``generate`` always receives whole groups (same case, weights and variant; the modes x seeds of one
 sampler call), so a group's images never depend on which process or which resumed run produced
 them. A world that sets ``groups_per_call = n`` receives up to n groups per call (to batch many
 small prompts); its images are then independent of the batch up to float rounding.
+
+One subject's adapter failing does not stop a run: ``generate`` raises :class:`UnusableAdapter`
+(or :class:`~dreamguide.denoise.NonFiniteError`) and the runner skips the rest of that (subject,
+adapter)'s cases, finishes the others and lists the skipped ones in the report.
 """
 
 from __future__ import annotations
@@ -54,6 +60,29 @@ class PromptCase:
     def unit(self) -> tuple:
         """The bootstrap unit: (subject, adapter, prompt set, template, prompt index)."""
         return (self.subject, self.adapter, self.prompt_set, self.template, self.prompt_index)
+
+    @property
+    def adapter_key(self) -> tuple[str, str]:
+        """(subject, adapter): the personalized model that makes this case's images, and what is skipped
+        when that model cannot make images."""
+        return (self.subject, self.adapter)
+
+
+def adapter_label(subject: str, adapter: str) -> str:
+    """How messages and reports name a (subject, adapter): ``subject 'dog'`` or ``subject 'dog' (dco adapter)``."""
+    return f"subject {subject!r}" + (f" ({adapter} adapter)" if adapter else "")
+
+
+class UnusableAdapter(ValueError):
+    """A subject's adapter cannot make images: NaN weights found before sampling, or a sample that became
+    non-finite. The runner skips that (subject, adapter)'s cases and reports ``reason``."""
+
+    def __init__(self, subject: str, adapter: str, reason: str):
+        super().__init__(subject, adapter, reason)
+        self.subject, self.adapter, self.reason = subject, adapter, reason
+
+    def __str__(self) -> str:
+        return f"{adapter_label(self.subject, self.adapter)}: {self.reason}"
 
 
 @dataclass(frozen=True)

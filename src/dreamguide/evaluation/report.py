@@ -14,7 +14,9 @@ A run of the runner gets:
   paired bootstrap interval of the difference; an interval that contains 0 is reported as
   "no measurable difference".
 * ``tables/summary.md``: the same in Markdown, headed by each metric's backbone and the note
-  that text metrics use the base prompt.
+  that text metrics use the base prompt, and by the skipped subjects when there are any.
+* ``tables/skipped.csv``: only when subjects were skipped (an unusable adapter): each with the
+  reason and the number of its images not made.
 * ``figures/pareto.png``: identity vs text alignment across the w_cons sweep, one line per mode.
 * ``figures/consistency_p.png``: Consistency_p per denoising step from the traces.
 """
@@ -32,13 +34,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dreamguide.evaluation.protocol import Plan, World
+from dreamguide.evaluation.protocol import Plan, World, adapter_label
 
 BASE_FIELDS = ("key", "world", "subject", "class_word", "adapter", "prompt_set", "prompt_index", "template",
                "prompt", "base_prompt", "seed", "mode", "w_text", "w_cons", "variant")
 TEXT_FIELDS = ("key", "world", "subject", "class_word", "adapter", "prompt_set", "template", "prompt",
                "base_prompt", "mode", "variant", "image", "trace")
 NO_DIFFERENCE = "no measurable difference"
+SKIPPED_FIELDS = ("subject", "adapter", "found", "images", "missing", "reason")
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,24 @@ def _setting_cells(row: dict, variants: bool) -> list[str]:
     return cells + [row.get("variant") or ""] if variants else cells
 
 
-def markdown_summary(overall, per_subject, compared, backbones, kinds, settings: ReportSettings, world: str) -> str:
+def _skipped_lines(skipped: Sequence[dict]) -> list[str]:
+    """The Markdown paragraph and table of skipped subjects (none: no lines)."""
+    if not skipped:
+        return []
+    adapters = any(s.get("adapter") for s in skipped)
+    count = f"{len(skipped)} subject{'s' if len(skipped) > 1 else ''}"
+    several = len(skipped) > 1
+    return [f"**Skipped: {count}; the tables leave {'them' if several else 'it'} out.** Fix "
+            f"{'their adapters' if several else 'the adapter'} and run the same command again: the missing images "
+            "are made and scored, the others are kept.", "",
+            *markdown_table(["subject", *(["adapter"] if adapters else []), "found", "images not made", "reason"],
+                            [[s["subject"], *([s["adapter"]] if adapters else []), s["found"],
+                              f"{s['missing']} of {s['images']}",
+                              " ".join(str(s["reason"]).split()).replace("|", "\\|")] for s in skipped]), ""]
+
+
+def markdown_summary(overall, per_subject, compared, backbones, kinds, settings: ReportSettings, world: str,
+                     skipped: Sequence[dict] = ()) -> str:
     metrics = list(backbones)
     pct = f"{settings.confidence:.0%}"
     variants = any(r.get("variant") for r in overall)
@@ -322,6 +342,7 @@ def markdown_summary(overall, per_subject, compared, backbones, kinds, settings:
     parts = [
         f"# Benchmark summary ({world})",
         "",
+        *_skipped_lines(skipped),
         "Metrics and the backbones that compute them. Text metrics score the **base prompt** "
         "(identifier token replaced by the class word).",
         "",
@@ -495,8 +516,12 @@ def consistency_p_plot(curves: dict[tuple, dict[str, np.ndarray]], path: Path,
 
 
 def write_report(rows: Sequence[dict], world: World, plan: Plan, output: Path, settings: ReportSettings,
-                 log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Tables and figures for merged rows; returns the written paths."""
+                 log: Callable[[str], None] = print, skipped: Sequence[dict] = ()) -> dict[str, Path]:
+    """Tables and figures for merged rows; returns the written paths.
+
+    ``skipped``: the subjects left out (``runner.skipped_adapters``), listed in ``summary.md``,
+    ``skipped.csv`` and the log.
+    """
     from dreamguide.atomic import atomic_write_text
 
     backbones, kinds = world.metric_backbones(), world.metric_kinds()
@@ -528,7 +553,12 @@ def write_report(rows: Sequence[dict], world: World, plan: Plan, output: Path, s
           "prompt": "base prompt" if kinds.get(m) == "text" else "reference photos"} for m, b in backbones.items()],
         ["metric", "kind", "backbone", "prompt"]))
     atomic_write_text(written["summary"], markdown_summary(overall, per_subject, compared, backbones, kinds,
-                                                           settings, world.name))
+                                                           settings, world.name, skipped))
+    if skipped:
+        written["skipped"] = tables / "skipped.csv"
+        atomic_write_text(written["skipped"], rows_to_csv(skipped, SKIPPED_FIELDS))
+    elif (tables / "skipped.csv").exists():  # left by an earlier report of this folder
+        (tables / "skipped.csv").unlink()
     identity = settings.identity_metric if settings.identity_metric in metrics else next(
         (m for m in metrics if kinds.get(m) == "identity"), None)
     text = settings.text_metric if settings.text_metric in metrics else next(
@@ -544,6 +574,9 @@ def write_report(rows: Sequence[dict], world: World, plan: Plan, output: Path, s
     if path:
         written["consistency_p"] = path
     log(f"wrote {', '.join(str(p.relative_to(output)) for p in written.values())} under {output}")
+    for entry in skipped:
+        log(f"skipped {adapter_label(entry['subject'], entry['adapter'])} ({entry['missing']} of {entry['images']} "
+            f"images not made; the tables leave it out): {entry['reason']}")
     return written
 
 

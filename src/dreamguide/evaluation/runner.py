@@ -4,6 +4,7 @@ Output folder layout:
 
     run.json                    world description + plan; a resumed run must match it
     manifest/rank-<r>.jsonl     one line per finished group: its result rows (written last)
+    skipped/rank-<r>.json       the (subject, adapter)s this process skipped, and why (only when it skipped any)
     images/<subject>/*.png      one image per job
     traces/<subject>/*.json     Consistency_p per step, when the world traces
     results.csv                 one row per image, every metric (results.parquet if pyarrow is present)
@@ -15,6 +16,11 @@ one that is redone from scratch. With several processes each takes every n-th gr
 canonical group list and appends only to its own manifest file; the merge reads all of them,
 so the merged rows do not depend on the number of processes or on interruptions. A time budget
 (``deadline``) stops a shard between groups; running it again continues.
+
+A subject whose adapter cannot make images (NaN weights found by ``world.prepare()``, or a sample
+that became non-finite) is skipped: the other subjects are finished and reported, and the skipped
+ones are listed with the reason (:func:`skipped_adapters`). Its missing groups are never recorded as
+done, so running the same command again after fixing the adapter makes and scores them.
 
 :func:`rescore` scores the stored images again (a new scorer, or the same one to check a run).
 """
@@ -29,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from dreamguide.atomic import atomic_write_bytes, atomic_write_text
-from dreamguide.evaluation.protocol import Job, Plan, World
+from dreamguide.evaluation.protocol import Job, Plan, UnusableAdapter, World
 
 
 class RunMismatch(ValueError):
@@ -110,6 +116,59 @@ def _append_record(path: Path, record: dict) -> None:
         os.fsync(handle.fileno())
 
 
+def _adapter_key(group: Sequence[Job]) -> tuple[str, str]:
+    return group[0].case.adapter_key
+
+
+def _skipped_file(output: Path, process_index: int) -> Path:
+    return output / "skipped" / f"rank-{process_index}.json"
+
+
+def _write_skipped(output: Path, process_index: int, skipped: dict[tuple[str, str], dict]) -> None:
+    """This process's skipped adapters; no file when it skipped none (and none left from an earlier run)."""
+    path = _skipped_file(output, process_index)
+    if skipped:
+        atomic_write_text(path, json.dumps(list(skipped.values()), indent=2, sort_keys=True) + "\n")
+    elif path.exists():
+        path.unlink()
+
+
+def _skip(skipped: dict[tuple[str, str], dict], error: UnusableAdapter, found: str, log: Callable[[str], None]) -> None:
+    key = (error.subject, error.adapter)
+    if key not in skipped:
+        skipped[key] = {"subject": error.subject, "adapter": error.adapter, "reason": error.reason, "found": found}
+        log(f"skipping {error} (the other subjects go on)")
+
+
+def _generate_groups(world: World, chunk: list[list[Job]], skipped: dict[tuple[str, str], dict],
+                     log: Callable[[str], None]) -> tuple[list[list[Job]], list]:
+    """(groups made, their images): the chunk less the groups of adapters whose sampling failed, which are
+    added to ``skipped``. A non-finite sample of a call that mixes adapters is found by one call per adapter."""
+    from dreamguide.denoise import NonFiniteError
+
+    while chunk:
+        try:
+            return chunk, world.generate([job for group in chunk for job in group])
+        except UnusableAdapter as error:
+            if (error.subject, error.adapter) not in {_adapter_key(g) for g in chunk}:
+                raise
+            failed = error
+        except NonFiniteError as error:
+            keys = list(dict.fromkeys(_adapter_key(g) for g in chunk))
+            if len(keys) > 1:
+                made, images = [], []
+                for key in keys:
+                    groups, generated = _generate_groups(world, [g for g in chunk if _adapter_key(g) == key],
+                                                         skipped, log)
+                    made += groups
+                    images += generated
+                return made, images
+            failed = UnusableAdapter(*keys[0], str(error))
+        _skip(skipped, failed, "while sampling", log)
+        chunk = [g for g in chunk if _adapter_key(g) != (failed.subject, failed.adapter)]
+    return [], []
+
+
 def _check_run_file(output: Path, description: dict, write: bool) -> None:
     """Refuse an output folder that holds another run; the main process writes run.json for a new one."""
     path = output / "run.json"
@@ -171,7 +230,8 @@ def run_shard(
     """Generate and score this process's pending groups; returns counts. ``world.prepare()`` runs first.
 
     ``deadline`` (a ``time.time()`` value): start no group after it; the rest stays pending
-    (``"pending"`` in the returned counts) for the next run.
+    (``"pending"`` in the returned counts) for the next run. ``"skipped"`` counts the groups not
+    made because their adapter is unusable (``skipped/rank-<r>.json`` says why).
     """
     output = Path(output)
     world.prepare()  # every input check and every backbone load happens before generation
@@ -184,37 +244,61 @@ def run_shard(
     _repair_manifest(manifest)
     done = read_manifests(output)
     pending = [g for g in groups if group_id(g) not in done]
+    skipped: dict[tuple[str, str], dict] = {}
+    for error in getattr(world, "unusable_adapters", list)():
+        _skip(skipped, error, "before sampling", log)
+    if process_index == 0:  # files of processes a launch with more processes left
+        for path in (output / "skipped").glob("rank-*.json"):
+            rank = path.stem.removeprefix("rank-")
+            if not rank.isdigit() or int(rank) >= num_processes:
+                path.unlink()
+    _write_skipped(output, process_index, skipped)
+    runnable = [g for g in pending if _adapter_key(g) not in skipped]
     log(f"[rank {process_index}/{num_processes}] {len(groups)} groups in this shard, "
-        f"{len(groups) - len(pending)} already done, {len(pending)} to run")
+        f"{len(groups) - len(pending)} already done, {len(runnable)} to run"
+        + (f", {len(pending) - len(runnable)} skipped" if len(runnable) < len(pending) else ""))
     per_call = max(1, int(getattr(world, "groups_per_call", 1)))
-    finished, images, started = 0, 0, time.perf_counter()
-    while finished < len(pending):
+    finished, images, started, position = 0, 0, time.perf_counter(), 0
+    made: set[str] = set()
+    while position < len(runnable):
         if stop_after_groups is not None and finished >= stop_after_groups:
             raise KeyboardInterrupt(f"stopped after {finished} groups (stop_after_groups)")
         if deadline is not None and time.time() > deadline:
-            log(f"[rank {process_index}] time budget reached: {len(pending) - finished} groups left for the next run")
+            left = sum(_adapter_key(g) not in skipped for g in runnable[position:])
+            log(f"[rank {process_index}] time budget reached: {left} groups left for the next run")
             break
         count = per_call if stop_after_groups is None else min(per_call, stop_after_groups - finished)
-        chunk = pending[finished : finished + count]
+        chunk = [g for g in runnable[position : position + count] if _adapter_key(g) not in skipped]
+        position += count
+        if not chunk:
+            continue
+        before = len(skipped)
+        chunk, generated = _generate_groups(world, chunk, skipped, log)
+        if len(skipped) != before:
+            _write_skipped(output, process_index, skipped)
         batch = [job for group in chunk for job in group]
-        generated = world.generate(batch)
         if len(generated) != len(batch):
             raise RuntimeError(f"world {world.name!r} returned {len(generated)} images for {len(batch)} jobs")
+        if not chunk:
+            continue
         scores = world.score(batch, [g.image for g in generated])
-        position = 0
+        offset = 0
         for group in chunk:
-            items = generated[position : position + len(group)]
-            values = scores[position : position + len(group)]
-            position += len(group)
+            items = generated[offset : offset + len(group)]
+            values = scores[offset : offset + len(group)]
+            offset += len(group)
             rows = [_store(output, world, job, item, value) for job, item, value in zip(group, items, values)]
             _append_record(manifest, {"group": group_id(group), "rank": process_index, "rows": rows})
+            made.add(group_id(group))
         finished += len(chunk)
         images += len(batch)
         elapsed = time.perf_counter() - started
-        log(f"[rank {process_index}] {finished}/{len(pending)} groups ({len(batch)} images, "
+        log(f"[rank {process_index}] {finished}/{len(runnable)} groups ({len(batch)} images, "
             f"{elapsed / finished:.2f} s/group)")
-    return {"groups": len(groups), "ran": finished, "images": images, "pending": len(pending) - finished,
-            "seconds": time.perf_counter() - started}
+    left = [g for g in runnable if group_id(g) not in made and _adapter_key(g) not in skipped]
+    not_made = [g for g in pending if group_id(g) not in made and _adapter_key(g) in skipped]
+    return {"groups": len(groups), "ran": finished, "images": images, "pending": len(left),
+            "skipped": len(not_made), "seconds": time.perf_counter() - started}
 
 
 def _store(output: Path, world: World, job: Job, item, values: dict) -> dict:
@@ -268,12 +352,42 @@ def rescore(runs: Sequence[tuple[World, Plan, str | Path]], log: Callable[[str],
     return len(all_jobs)
 
 
+def skipped_adapters(world: World, plan: Plan, output: str | Path) -> list[dict]:
+    """The (subject, adapter)s a process skipped that still lack images, in case order: each its
+    ``subject``, ``adapter``, ``reason``, ``found`` ("before sampling" / "while sampling"), ``images``
+    (its jobs) and ``missing`` (those not made). An adapter whose images are all there since is not listed."""
+    output = Path(output)
+    records: dict[tuple[str, str], dict] = {}
+    for path in sorted((output / "skipped").glob("rank-*.json"), key=lambda p: (len(p.name), p.name)):
+        for record in json.loads(path.read_text()):
+            records.setdefault((record["subject"], record["adapter"]), record)
+    if not records:
+        return []
+    jobs = build_jobs(world, plan)
+    done = {row["key"] for row in ordered_rows(jobs, read_manifests(output))}
+    counts: dict[tuple[str, str], list[int]] = {}
+    for job in jobs:
+        if job.case.adapter_key in records:
+            count = counts.setdefault(job.case.adapter_key, [0, 0])
+            count[0] += 1
+            count[1] += job.key not in done
+    return [{**records[key], "images": total, "missing": missing}
+            for key, (total, missing) in counts.items() if missing]
+
+
 def merge_results(world: World, plan: Plan, output: str | Path) -> tuple[list[dict], int]:
-    """All rows in canonical order and the number of jobs still missing; writes results.csv when complete."""
+    """All rows in canonical order and the number of jobs still missing; writes results.csv when complete.
+
+    The jobs of skipped adapters (:func:`skipped_adapters`) count as neither: their rows are left out,
+    so a subject is in the results with all of its images or not at all.
+    """
     from dreamguide.evaluation.report import write_rows
 
     output = Path(output)
     jobs = build_jobs(world, plan)
+    skipped = {(s["subject"], s["adapter"]) for s in skipped_adapters(world, plan, output)}
+    if skipped:
+        jobs = [job for job in jobs if job.case.adapter_key not in skipped]
     rows = ordered_rows(jobs, read_manifests(output))
     missing = len(jobs) - len(rows)
     if not missing:
@@ -295,7 +409,8 @@ def run_benchmark(
 
     Without explicit ``process_index``/``num_processes`` they come from accelerate (``accelerate
     launch``); a plain ``python`` process is a single shard. Returns the merged rows, or None
-    when other shards are still missing.
+    when other shards are still missing. Rows of skipped subjects are not among them; the report
+    lists those (:func:`skipped_adapters`).
     """
     from dreamguide.evaluation.report import ReportSettings, write_report
 
@@ -311,6 +426,7 @@ def run_benchmark(
         log(f"{missing} images of other shards are not done yet; run again (or finish the other "
             f"processes) to merge results")
         return None
-    write_report(rows, world, plan, Path(output), report or ReportSettings(), log=log)
+    write_report(rows, world, plan, Path(output), report or ReportSettings(), log=log,
+                 skipped=skipped_adapters(world, plan, output))
     return rows
 

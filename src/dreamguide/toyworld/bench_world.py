@@ -10,7 +10,8 @@ Images: each (subject, kind) adapter is read from ``adapters_dir/<token>-<kind>/
 :func:`~dreamguide.toyworld.personalize.personalize` writes) and sampled with
 :class:`dreamguide.sampling.Sampler`, one call per group (a prompt at one setting: its modes x
 seeds); a world of base-model prompts only batches them across prompts. A ``generate`` callable
-replaces this.
+replaces this. An adapter whose files hold NaN or inf (checked by ``prepare``), or whose samples
+become non-finite, is skipped by the runner; the other adapters are run and reported.
 
 Metrics, from :class:`~dreamguide.toyworld.evaluators.ToyEvaluators` (text metrics read the base prompt):
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dreamguide.evaluation.protocol import Generated, Job, PromptCase
+from dreamguide.evaluation.protocol import Generated, Job, PromptCase, UnusableAdapter
 from dreamguide.prompts import format_prompt
 from dreamguide.toyworld.prompts import PROMPT_SETS
 from dreamguide.toyworld.subjects import get_subject, reference_images
@@ -97,6 +98,7 @@ class ToyBenchWorld:
         self._references: dict[str, torch.Tensor] = {}
         self._samplers: dict[tuple[str, str], tuple[object, str]] = {}
         self._base_model = None
+        self._unusable: list[UnusableAdapter] = []
 
     @property
     def evaluators(self):
@@ -107,13 +109,29 @@ class ToyBenchWorld:
         return self._evaluators
 
     def prepare(self) -> None:
+        """Load the evaluators; every adapter folder must exist, and one whose files hold NaN or inf is
+        listed by :meth:`unusable_adapters` (the runner skips it)."""
+        from dreamguide.filenames import EMBEDDINGS_FILE, LORA_FILE
+        from dreamguide.lora_files import NonFiniteWeights, check_finite_file
+
         self.evaluators  # noqa: B018 - load the weights now: fail before any generation
+        self._unusable = []
         if self._generate is not None or self.steps is None:  # steps None: a world that only scores
             return
         for subject in self.subjects:
             for kind in self.adapters:
                 if kind != BASE_MODEL:
-                    self._adapter_folder(subject, kind)
+                    folder = self._adapter_folder(subject, kind)
+                    try:
+                        check_finite_file(folder / LORA_FILE, "LoRA")
+                        if (folder / EMBEDDINGS_FILE).is_file():
+                            check_finite_file(folder / EMBEDDINGS_FILE, "embeddings")
+                    except NonFiniteWeights as error:
+                        self._unusable.append(UnusableAdapter(subject, kind, str(error)))
+
+    def unusable_adapters(self) -> list[UnusableAdapter]:
+        """The (subject, kind) adapters whose files hold NaN or infinite values (found by :meth:`prepare`)."""
+        return list(self._unusable)
 
     def _adapter_folder(self, subject: str, kind: str) -> Path:
         from dreamguide.filenames import LORA_FILE
@@ -196,7 +214,19 @@ class ToyBenchWorld:
         return self._samplers[(subject, kind)]
 
     def _generate_adapter_jobs(self, subject: str, kind: str, jobs: Sequence[Job]) -> dict[str, Generated]:
-        """Images of one subject's adapter, every job an item of one batched sampler call."""
+        """Images of one subject's adapter, every job an item of one batched sampler call.
+
+        A non-finite sample (or NaN adapter files) is an :class:`UnusableAdapter` naming the adapter's folder.
+        """
+        from dreamguide.denoise import NonFiniteError
+        from dreamguide.lora_files import NonFiniteWeights
+
+        try:
+            return self._sample_adapter_jobs(subject, kind, jobs)
+        except (NonFiniteError, NonFiniteWeights) as error:
+            raise UnusableAdapter(subject, kind, f"{error} (adapter {self._adapter_folder(subject, kind)})") from error
+
+    def _sample_adapter_jobs(self, subject: str, kind: str, jobs: Sequence[Job]) -> dict[str, Generated]:
         from dreamguide.sampling import SampleItem
 
         sampler, token = self._sampler(subject, kind)

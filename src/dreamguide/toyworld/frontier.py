@@ -227,18 +227,22 @@ def load_frontier_experiment(path=None, overrides: Sequence[str] = ()) -> Fronti
 
 
 def rule_rows(frontier: FrontierExperiment, out) -> dict[str, list[dict]]:
-    """Each rule's finished result rows, with the knob value of each row under ``knob``."""
+    """Each rule's finished result rows, with the knob value of each row under ``knob``; rows of adapters
+    the runner skipped (:func:`skipped_rules`) are left out."""
     from dreamguide.evaluation.runner import build_jobs, ordered_rows, read_manifests
 
     experiment = frontier.experiment()
     out = Path(out)
     rows: dict[str, list[dict]] = {}
+    skipped = skipped_rules(frontier, out)
     for plan in experiment.plans:
         rule = frontier.rule(plan.name)
         world = experiment.world(plan, steps=None)
         folder = out / plan.name
         done = read_manifests(folder) if (folder / "manifest").is_dir() else {}
-        found = ordered_rows(build_jobs(world, experiment.plan(plan)), done)
+        left_out = {(e["subject"], e["adapter"]) for e in skipped.get(rule.name, [])}
+        found = [row for row in ordered_rows(build_jobs(world, experiment.plan(plan)), done)
+                 if (row["subject"], row["adapter"]) not in left_out]
         rows[rule.name] = [{**row, "rule": rule.name, "knob": rule.knob_value(row)} for row in found]
     return rows
 
@@ -270,6 +274,19 @@ def _complete_rules(frontier: FrontierExperiment, rows: list[dict]) -> tuple[lis
         keep.update((rule.name, v) for v in kept)
         incomplete[rule.name] = {"done": round(sum(done) / (full * len(rule.values)), 3), "values_kept": kept}
     return [row for row in rows if (row["rule"], float(row["knob"])) in keep], incomplete
+
+
+def skipped_rules(frontier: FrontierExperiment, out) -> dict[str, list[dict]]:
+    """Per rule, the adapters its run skipped (``runner.skipped_adapters``); rules that skipped none are absent."""
+    from dreamguide.evaluation.runner import skipped_adapters
+
+    experiment = frontier.experiment()
+    found = {}
+    for plan in experiment.plans:
+        entries = skipped_adapters(experiment.world(plan, steps=None), experiment.plan(plan), Path(out) / plan.name)
+        if entries:
+            found[frontier.rule(plan.name).name] = entries
+    return found
 
 
 def analyse(frontier: FrontierExperiment, rows: dict[str, list[dict]]) -> dict:
@@ -329,6 +346,9 @@ def write_frontier_results(frontier: FrontierExperiment, out, log=print) -> dict
     if not any(rows.values()):
         raise FileNotFoundError(f"{out} holds no finished images of this frontier experiment; generate first")
     results = analyse(frontier, rows)
+    skipped = skipped_rules(frontier, out)
+    if skipped:  # written only when there are any: the results of complete runs read as before
+        results["skipped"] = skipped
     record = out / "generate.json"
     results["run"] = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
     atomic_write_text(out / FRONTIER_FILE, json.dumps(results, indent=1) + "\n")

@@ -14,6 +14,9 @@ each plan's groups (one shard per worker process, resumable, within a time budge
 (subject, adapter, prompt) units with bootstrap intervals, and paired differences of each compared
 mode minus the baseline mode), ``pareto.png`` and ``timesteps.png`` (Consistency_p per step).
 
+An adapter whose files hold NaN, or whose samples become non-finite, is skipped by the runner: the
+others are run and scored, and ``results.json``/``results.md`` list the skipped ones per plan.
+
 Output folder: ``experiment.json`` (the resolved config), ``generate.json`` (timings, device),
 ``adapters/``, one runner folder per plan, and the files above. A folder written by earlier versions
 (``images.npz`` + ``rows.json``) is converted to this layout by :func:`import_stored_run`.
@@ -144,14 +147,18 @@ def generate(experiment: ToyExperiment, out, plans: Sequence[str] | None = None,
     counts = _pool_map(_run_shard, shards, workers)
     timings["sampling"] = round(time.time() - t0, 1)
     pending = {p.name: sum(c[i]["pending"] for c in counts) for i, p in enumerate(chosen)}
+    skipped = {p.name: sum(c[i]["skipped"] for c in counts) for i, p in enumerate(chosen)}
     record = {"plans": [p.name for p in chosen], "workers": workers, "device": _device_name(device),
               "adapters_from": None if adapters_from is None else str(adapters_from), "budget_s": budget_s,
               "images": sum(c[i]["images"] for c in counts for i in range(len(chosen))),
               "pending_groups": {k: v for k, v in pending.items() if v}, "timings_s": timings,
               "seconds": round(time.time() - started, 1)}
+    if any(skipped.values()):  # groups of unusable adapters (the plans' skipped/ folders say why)
+        record["skipped_groups"] = {k: v for k, v in skipped.items() if v}
     _write_json(out / "generate.json", record)
     log(f"generated {record['images']} images in {record['seconds']}s"
-        + (f"; groups left for the next run: {record['pending_groups']}" if record["pending_groups"] else ""))
+        + (f"; groups left for the next run: {record['pending_groups']}" if record["pending_groups"] else "")
+        + (f"; groups of unusable adapters skipped: {record['skipped_groups']}" if "skipped_groups" in record else ""))
     return record
 
 
@@ -180,8 +187,11 @@ def _write_json(path: Path, data) -> None:
 
 
 def score(experiment: ToyExperiment, out, evaluators=None, log=print) -> dict:
-    """Score every stored image of ``out`` again (one batch) and write results.json/md, pareto.png, timesteps.png."""
-    from dreamguide.evaluation.runner import merge_results, rescore
+    """Score every stored image of ``out`` again (one batch) and write results.json/md, pareto.png, timesteps.png.
+
+    Adapters the runner skipped are left out of the tables and listed under ``"skipped"`` of their plan.
+    """
+    from dreamguide.evaluation.runner import merge_results, rescore, skipped_adapters
 
     out = Path(out)
     if (out / "rows.json").is_file() and not any((out / p.name / "manifest").is_dir() for p in experiment.plans):
@@ -195,14 +205,18 @@ def score(experiment: ToyExperiment, out, evaluators=None, log=print) -> dict:
     if not runs:
         raise FileNotFoundError(f"{out} holds no plan of this experiment ({', '.join(p.name for p in experiment.plans)})")
     rescore([(world, plan, out / p.name) for p, world, plan in runs], log=log)
-    rows = {}
+    rows, skipped = {}, {}
     for p, world, plan in runs:
         rows[p.name], missing = merge_results(world, plan, out / p.name)
         if missing:
             log(f"plan {p.name}: {missing} images not generated (reported without them)")
+        skipped[p.name] = skipped_adapters(world, plan, out / p.name)
+        for entry in skipped[p.name]:
+            log(f"plan {p.name}: skipped subject {entry['subject']!r} ({entry['adapter']} adapter; "
+                f"{entry['missing']} of {entry['images']} images not made): {entry['reason']}")
     record_path = out / "generate.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    results = experiment_results(experiment, rows, out, record)
+    results = experiment_results(experiment, rows, out, record, skipped)
     _write_json(out / "results.json", results)
     write_figures(experiment, results, out)
     _write_text(out / "results.md", results_markdown(experiment, results))
@@ -233,8 +247,10 @@ def _rounded(entry: dict, digits: int = 4) -> dict:
     return {k: round(v, digits) if isinstance(v, float) else v for k, v in entry.items()}
 
 
-def experiment_results(experiment: ToyExperiment, rows: dict[str, list[dict]], out: Path, record: dict) -> dict:
-    """Per plan: summary entries and paired differences (rounded to 4 decimals); Consistency_p per step."""
+def experiment_results(experiment: ToyExperiment, rows: dict[str, list[dict]], out: Path, record: dict,
+                       skipped: dict[str, list[dict]] | None = None) -> dict:
+    """Per plan: summary entries and paired differences (rounded to 4 decimals), and the adapters it
+    skipped (``runner.skipped_adapters``) when there are any; Consistency_p per step."""
     from dreamguide.evaluation.report import paired_difference, summarize
     from dreamguide.guidance import get_mode
 
@@ -274,6 +290,8 @@ def experiment_results(experiment: ToyExperiment, rows: dict[str, list[dict]], o
         plans[plan.name] = {"title": plan.title or plan.name, "images": len(plan_rows),
                             "summary": [_rounded(e) for e in summary], "differences": differences,
                             "reference": reference}
+        if (skipped or {}).get(plan.name):
+            plans[plan.name]["skipped"] = skipped[plan.name]
     return {"experiment": dataclasses.asdict(experiment), "generate": record, "plans": plans,
             "timesteps": _timesteps(experiment, rows, out)}
 
@@ -320,6 +338,13 @@ def results_markdown(experiment: ToyExperiment, results: dict) -> str:
     lines = ["## Results tables", "",
              f"Means over (subject, adapter, prompt) units (seeds averaged within a unit) with {pct} percentile-"
              f"bootstrap intervals ({r.bootstrap_samples} resamples); differences are paired over the same units."]
+    skipped = [(name, entry) for name, result in results["plans"].items() for entry in result.get("skipped", [])]
+    if skipped:
+        lines += ["", "**Skipped adapters** (the tables leave them out; fix the adapter and run the same command "
+                  "again to make and score their images):", "",
+                  *(f"- plan `{name}`: subject `{e['subject']}`, {e['adapter']} adapter: {e['missing']} of "
+                    f"{e['images']} images not made ({e['found']}): {' '.join(str(e['reason']).split())}"
+                    for name, e in skipped)]
     for plan in experiment.plans:
         if plan.name not in results["plans"]:
             continue

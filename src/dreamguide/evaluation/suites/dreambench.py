@@ -7,6 +7,9 @@ The run is described by a :class:`~dreamguide.evaluation.suites.dreambench_confi
 ``pytorch_lora_weights.safetensors`` and, with textual inversion, ``embeddings.safetensors``). The
 identifier token is the one given in the config, else the one recorded in the adapter files, else
 ``[adapters] token``.
+
+A subject whose adapter files hold NaN or infinite values (found by ``prepare``), or whose samples
+become non-finite, is skipped by the runner with the reason; the other subjects are run and reported.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from dreamguide.evaluation.protocol import Generated, Job, PromptCase, uses_consistency
+from dreamguide.evaluation.protocol import Generated, Job, PromptCase, UnusableAdapter, uses_consistency
 from dreamguide.evaluation.suites.dreambench_config import DreamBenchConfig
 from dreamguide.evaluation.suites.dreambench_data import DreamBench, load_dreambench
 from dreamguide.filenames import EMBEDDINGS_FILE, LORA_FILE
@@ -29,6 +32,12 @@ class Adapter:
     lora: Path | None = None
     embeddings: Path | None = None
     token: str = "sks"
+
+    @property
+    def files(self) -> str:
+        """The adapter's files, as messages name them."""
+        return ", ".join(f"{kind} {path}" for kind, path in (("LoRA", self.lora), ("embeddings", self.embeddings))
+                         if path is not None) or "no adapter files"
 
 
 def _recorded_token(*paths: Path | None) -> str | None:
@@ -71,6 +80,7 @@ class DreamBenchWorld:
         self._tokens_added = False
         self._prepared = False
         self._references: dict[str, Any] = {}
+        self._unusable: list[UnusableAdapter] = []
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -182,10 +192,15 @@ class DreamBenchWorld:
         return {m: METRICS[m][0] for m in self.config.metrics.names}
 
     def check_adapters(self) -> None:
-        """Every subject has the adapter files its modes need, and each fits the base model."""
-        from dreamguide.lora_files import load_lora
+        """Every subject has the adapter files its modes need, and each fits the base model.
+
+        A subject whose files hold NaN or infinite values is not an error: it is listed by
+        :meth:`unusable_adapters` (naming the file and the tensors), and the runner skips it.
+        """
+        from dreamguide.lora_files import NonFiniteWeights, check_finite_file, load_lora
 
         data = self.load_data()
+        self._unusable = []
         if not self.needs_adapters():
             return
         model = self._base_model()
@@ -207,9 +222,16 @@ class DreamBenchWorld:
                     model.unet.delete_adapters("__check__")
                 if adapter.embeddings is not None:
                     _check_embeddings(model, adapter.embeddings)
+                    check_finite_file(adapter.embeddings, "embeddings")
+            except NonFiniteWeights as error:
+                self._unusable.append(UnusableAdapter(subject, "", str(error)))
             except ValueError as error:
                 raise ValueError(f"subject {subject!r}: adapter does not fit base model "
                                  f"{self.config.model.base!r}: {error}") from error
+
+    def unusable_adapters(self) -> list[UnusableAdapter]:
+        """The subjects whose adapter files hold NaN or infinite values (found by :meth:`prepare`)."""
+        return list(self._unusable)
 
     def prepare(self) -> None:
         """Validate data and adapters and load the metric backbones, before any generation."""
@@ -285,12 +307,18 @@ class DreamBenchWorld:
         return self._sampler
 
     def generate(self, jobs: Sequence[Job]) -> list[Generated]:
+        """The group's images; a non-finite sample is an :class:`UnusableAdapter` naming the subject and its files."""
+        from dreamguide.denoise import NonFiniteError
+        from dreamguide.lora_files import NonFiniteWeights
         from dreamguide.sampling import SampleSettings
 
         case = jobs[0].case
         setting = jobs[0].setting
         cfg = self.config.sampling
-        sampler = self._sampler_for(case.subject)
+        try:
+            sampler = self._sampler_for(case.subject)
+        except NonFiniteWeights as error:  # files prepare() did not need to check (modes without adapters)
+            raise UnusableAdapter(case.subject, case.adapter, str(error)) from error
         modes = tuple(dict.fromkeys(j.setting.mode for j in jobs))
         seeds = tuple(dict.fromkeys(j.seed for j in jobs))
         settings = SampleSettings(
@@ -301,7 +329,12 @@ class DreamBenchWorld:
             **({"pr": cfg.pr} if setting.variant is None else
                {"pr": setting.variant.pr, "clipped_model_output": setting.variant.clipped_model_output}),
         )
-        results = {(r.mode, r.seed): r for r in sampler.sample(settings, progress=False)}
+        try:
+            results = {(r.mode, r.seed): r for r in sampler.sample(settings, progress=False)}
+        except NonFiniteError as error:
+            raise UnusableAdapter(case.subject, case.adapter,
+                                  f"{error} (prompt {case.token_prompt!r}; adapter: "
+                                  f"{self.adapter(case.subject).files})") from error
         out = []
         for job in jobs:
             result = results[(job.setting.mode, job.seed)]
