@@ -1,5 +1,7 @@
 """Frontier analysis: curves, identity at matched text alignment, paired bootstrap intervals."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,22 @@ def test_units_missing_from_a_point_are_dropped_everywhere():
     assert len(units) == 3 and all(len(t) == 3 for t, _ in table.values())
 
 
+def test_paired_at_knob_gives_the_mean_difference_and_calls_a_tie_non_inferior():
+    ref = _rows("pr", [1.5, 3.0], lambda k: 0.6, lambda k: 0.5, noise=0.02)
+    same = [{**r, "rule": "fast"} for r in ref]
+    worse = [{**r, "rule": "worse", "identity": r["identity"] - 0.05} for r in ref]
+    units, table = frontier.unit_table(ref + same + worse)
+    tie = frontier.paired_at_knob(table, len(units), "fast", "pr", samples=100)
+    assert tie["non_inferior"] and [p["knob"] for p in tie["points"]] == [1.5, 3.0]
+    assert all(p["text"] == p["identity"] == p["identity_low"] == p["identity_high"] == 0.0 for p in tie["points"])
+    lower = frontier.paired_at_knob(table, len(units), "worse", "pr", samples=100)
+    assert not lower["non_inferior"]
+    assert all(p["identity"] == pytest.approx(-0.05) and p["identity_high"] == pytest.approx(-0.05)
+               for p in lower["points"])
+    with pytest.raises(KeyError, match="share no knob value"):
+        frontier.paired_at_knob({("a", 1.0): table[("pr", 1.5)], ("b", 2.0): table[("pr", 3.0)]}, len(units), "a", "b")
+
+
 # ---------------------------------------------------------------------------------------------
 # The experiment: rules become plans and variants; a stored run reads back to its recorded analysis
 
@@ -108,6 +126,39 @@ def test_bad_rules_are_refused_with_the_reason(kwargs, message):
         toy_frontier.FrontierRule(**kwargs)
 
 
+def test_unfinished_rules_are_compared_on_shared_units_or_finished_points_only():
+    from dreamguide.toyworld.frontier import FrontierExperiment, FrontierRule, _complete_rules
+
+    rules = (FrontierRule("consistency", values=(0.0, 1.0)), FrontierRule("late", values=(0.0, 1.0)),
+             FrontierRule("barely", values=(0.0, 1.0)))
+    unit = {"adapter": "dco", "template": "t", "prompt_set": "normal"}
+    rows = [{**unit, "rule": r, "knob": k, "subject": f"s{u}", "prompt_index": 0}
+            for r in ("consistency", "late") for k in (0.0, 1.0) for u in range(4)]
+    rows = [r for r in rows if not (r["rule"] == "late" and r["knob"] == 1.0 and r["subject"] == "s3")]
+    rows += [{**unit, "rule": "barely", "knob": 0.0, "subject": "s0", "prompt_index": 0}]
+    shared = FrontierExperiment(seeds=(0,), rules=rules)
+    kept, incomplete = _complete_rules(shared, rows)
+    assert {r["rule"] for r in kept} == {"consistency", "late"}  # 'late' covers 3 of 4 units, 'barely' 0
+    assert incomplete == {"late": {"done": 0.875, "values_kept": [0.0, 1.0]},
+                          "barely": {"done": 0.125, "values_kept": []}}
+    finished = dataclasses.replace(shared, unfinished="finished-points")
+    kept, incomplete = _complete_rules(finished, rows)
+    assert {r["rule"] for r in kept} == {"consistency"} and incomplete["late"]["values_kept"] == []
+    with pytest.raises(ConfigError, match="unfinished = 'some'; choose one of shared-units, finished-points"):
+        dataclasses.replace(shared, unfinished="some").validate("x.toml")
+
+
+def test_a_reference_must_be_another_rule_with_the_same_knob(tmp_path):
+    from dreamguide.toyworld.frontier import FrontierExperiment, FrontierRule
+
+    base = FrontierRule("consistency", values=(0.0, 1.5, 3.0))
+    with pytest.raises(ConfigError, match="rule 'fast' has reference 'nope', which is not another rule"):
+        FrontierExperiment(rules=(base, FrontierRule("fast", values=(1.5, 3.0), reference="nope"))).validate("f")
+    with pytest.raises(ConfigError, match="must sweep the same knob over shared values"):
+        FrontierExperiment(rules=(base, FrontierRule("fast", knob="w_text", values=(5.0, 7.5),
+                                                     reference="consistency"))).validate("f")
+
+
 def test_a_config_without_its_baseline_is_refused(tmp_path):
     path = tmp_path / "f.toml"
     path.write_text('baseline = "nope"\n[[rules]]\nname = "consistency"\nvalues = [0.0, 1.0]\n', encoding="utf-8")
@@ -115,16 +166,20 @@ def test_a_config_without_its_baseline_is_refused(tmp_path):
         toy_frontier.load_frontier_experiment(path)
 
 
-def test_a_stored_gpu_run_reads_back_to_its_recorded_analysis(tmp_path):
-    """docs/results/frontier/run2: the manifests the GPU run wrote give the recorded frontier.json."""
+@pytest.mark.parametrize("run, config", [("run2", "toyworld-frontier-adaptive.toml"),
+                                         ("run3", "toyworld-frontier-steps.toml")])
+def test_a_stored_gpu_run_reads_back_to_its_recorded_analysis(tmp_path, run, config):
+    """docs/results/frontier/run2 and run3 (unfinished rules, per-knob pairs with PR on every step): the
+    manifests the GPU run wrote give the recorded frontier.json."""
     import json
     import tarfile
 
-    stored = ROOT / "docs" / "results" / "frontier" / "run2"
+    stored = ROOT / "docs" / "results" / "frontier" / run
     with tarfile.open(stored / "manifests.tar.gz") as archive:
         archive.extractall(tmp_path, filter="data")
-    experiment = toy_frontier.load_frontier_experiment(ROOT / "configs" / "toyworld-frontier-adaptive.toml")
-    (tmp_path / "generate.json").write_text((stored / "generate.json").read_text(), encoding="utf-8")
+    experiment = toy_frontier.load_frontier_experiment(ROOT / "configs" / config)
+    if (stored / "generate.json").is_file():
+        (tmp_path / "generate.json").write_text((stored / "generate.json").read_text(), encoding="utf-8")
     results = toy_frontier.write_frontier_results(experiment, tmp_path, log=lambda _: None)
     recorded = json.loads((stored / "frontier.json").read_text())
     assert results["slices"] == recorded["slices"]

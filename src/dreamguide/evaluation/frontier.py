@@ -178,8 +178,8 @@ def frontier_markdown(results: dict) -> str:
     for entry in results["slices"]:
         lines += [f"## {entry['adapter']} adapters, {entry['prompt_set']} prompts ({entry['units']} units)", ""]
         if entry.get("incomplete"):
-            lines += ["Unfinished rules (share of their images done; only knob values with every unit are "
-                      "kept, a rule with fewer than two is left out): " + "; ".join(
+            lines += ["Unfinished rules (share of their images done, and the knob values compared; "
+                      "none: left out): " + "; ".join(
                           f"`{name}` {part['done']:.0%}, kept "
                           + (", ".join(f"{v:g}" for v in part["values_kept"]) or "none")
                           for name, part in entry["incomplete"].items()) + ".", ""]

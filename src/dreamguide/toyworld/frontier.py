@@ -149,6 +149,10 @@ class FrontierExperiment:
     bootstrap_samples: int = 1000
     bootstrap_seed: int = 0
     confidence: float = 0.95
+    #: A run stopped by its time budget: compare every rule on the units all share ("shared-units";
+    #: a rule with a point on fewer than half the units is left out), or only finished points
+    #: ("finished-points": every unit and seed). Either way unfinished rules are listed.
+    unfinished: str = "shared-units"
     #: Batched sampling: images per sampler call (0: 4 on a CPU, 256 on a GPU), groups per generate call.
     batch_size: int = 0
     groups_per_call: int = 64
@@ -157,6 +161,8 @@ class FrontierExperiment:
         from dreamguide.config import ConfigError
 
         names = [r.name for r in self.rules]
+        if self.unfinished not in UNFINISHED:
+            raise ConfigError(f"{source}: unfinished = {self.unfinished!r}; choose one of {', '.join(UNFINISHED)}")
         if len(set(names)) != len(names):
             raise ConfigError(f"{source}: two rules are named {next(n for n in names if names.count(n) > 1)!r}")
         if self.baseline not in names:
@@ -251,14 +257,24 @@ def rule_rows(frontier: FrontierExperiment, out) -> dict[str, list[dict]]:
 UNIT_KEYS = ("subject", "adapter", "template", "prompt_index")
 
 
+#: How a run with unfinished rules is compared (``FrontierExperiment.unfinished``).
+UNFINISHED = ("shared-units", "finished-points")
+
+
 def _complete_rules(frontier: FrontierExperiment, rows: list[dict]) -> tuple[list[dict], dict[str, dict]]:
-    """The rows of the finished points: knob values that have every unit and seed of the slice (a point on
-    fewer units would not be comparable). A rule keeps its finished points if it has two or more; each
-    unfinished rule is returned with the share of its images done and the knob values kept."""
+    """The rows the comparison uses when some rule is unfinished, and each unfinished rule's state.
+
+    ``shared-units``: every rule, compared on the units its and every other rule's points share,
+    except a rule with a point on fewer than half the units of the slice (left out: it would shrink
+    every comparison). ``finished-points``: only knob values with every unit and seed; a rule keeps
+    its finished points if it has two or more.
+    """
     units = {tuple(row[k] for k in UNIT_KEYS) for row in rows}
+    cells: dict[tuple, set] = {}
     counts: dict[tuple, int] = {}
     for row in rows:
         key = (row["rule"], float(row["knob"]))
+        cells.setdefault(key, set()).add(tuple(row[k] for k in UNIT_KEYS))
         counts[key] = counts.get(key, 0) + 1
     full = len(units) * len(frontier.seeds)
     incomplete, keep = {}, set()
@@ -266,11 +282,15 @@ def _complete_rules(frontier: FrontierExperiment, rows: list[dict]) -> tuple[lis
         done = [counts.get((rule.name, float(v)), 0) for v in rule.values]
         if not any(done):
             continue
-        finished = [float(v) for v, n in zip(rule.values, done) if n == full]
-        if len(finished) == len(rule.values):
-            keep.update((rule.name, v) for v in finished)
+        if all(n == full for n in done):
+            keep.update((rule.name, float(v)) for v in rule.values)
             continue
-        kept = finished if len(finished) >= 2 else []
+        if frontier.unfinished == "shared-units":
+            covered = min(len(cells.get((rule.name, float(v)), ())) for v in rule.values) / len(units)
+            kept = [float(v) for v in rule.values] if covered >= 0.5 else []
+        else:
+            finished = [float(v) for v, n in zip(rule.values, done) if n == full]
+            kept = finished if len(finished) >= 2 else []
         keep.update((rule.name, v) for v in kept)
         incomplete[rule.name] = {"done": round(sum(done) / (full * len(rule.values)), 3), "values_kept": kept}
     return [row for row in rows if (row["rule"], float(row["knob"])) in keep], incomplete
