@@ -6,9 +6,10 @@ personalized row (``dreamguide.personalized_steps``) changes the cost of some st
 ``Sampler.sample_items`` samples ``batch`` images of one mode and schedule, on the SDXL base
 architecture with random weights (UNet, VAE and both text encoders: ``bench_throughput.sdxl_model``,
 ``--tiny``: the miniature SDXL pipeline) and a random rank-``rank`` LoRA; the sampler's fast path
-(sliced routing, CUDA graphs kept between calls) as a user gets it. One untimed call per
-configuration captures the graphs; the median of ``repeats`` timed calls is reported, split into
-prompt encoding, VAE decode and the rest (the denoising loop).
+(sliced routing, CUDA graphs captured in each call as one ``dreamguide sample`` run does, or kept
+between calls with ``Sampler(keep_graphs=True)``). One untimed call per configuration first; the
+median of ``repeats`` timed calls is reported, split into prompt encoding, VAE decode and the rest
+(the denoising loop: UNet rows, guidance, scheduler).
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def time_trajectories(device: str, dtype, batches, configs, steps: int, repeats:
     """Per ``(mode, schedule)`` of ``configs`` and batch size: milliseconds per image of a ``steps``-step
     trajectory, and its parts. ``schedule`` is a ``PersonalizedSteps``. ``keep_graphs``: each value times
     every configuration once more, False with CUDA graphs captured in each call (as one ``dreamguide
-    sample`` run), True with the graphs kept between calls (the steady state of repeated sampling). Rows are appended to ``rows``
-    (a new list if None) as they are measured, ``on_row()`` called after each (to save partial results)."""
+    sample`` run), True with the graphs kept between calls (the steady state of repeated sampling).
+    Rows are appended to ``rows`` (a new list if None) as they are measured, ``on_row()`` called after
+    each (to save partial results)."""
     import torch
 
     from bench_throughput import sdxl_model, tiny_model

@@ -62,6 +62,8 @@ def test_parse_and_dict_round_trip():
         PersonalizedSteps.parse("every=x")
     with pytest.raises(ValueError, match=r"stop='late' must be a number"):
         PersonalizedSteps.parse("stop=late")
+    with pytest.raises(ValueError, match=r"'every' is given twice in 'every=2,every=3'"):
+        PersonalizedSteps.parse("every=2,every=3")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['often'\] in cfg.toml; valid keys: every"):
         PersonalizedSteps.from_dict({"often": 2}, "cfg.toml")
 
@@ -166,14 +168,19 @@ def test_the_row_runs_exactly_where_the_schedule_says(sampler):
     assert every == [6] * 7
 
 
-def test_every_step_is_todays_sampler_bit_for_bit(sampler):
+def test_every_step_is_todays_sampler_bit_for_bit(sampler, monkeypatch):
+    """The default takes the sampler's own path (tests/test_regression_images.py pins its images); the
+    schedule's row function, made to evaluate every step, gives the same images bit for bit."""
     from dreamguide.sampling import SampleSettings
 
-    settings = SampleSettings(**SETTINGS, modes=("cfg", "consistency", "pr", "dreambooth"))
+    settings = SampleSettings(**SETTINGS, modes=("cfg", "consistency", "pr", "dreambooth"), batch_size=8)
     default = sampler.sample(settings, progress=False)
-    explicit = sampler.sample(dataclasses.replace(settings, personalized_steps=PersonalizedSteps()), progress=False)
-    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(default, explicit))
     assert default[0].metadata["personalized_steps"] == EVERY_STEP.to_dict()
+    monkeypatch.setattr(PersonalizedSteps, "every_step", property(lambda self: False))
+    wrapped, _ = _rows_per_forward(sampler, lambda: sampler.sample(settings, progress=False))
+    assert wrapped == [20] * 7  # through the schedule's row function: every row at every step
+    forced = sampler.sample(settings, progress=False)
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(default, forced))
 
 
 def test_reused_steps_guide_with_the_held_consistency_term(sampler):
@@ -200,6 +207,99 @@ def test_reused_steps_guide_with_the_held_consistency_term(sampler):
     assert (g_cons[2] - g_cons[0]).abs().max() > 1e-3  # step 2 evaluated anew
 
 
+def _seen_g_cons(sampler, settings):
+    """g_cons = e_ft - e_c as the guidance rule saw it at every step (one call of guide per step)."""
+    seen = []
+    original = guidance.guide
+
+    def spy(mode, predictions, *args, **kwargs):
+        seen.append(predictions.personalized - predictions.base)
+        return original(mode, predictions, *args, **kwargs)
+
+    guidance.guide = spy
+    try:
+        sampler.sample(settings, progress=False)
+    finally:
+        guidance.guide = original
+    return seen
+
+
+def test_extrapolated_and_parts_steps_hand_the_rule_what_carried_computes(sampler):
+    from dreamguide.sampling import SampleSettings
+
+    base = SampleSettings(**{**SETTINGS, "steps": 4}, modes=("consistency",))
+    line = _seen_g_cons(sampler, dataclasses.replace(base, personalized_steps=PersonalizedSteps(
+        every=2, reuse="extrapolate")))
+    torch.testing.assert_close(line[3], line[2] + (line[2] - line[0]) / 2, rtol=0, atol=1e-4)
+    seen = []
+    original = guidance.guide
+
+    def spy(mode, predictions, *args, **kwargs):
+        seen.append(predictions)
+        return original(mode, predictions, *args, **kwargs)
+
+    guidance.guide = spy
+    try:
+        sampler.sample(dataclasses.replace(base, personalized_steps=PersonalizedSteps(every=2, carry="parts")),
+                       progress=False)
+    finally:
+        guidance.guide = original
+    g_cons, g_text = seen[0].personalized - seen[0].base, seen[0].base - seen[0].uncond
+    k, _, g_orth = guidance.decompose(g_cons, g_text, "location", 1e-6)
+    new_text = seen[1].base - seen[1].uncond
+    torch.testing.assert_close(seen[1].personalized - seen[1].base, k * new_text + g_orth, rtol=0, atol=1e-4)
+
+
+def test_learned_tokens_only_skip_the_token_rows_too(sampler):
+    """Without an adapter (routes None) the reduced rows are their own forward too, not the full one's."""
+    from dreamguide.sampling import SampleSettings, Sampler
+
+    tokens_only = Sampler(sampler.model, adapter_name=None, sources={"embeddings": "tokens.safetensors"})
+    settings = SampleSettings(**SETTINGS, modes=("pr",), personalized_steps=PersonalizedSteps(every=3))
+    sizes, _ = _rows_per_forward(tokens_only, lambda: tokens_only.sample(settings, progress=False))
+    assert sizes == [6, 4, 4, 6, 4, 4, 6]
+
+
+def test_routed_forwards_live_for_one_call_unless_kept(sampler):
+    from dreamguide.sampling import ROW_CALLS_KEPT, SampleSettings, Sampler
+
+    settings = SampleSettings(**SETTINGS, modes=("pr",), personalized_steps=PersonalizedSteps(every=3))
+    sampler.sample(settings, progress=False)
+    assert sampler._row_calls == {}
+    kept = Sampler(sampler.model, keep_graphs=True)
+    kept.sample(settings, progress=False)
+    assert len(kept._row_calls) == 2  # the full and the reduced rows
+    calls = dict(kept._row_calls)
+    kept.sample(dataclasses.replace(settings, seeds=(5, 6)), progress=False)
+    assert all(kept._row_calls[key] is call for key, call in calls.items())  # reused by the next call
+    kept.sample(dataclasses.replace(settings, seeds=(7,), modes=("consistency", "cfg")), progress=False)
+    assert len(kept._row_calls) == ROW_CALLS_KEPT  # other shapes pushed the oldest out
+    kept.forget_graphs()
+    assert kept._row_calls == {}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("decode failed")
+
+    sampler._to_image, original = fail, sampler._to_image
+    try:
+        with pytest.raises(RuntimeError, match="decode failed"):
+            sampler.sample(settings, progress=False)
+    finally:
+        sampler._to_image = original
+    assert sampler._row_calls == {}  # freed on errors too
+
+
+def test_a_schedule_without_a_consistency_mode_is_named():
+    from dreamguide.sampling import SampleSettings
+    from dreamguide.toyworld.frontier import FrontierRule
+
+    with pytest.warns(UserWarning, match=r"personalized_steps \(every 3 steps, hold g_cons\) changes only modes"):
+        SampleSettings(**SETTINGS, modes=("cfg", "dreambooth"), personalized_steps=PersonalizedSteps(every=3))
+    with pytest.raises(ValueError, match="rule 'fast-cfg': personalized_steps changes only modes with a consistency"):
+        FrontierRule("fast-cfg", mode="cfg", knob="w_text", values=(5.0, 7.5),
+                     personalized_steps=PersonalizedSteps(every=3))
+
+
 def test_an_interval_every_step_is_the_shaping_interval(sampler):
     """Outside [start, stop] the consistency term is left out, as ConsistencyShaping's interval does
     (here without running the row: the images agree up to the rounding of a smaller batch)."""
@@ -224,8 +324,8 @@ def test_other_modes_of_the_batch_keep_their_rows(sampler):
     for a, b in zip(every, skipped):
         if a.mode != "parallel-rescaled":
             assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
-    pr_diff = max(np.abs(_pixels(a) - _pixels(b)).max() for a, b in zip(every, skipped) if a.mode == "parallel-rescaled")
-    assert pr_diff > 0  # the schedule changed the PR images
+    pr_images = [(a, b) for a, b in zip(every, skipped) if a.mode == "parallel-rescaled"]
+    assert max(np.abs(_pixels(a) - _pixels(b)).max() for a, b in pr_images) > 0  # the schedule changed them
 
 
 def test_items_of_different_schedules_never_share_a_batch(sampler):
@@ -259,7 +359,7 @@ def test_settings_carry_the_schedule():
     assert data["personalized_steps"] == {"every": 3, "start": 0.0, "stop": 1.0, "reuse": "hold", "carry": "parts"}
     assert SampleSettings.from_dict(data) == settings
     assert settings.items()[0].personalized_steps == settings.personalized_steps
-    with pytest.raises(ValueError, match="personalized_steps must be a personalized_steps.PersonalizedSteps"):
+    with pytest.raises(ValueError, match=r"personalized_steps must be a PersonalizedSteps, got dict; build it with .*from_dict"):
         SampleSettings(**SETTINGS, personalized_steps={"every": 3})
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from dreamguide import guidance
+from dreamguide.personalized_steps import OFF
 
 if TYPE_CHECKING:
     from dreamguide.denoise import Step
@@ -53,8 +54,6 @@ class ConsistencyTrace:
         self._steps: list[tuple[int, float, object, list[dict]]] = []
 
     def __call__(self, step: "Step") -> None:
-        from dreamguide.personalized_steps import OFF
-
         if not self.groups or (self.personalized_rows is not None and self.personalized_rows[step.i] == OFF):
             return
         prediction = step.output[:, : self.channels]

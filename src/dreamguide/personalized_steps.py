@@ -39,6 +39,8 @@ from typing import Literal
 
 import torch
 
+from dreamguide.guidance import ParallelRescaling, decompose
+
 Reuse = Literal["hold", "extrapolate"]
 Carry = Literal["g_cons", "parts"]
 
@@ -47,10 +49,6 @@ CARRIES: tuple[str, ...] = ("g_cons", "parts")
 
 #: What a step does with the personalized row (:meth:`PersonalizedSteps.plan`).
 EVALUATE, REUSE, OFF = "evaluated", "reused", "off"
-
-#: eps of the ``parts`` projection (as ``ParallelRescaling.eps``): keeps k finite where g_text is ~0.
-PARTS_EPS = 1e-6
-
 
 @dataclass(frozen=True)
 class PersonalizedSteps:
@@ -95,7 +93,7 @@ class PersonalizedSteps:
     def plan(self, steps: int) -> tuple[str, ...]:
         """Per step: ``"evaluated"``, ``"reused"`` or ``"off"``; progress of step i is i / max(steps - 1, 1)."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+            raise ValueError(f"steps must be a positive integer (the denoising steps), got {steps!r}; e.g. 30")
         out, first = [], None
         for i in range(steps):
             progress = i / max(steps - 1, 1)
@@ -144,6 +142,8 @@ class PersonalizedSteps:
         values: dict = {}
         for part in text.split(","):
             key, sep, value = (s.strip() for s in part.partition("="))
+            if key in values:
+                raise ValueError(f"personalized-steps setting {key!r} is given twice in {text!r}; give it once")
             if not sep or key not in {f.name for f in fields(cls)}:
                 raise ValueError(
                     f"bad personalized-steps setting {part!r} in {text!r}; write key=value pairs of "
@@ -183,9 +183,8 @@ class Carried:
         g_cons = g_cons.float()
         if self.schedule.carry == "g_cons":
             return (g_cons,)
-        g_text = g_text.float()
-        k = (g_cons * g_text).sum(dim=1, keepdim=True) / (g_text.square().sum(dim=1, keepdim=True) + PARTS_EPS)
-        return k, g_cons - k * g_text
+        k, _, g_orth = decompose(g_cons, g_text.float(), "location", ParallelRescaling().eps)
+        return k, g_orth
 
     def remember(self, i: int, g_cons: torch.Tensor, g_text: torch.Tensor) -> None:
         keep = 2 if self.schedule.reuse == "extrapolate" else 1

@@ -207,6 +207,12 @@ class SampleSettings:
                     stacklevel=3,
                 )
         _check_switches(self.pr, self.shaping, self.personalized_steps)
+        if self.personalized_steps != EVERY_STEP and not any(guidance.get_mode(m).has_consistency for m in self.modes):
+            warnings.warn(
+                f"personalized_steps ({self.personalized_steps.describe()}) changes only modes with a consistency "
+                f"term, and none of {', '.join(self.modes)} has one; add e.g. consistency or pr to the modes",
+                stacklevel=3,
+            )
 
     @property
     def needs_personalized(self) -> bool:
@@ -302,7 +308,8 @@ class SampleItem:
 def _check_switches(pr, shaping, personalized_steps=EVERY_STEP) -> None:
     if not isinstance(personalized_steps, PersonalizedSteps):
         raise ValueError(
-            f"personalized_steps must be a personalized_steps.PersonalizedSteps, got {type(personalized_steps).__name__}"
+            f"personalized_steps must be a PersonalizedSteps, got {type(personalized_steps).__name__}; build it with "
+            "dreamguide.personalized_steps.PersonalizedSteps(every=3) or PersonalizedSteps.from_dict({...})"
         )
     if not isinstance(pr, ParallelRescaling):
         raise ValueError(f"pr must be a guidance.ParallelRescaling, got {type(pr).__name__}")

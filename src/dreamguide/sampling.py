@@ -27,7 +27,6 @@ every mode starts from the same noise for the same seed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import os
@@ -133,8 +132,8 @@ def _combine(layout: "RowLayout", rules: Sequence[_Rule], channels: int, schedul
     parts = []
     for rule in rules:
         if off and rule.mode.has_consistency:
-            rows = guidance.Predictions(**{need: layout.take(prediction, need, rule.images) for need in ("uncond", "base")})
-            parts.append(guidance.guide("cfg", rows, rule.w_text))
+            cfg_rows = {need: layout.take(prediction, need, rule.images) for need in ("uncond", "base")}
+            parts.append(guidance.guide("cfg", guidance.Predictions(**cfg_rows), rule.w_text))
             continue
         rows = guidance.Predictions(**{need: layout.take(prediction, need, rule.images) for need in rule.mode.needs})
         parts.append(guidance.guide(rule.mode, rows, rule.w_text, rule.w_cons, rule.pr, shaping=rule.shaping,
@@ -221,16 +220,6 @@ class _BatchRows:
 
     def __call__(self, x_in, t):
         return self.call(self.layout.gather(x_in).to(self.dtype), t, self.conditioning).float()
-
-
-@contextlib.contextmanager
-def _forgetting(owner, name: str, forget: bool = True):
-    """On leaving the block ``owner.<name>`` is emptied (its memory freed), also on errors; kept if not ``forget``."""
-    try:
-        yield
-    finally:
-        if forget:
-            setattr(owner, name, {})
 
 
 def _only_adapter(model: "DiffusionModel", personalized_unet) -> str | None:
@@ -440,8 +429,9 @@ class Sampler:
         results as soon as that batch is done).
 
         Items are packed in order into batches of up to ``batch_size`` images, whatever their
-        prompts, modes and weights; each batch is one denoising loop with one UNet forward per
-        step. Each distinct prompt is encoded once per call. ``None`` arguments take the
+        prompts, modes and weights (items of different personalized-steps schedules go to separate
+        batches); each batch is one denoising loop with one UNet forward per step. Each distinct
+        prompt is encoded once per call. ``None`` arguments take the
         :class:`SampleSettings` defaults (``height``/``width``: the model's native size).
         """
         import torch
@@ -467,23 +457,26 @@ class Sampler:
         made = make_scheduler(self.model.scheduler, scheduler)
         run = {"steps": steps, "scheduler": scheduler, "scheduler_class": type(made).__name__,
                "clipped_model_output": bool(clipped and clipped_step_kwargs(made)), "height": height, "width": width}
-        results: list[SampleResult | None] = [None] * len(items)
         batches = _batches(items, batch_size)
-        # The routed forwards (and CUDA graphs) of this call, freed when it returns unless kept.
-        with torch.no_grad(), _forgetting(self, "_row_calls", not self.keep_graphs):
-            texts = list(dict.fromkeys(t for i in items for t in (i.negative_prompt, i.base_prompt, i.prompt)))
-            conditioning = self._encode(texts, height, width)
-            prompt_rows = {text: row for row, text in enumerate(texts)}
-            with tqdm(total=len(batches) * steps, disable=not progress, desc="sampling", unit="step") as bar:
-                for batch in batches:
-                    batch_items = [items[k] for k in batch]
-                    images = self._sample_batch(batch_items, conditioning, prompt_rows, run, trace, clipped, bar)
-                    for k, item, (image, records) in zip(batch, batch_items, images):
-                        metadata = self._metadata(item, run)
-                        results[k] = SampleResult(image, item.seed, item.mode, item.prompt, item.base_prompt,
-                                                  metadata, records)
-                    if on_batch is not None:
-                        on_batch([results[k] for k in batch])
+        results: list[SampleResult | None] = [None] * len(items)
+        try:
+            with torch.no_grad():
+                texts = list(dict.fromkeys(t for i in items for t in (i.negative_prompt, i.base_prompt, i.prompt)))
+                conditioning = self._encode(texts, height, width)
+                prompt_rows = {text: row for row, text in enumerate(texts)}
+                with tqdm(total=len(batches) * steps, disable=not progress, desc="sampling", unit="step") as bar:
+                    for batch in batches:
+                        batch_items = [items[k] for k in batch]
+                        images = self._sample_batch(batch_items, conditioning, prompt_rows, run, trace, clipped, bar)
+                        for k, item, (image, records) in zip(batch, batch_items, images):
+                            metadata = self._metadata(item, run)
+                            results[k] = SampleResult(image, item.seed, item.mode, item.prompt, item.base_prompt,
+                                                      metadata, records)
+                        if on_batch is not None:
+                            on_batch([results[k] for k in batch])
+        finally:  # this call's routed forwards (and CUDA graphs) are freed, unless the sampler keeps them
+            if not self.keep_graphs:
+                self.forget_graphs()
         return results
 
     def _portable_sources(self) -> dict:
@@ -572,7 +565,7 @@ class Sampler:
             reduced_needs = [tuple(n for n in need if n != "personalized") if j in skipping else need
                              for j, need in enumerate(needs)]
             reduced = self._batch_rows(unet_rows.RowLayout.of(reduced_needs), items, conditioning, prompt_rows)
-            model = _PersonalizedRows(schedule, run["steps"], skipping, full, reduced, channels)
+            model = _PersonalizedRows(schedule, len(scheduler.timesteps), skipping, full, reduced, channels)
             plan = model.plan
 
         def combine(output, i, steps):
@@ -601,25 +594,36 @@ class Sampler:
         row_conditioning = conditioning.select(
             [prompt_rows[getattr(items[j], unet_rows.ROWS[need].prompt)] for need, j in layout.rows]
         )
-        call = self._row_call(layout.routes(self._personalized_route))
-        return _BatchRows(layout, call, row_conditioning, self.dtype)
+        return _BatchRows(layout, self._row_call(layout), row_conditioning, self.dtype)
 
-    def _row_call(self, routes):
-        """The routed UNet forward for ``routes``, kept for the next batches of the same rows of this
-        sampling call (a CUDA graph captured for one batch is replayed by the next of the same shape)."""
+    def _row_call(self, layout: "RowLayout"):
+        """The routed UNet forward for ``layout``'s rows, kept for the next batches of the same rows of
+        this sampling call (a CUDA graph captured for one batch is replayed by the next of the same
+        shape); with ``keep_graphs``, for later calls too."""
         from dreamguide import unet_rows
 
         cache = self._row_calls
         unet = self.model.unet
-        # With keep_graphs the weights' storage is part of the key: a graph replays the tensors it was
-        # captured with, so a reloaded adapter must not meet an old graph.
-        weights = hash(tuple(p.data_ptr() for p in unet.parameters())) if self.keep_graphs else None
-        key = (None if routes is None else tuple(routes), weights, id(self.personalized_unet))
-        if key not in cache:
+        routes = layout.routes(self._personalized_route)
+        key = (tuple(need for need, _ in layout.rows), None if routes is None else tuple(routes))
+        if self.keep_graphs:
+            # A graph replays the tensors (and the LoRA scalings) it was captured with: another set of
+            # weights, or other adapter settings, must not meet an old graph.
+            weights = tuple(p.data_ptr() for p in unet.parameters())
+            adapters = repr(sorted((getattr(unet, "peft_config", None) or {}).items()))
+            key += (hash(weights), adapters, id(self.personalized_unet))
+        if key in cache:
+            cache[key] = cache.pop(key)  # the most recently used last
+        else:
             while len(cache) >= ROW_CALLS_KEPT:
                 cache.pop(next(iter(cache)))
             cache[key] = unet_rows.row_function(unet, routes, personalized_unet=self.personalized_unet, fast=self.fast)
         return cache[key]
+
+    def forget_graphs(self) -> None:
+        """Free the routed forwards (and CUDA graphs) kept between calls (``keep_graphs``); call it after
+        changing the model's weights in place."""
+        self._row_calls = {}
 
     @property
     def _personalized_route(self) -> str | None:

@@ -327,7 +327,8 @@ class DreamBenchWorld:
             batch_size=cfg.batch_size, height=cfg.height, width=cfg.width, steps=cfg.steps, w_text=setting.w_text,
             w_cons=setting.w_cons if setting.w_cons is not None else 0.0, scheduler=cfg.scheduler, trace=cfg.trace,
             **({"pr": cfg.pr} if setting.variant is None else
-               {"pr": setting.variant.pr, "clipped_model_output": setting.variant.clipped_model_output}),
+               {"pr": setting.variant.pr, "clipped_model_output": setting.variant.clipped_model_output,
+                "shaping": setting.variant.shaping, "personalized_steps": setting.variant.personalized_steps}),
         )
         try:
             results = {(r.mode, r.seed): r for r in sampler.sample(settings, progress=False)}
