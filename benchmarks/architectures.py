@@ -41,6 +41,12 @@ SDXL_UNET_CONFIG: dict = dict(
 SDXL_POOLED_DIM = 1280
 SDXL_TOKENS = 77
 
+#: ``scheduler/scheduler_config.json`` (Euler, epsilon prediction), the settings that shape the steps.
+SDXL_SCHEDULER_CONFIG: dict = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+    timestep_spacing="leading", prediction_type="epsilon",
+)
+
 #: ``vae/config.json``.
 SDXL_VAE_CONFIG: dict = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=1024,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from architectures import SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
+from architectures import SDXL_SCHEDULER_CONFIG, SDXL_TEXT_ENCODER_CONFIGS, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +63,7 @@ def sdxl_model(device, dtype):
                 encoders.append(cls(config))
     finally:
         torch.set_default_dtype(default_dtype)
-    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
     for module in (unet, vae, *encoders):
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return DiffusionModel(kind="sdxl", unet=unet, scheduler=scheduler, tokenizers=tokenizers, text_encoders=encoders,

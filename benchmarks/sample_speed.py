@@ -44,7 +44,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared modules, also when imported
 
-from architectures import SDXL_POOLED_DIM, SDXL_TOKENS, SDXL_UNET_CONFIG  # noqa: E402
+from architectures import SDXL_POOLED_DIM, SDXL_SCHEDULER_CONFIG, SDXL_TOKENS, SDXL_UNET_CONFIG  # noqa: E402
 
 from dreamguide.unet_rows import BASE_ROUTE, ROWS  # noqa: E402
 
@@ -209,15 +209,7 @@ class Bench:
     def _scheduler(self):
         from diffusers import EulerDiscreteScheduler
 
-        return EulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-            prediction_type="epsilon",
-        )
+        return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
 
     def randn(self, *shape, dtype=None):
         return self.torch.randn(*shape, generator=self.generator, device=self.device, dtype=dtype or self.dtype)

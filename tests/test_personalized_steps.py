@@ -183,67 +183,42 @@ def test_every_step_is_todays_sampler_bit_for_bit(sampler, monkeypatch):
     assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(default, forced))
 
 
-def test_reused_steps_guide_with_the_held_consistency_term(sampler):
+def _seen_predictions(sampler, settings, monkeypatch) -> list:
+    """The predictions the guidance rule got at every step (one call of ``guide`` per step)."""
+    seen = []
+    original = guidance.guide
+
+    def spy(mode, predictions, *args, **kwargs):
+        seen.append(predictions)
+        return original(mode, predictions, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(guidance, "guide", spy)
+        sampler.sample(settings, progress=False)
+    return seen
+
+
+def test_reused_steps_guide_with_the_held_consistency_term(sampler, monkeypatch):
     """A step that reuses g_cons hands the rule e_c + g_cons(last evaluation): checked on the combined rows."""
     from dreamguide.sampling import SampleSettings
 
     schedule = PersonalizedSteps(every=2)
     settings = SampleSettings(**{**SETTINGS, "steps": 4}, modes=("consistency",), personalized_steps=schedule)
-    seen = []
-    original = guidance.guide
-
-    def spy(mode, predictions, *args, **kwargs):
-        seen.append(predictions)
-        return original(mode, predictions, *args, **kwargs)
-
-    guidance.guide = spy
-    try:
-        sampler.sample(settings, progress=False)
-    finally:
-        guidance.guide = original
-    g_cons = [p.personalized - p.base for p in seen]
+    g_cons = [p.personalized - p.base for p in _seen_predictions(sampler, settings, monkeypatch)]
     torch.testing.assert_close(g_cons[1], g_cons[0], rtol=0, atol=1e-5)  # step 1 holds step 0's
     torch.testing.assert_close(g_cons[3], g_cons[2], rtol=0, atol=1e-5)
     assert (g_cons[2] - g_cons[0]).abs().max() > 1e-3  # step 2 evaluated anew
 
 
-def _seen_g_cons(sampler, settings):
-    """g_cons = e_ft - e_c as the guidance rule saw it at every step (one call of guide per step)."""
-    seen = []
-    original = guidance.guide
-
-    def spy(mode, predictions, *args, **kwargs):
-        seen.append(predictions.personalized - predictions.base)
-        return original(mode, predictions, *args, **kwargs)
-
-    guidance.guide = spy
-    try:
-        sampler.sample(settings, progress=False)
-    finally:
-        guidance.guide = original
-    return seen
-
-
-def test_extrapolated_and_parts_steps_hand_the_rule_what_carried_computes(sampler):
+def test_extrapolated_and_parts_steps_hand_the_rule_what_carried_computes(sampler, monkeypatch):
     from dreamguide.sampling import SampleSettings
 
     base = SampleSettings(**{**SETTINGS, "steps": 4}, modes=("consistency",))
-    line = _seen_g_cons(sampler, dataclasses.replace(base, personalized_steps=PersonalizedSteps(
-        every=2, reuse="extrapolate")))
+    line = [p.personalized - p.base for p in _seen_predictions(sampler, dataclasses.replace(
+        base, personalized_steps=PersonalizedSteps(every=2, reuse="extrapolate")), monkeypatch)]
     torch.testing.assert_close(line[3], line[2] + (line[2] - line[0]) / 2, rtol=0, atol=1e-4)
-    seen = []
-    original = guidance.guide
-
-    def spy(mode, predictions, *args, **kwargs):
-        seen.append(predictions)
-        return original(mode, predictions, *args, **kwargs)
-
-    guidance.guide = spy
-    try:
-        sampler.sample(dataclasses.replace(base, personalized_steps=PersonalizedSteps(every=2, carry="parts")),
-                       progress=False)
-    finally:
-        guidance.guide = original
+    seen = _seen_predictions(sampler, dataclasses.replace(
+        base, personalized_steps=PersonalizedSteps(every=2, carry="parts")), monkeypatch)
     g_cons, g_text = seen[0].personalized - seen[0].base, seen[0].base - seen[0].uncond
     k, _, g_orth = guidance.decompose(g_cons, g_text, "location", 1e-6)
     new_text = seen[1].base - seen[1].uncond

@@ -14,14 +14,6 @@ TOKEN, CLASS_WORD = "<sks>", "dog"
 LONG = " ".join(["photo"] * 80)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd15():
     from dreamguide.lora_files import add_lora

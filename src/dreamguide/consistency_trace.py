@@ -24,10 +24,6 @@ if TYPE_CHECKING:
     from dreamguide.sampling import SampleResult
     from dreamguide.unet_rows import RowLayout
 
-#: The predictions Consistency_p is defined on.
-TRACED_NEEDS = frozenset({"uncond", "base", "personalized"})
-
-
 @dataclass(frozen=True)
 class TracedImages:
     """Consecutive images of a batch traced with one PR setting (its granularity and eps give k)."""

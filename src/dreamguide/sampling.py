@@ -539,7 +539,7 @@ class Sampler:
     def _sample_batch(self, items, conditioning, prompt_rows, run, trace, clipped, bar) -> list[tuple]:
         """Denoise one batch of images; returns (image, trace records) per item."""
         from dreamguide import unet_rows
-        from dreamguide.consistency_trace import TRACED_NEEDS, ConsistencyTrace, TracedImages
+        from dreamguide.consistency_trace import ConsistencyTrace, TracedImages
         from dreamguide.denoise import NonFiniteCheck, denoise, initial_noise
         from dreamguide.personalized_steps import OFF
 
@@ -576,7 +576,7 @@ class Sampler:
         # Traced steps read their predictions anyway: check those too, every step.
         check = NonFiniteCheck(labels, every=1 if trace else None, row_images=[j for _, j in rows] if trace else None,
                                dtype=self.dtype)
-        traced = [TracedImages(r.images, r.pr) for r in rules if trace and TRACED_NEEDS <= set(r.mode.needs)]
+        traced = [TracedImages(r.images, r.pr) for r in rules if trace and r.mode.has_consistency]
         tracer = ConsistencyTrace(layout, traced, channels, personalized_rows=plan)
         x = denoise(
             model, x, scheduler, combine,

@@ -20,6 +20,10 @@ from dreamguide import __version__
 #: tables hold the others, the skipped ones are listed on stderr and in the report. Bad input exits with 2,
 #: an interrupted run with 130.
 EXIT_SKIPPED = 3
+#: ``--model-config``, for every command that takes ``--model``.
+MODEL_CONFIG_HELP = ("for a single-file --model: the folder (or hub id) of a diffusers model of its architecture, "
+                     "for its configs and tokenizers (default: its architecture's reference model, from the hub "
+                     "cache when offline)")
 
 
 class CommandError(Exception):

@@ -23,6 +23,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from dreamguide import guidance
+    from dreamguide.cli import MODEL_CONFIG_HELP
     from dreamguide.config import defaults
     from dreamguide.sampling import SCHEDULERS, SampleSettings
 
@@ -39,9 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="diffusers model folder, hub id or single-file .safetensors "
                        "checkpoint (SDXL, SD 1.x/2.x, pixel)")
-    model.add_argument("--model-config", help="for a single-file --model: the folder (or hub id) of a diffusers model "
-                       "of its architecture, for its configs and tokenizers (default: its architecture's reference "
-                       "model, from the hub cache when offline)")
+    model.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     model.add_argument("--lora", help="personalized LoRA (.safetensors, diffusers/PEFT format)")
     model.add_argument("--embeddings", help="textual-inversion embeddings (.safetensors) for --token")
     model.add_argument("--personalized-unet", help="folder of a fully fine-tuned UNet (instead of a LoRA)")

@@ -23,6 +23,8 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from dreamguide.cli import MODEL_CONFIG_HELP
+
     parser = subparsers.add_parser(
         "tune",
         help="sweep a guidance mode's strength for one subject and recommend a setting",
@@ -35,8 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     subject.add_argument("--method", default="dreambooth", help="toy-world adapter method (default dreambooth)")
     subject.add_argument("--model", help="diffusers model folder, hub id or single-file .safetensors checkpoint "
                          "(SDXL, SD 1.x)")
-    subject.add_argument("--model-config", help="for a single-file --model: the folder (or hub id) of a diffusers "
-                         "model of its architecture, for its configs and tokenizers")
+    subject.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     subject.add_argument("--lora", help="the subject's LoRA (.safetensors)")
     subject.add_argument("--embeddings", help="the subject's learned token embeddings (.safetensors)")
     subject.add_argument("--token", help='identifier token, e.g. "<sks>"')

@@ -20,6 +20,8 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from dreamguide.cli import MODEL_CONFIG_HELP
+
     parser = subparsers.add_parser(
         "ui",
         help="a local web app: personalize a subject and compare guidance modes in the browser",
@@ -29,8 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="diffusers model folder, hub id or single-file .safetensors checkpoint "
                         "(SDXL, SD 1.x); default: the miniature world")
-    parser.add_argument("--model-config", help="for a single-file --model: the folder (or hub id) of a diffusers "
-                        "model of its architecture, for its configs and tokenizers")
+    parser.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: 7860, or the next free one)")
