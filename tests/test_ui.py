@@ -81,13 +81,14 @@ def test_sample_form_reports_every_bad_field_at_once():
 def test_sample_form_reads_numbers_modes_and_switches_like_the_flags():
     form = SampleForm(prompt="a sks ball", token="sks", class_word="ball", seeds="1-2", steps=7.0, w_text="5",
                       w_cons=" 2.5 ", modes=["pr", "cfg"], pr_normalization="clip-negative", pr_rescale="0.5",
-                      shaping={"schedule": "linear-increase", "spread_cap": "", "pr_from": "0.25"})
+                      shaping={"schedule": "linear-increase", "spread_cap": "", "pr_from": "0.25",
+                               "floor": "0.3"})
     settings = sample_settings(form)
     assert settings.seeds == (1, 2) and settings.steps == 7 and (settings.w_text, settings.w_cons) == (5.0, 2.5)
     assert settings.modes == ("parallel-rescaled", "cfg") and settings.base_prompt == "a ball"
     assert (settings.pr.normalization, settings.pr.rescale) == ("clip-negative", 0.5)
-    assert (settings.shaping.schedule, settings.shaping.spread_cap, settings.shaping.pr_from) == (
-        "linear-increase", None, 0.25)
+    assert (settings.shaping.schedule, settings.shaping.spread_cap, settings.shaping.pr_from,
+            settings.shaping.floor) == ("linear-increase", None, 0.25, 0.3)
     assert settings.trace
 
 

@@ -60,6 +60,14 @@ SCHEDULES: dict[str, Callable[[float], float]] = {
     "cosine-decrease": lambda u: 0.5 + 0.5 * math.cos(math.pi * u),
 }
 
+#: What each fraction-valued field of ``ConsistencyShaping`` is a fraction of (for its error message).
+FRACTIONS: dict[str, str] = {
+    "start": "of the trajectory: 0 = first step, 1 = last",
+    "stop": "of the trajectory: 0 = first step, 1 = last",
+    "pr_from": "of the trajectory: 0 = first step, 1 = last",
+    "floor": "of w_cons that the schedule keeps at its lowest: 0 = the schedule itself, 1 = constant",
+}
+
 
 @dataclass(frozen=True)
 class ParallelRescaling:
@@ -122,6 +130,7 @@ class ConsistencyShaping:
     schedule: str = "constant"
     start: float = 0.0
     stop: float = 1.0
+    floor: float = 0.0
     spread_cap: float | None = None
     norm_bound: float | None = None
     magnitude_ratio: float | None = None
@@ -135,12 +144,12 @@ class ConsistencyShaping:
                 f"unknown consistency schedule {self.schedule!r} (ConsistencyShaping.schedule); "
                 f"choose one of {', '.join(SCHEDULES)}, e.g. schedule='linear-increase'"
             )
-        for name, example in (("start", 0.5), ("stop", 1.0), ("pr_from", 0.5)):
+        for name, example in (("start", 0.5), ("stop", 1.0), ("floor", 0.5), ("pr_from", 0.5)):
             value = _number(self, name, example)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(
-                    f"ConsistencyShaping.{name} is a fraction of the trajectory (0 = first step, "
-                    f"1 = last) and must lie in [0, 1], got {value}; e.g. {name}={example}"
+                    f"ConsistencyShaping.{name} is a fraction ({FRACTIONS[name]}) and must lie in [0, 1], "
+                    f"got {value}; e.g. {name}={example}"
                 )
         if not self.start < self.stop:
             raise ValueError(
@@ -171,10 +180,13 @@ class ConsistencyShaping:
         return self.start <= progress <= self.stop
 
     def weight(self, w_cons: float, progress: float) -> float:
-        """w_cons at this progress: 0 outside [start, stop], w_cons * schedule(u) inside."""
+        """w_cons at this progress: 0 outside [start, stop], w_cons (floor + (1 - floor) schedule(u)) inside."""
         if not self.active(progress):
             return 0.0
-        return w_cons * SCHEDULES[self.schedule]((progress - self.start) / (self.stop - self.start))
+        shape = SCHEDULES[self.schedule]((progress - self.start) / (self.stop - self.start))
+        if self.floor:  # written so that floor 0 multiplies by the schedule exactly
+            shape = self.floor + (1.0 - self.floor) * shape
+        return w_cons * shape
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -248,7 +248,7 @@ def build_app(workspace: "Workspace", log: Callable[[str], None] = print):
                             shaping_inputs["schedule"] = gr.Dropdown(list(SCHEDULES), value=shaping_defaults.schedule,
                                                                      label="schedule of w_cons")
                             with gr.Row():
-                                for name in ("start", "stop", "pr_from"):
+                                for name in ("start", "stop", "floor", "pr_from"):
                                     shaping_inputs[name] = gr.Textbox(str(getattr(shaping_defaults, name)), label=name)
                             with gr.Row():
                                 for name in ("spread_cap", "norm_bound", "magnitude_ratio"):
