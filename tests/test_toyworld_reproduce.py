@@ -280,3 +280,14 @@ def compare_with_earlier_results(old: dict, new: dict) -> tuple[int, list]:
             for step, (a, b) in enumerate(zip(curve[name], ours[name], strict=True)):
                 check(f"timesteps {key} {name} step {step}", a, b)
     return compared, mismatches
+
+
+def test_no_adapter_to_fine_tune_starts_no_pool(monkeypatch):
+    # with adapters_from nothing is fine-tuned: several workers must not ask for a pool of 0 processes
+    import multiprocessing
+
+    from dreamguide.toyworld import reproduce
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: (_ for _ in ()).throw(AssertionError("pool")))
+    assert reproduce._pool_map(len, [], workers=13) == []
+    assert reproduce._pool_map(len, [{"a": 1}], workers=1) == [1]

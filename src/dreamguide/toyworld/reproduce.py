@@ -95,6 +95,8 @@ def _run_shard(job: dict) -> list[dict]:
 
 
 def _pool_map(function, jobs: list[dict], workers: int) -> list:
+    if not jobs:  # e.g. no adapter to fine-tune with adapters_from: a pool of 0 processes is an error
+        return []
     if workers <= 1:
         return [function(job) for job in jobs]
     import multiprocessing
