@@ -203,6 +203,43 @@ def test_sample_settings_flag_applies_the_file_and_flags_win(tmp_path):
     assert settings.pr == ParallelRescaling(rescale=0.5, eps=0.001)
 
 
+def test_shaping_flag_merges_over_the_file_and_names_itself_in_errors(tmp_path):
+    from dreamguide.cli import build_parser
+    from dreamguide.cli.sample import settings_from_args
+
+    base = ["sample", "--model", "m", "--prompt", "a sks ball", "--token", "sks", "--class-word", "ball"]
+    flags = [*base, "--settings", str(_tuned_file(tmp_path / "tuned.json")), "--shaping", "floor=0.25, stop=0.9"]
+    settings = settings_from_args(build_parser(flags).parse_args(flags))
+    assert settings.shaping == ConsistencyShaping(schedule="linear-decrease", floor=0.25, stop=0.9)
+    flags = [*base, "--shaping", "schedule=cosine-decrease,norm_bound=none,spread_cap=0.5"]
+    settings = settings_from_args(build_parser(flags).parse_args(flags))
+    assert settings.shaping == ConsistencyShaping(schedule="cosine-decrease", spread_cap=0.5)
+    for text, match in [("floor", r"--shaping 'floor': bad shaping setting 'floor'.*e\.g\. schedule=cosine"),
+                        ("tau=1", r"bad shaping setting 'tau=1' in 'tau=1'; write key=value pairs of schedule, start, stop, floor"),
+                        ("floor=0.2,floor=0.3", r"'floor' is given twice"),
+                        ("floor=high", r"shaping floor='high' must be a number"),
+                        ("floor=2", r"--shaping 'floor=2': ConsistencyShaping\.floor is a fraction"),
+                        ("schedule=cosine", r"unknown consistency schedule 'cosine'")]:
+        flags = [*base, "--shaping", text]
+        with pytest.raises(ValueError, match=match):
+            settings_from_args(build_parser(flags).parse_args(flags))
+
+
+def test_tune_sweeps_with_the_shaping_flag(tmp_path, monkeypatch):
+    from dreamguide import tune as tune_module
+    from dreamguide.cli import main
+
+    seen = {}
+    monkeypatch.setattr(tune_module, "toyworld_workbench", lambda *args, **kwargs: "bench")
+    monkeypatch.setattr(tune_module, "tune", lambda bench, settings, output, **kwargs: seen.update(settings=settings))
+    assert main(["tune", "--toyworld-subject", "sks", "--values", "1.5,3,6", "--shaping",
+                 "schedule=cosine-decrease,floor=0.25", "--output", str(tmp_path / "t"), "--threads", "1"]) == 0
+    settings = seen["settings"]
+    assert settings.shaping == ConsistencyShaping(schedule="cosine-decrease", floor=0.25)
+    assert settings.values == (1.5, 3.0, 6.0) and settings.knob == "w_cons"
+    assert all(settings.guide_kwargs(v)["shaping"] == settings.shaping for v in settings.values)
+
+
 def test_sample_settings_end_to_end_on_the_toy_world(tmp_path):
     from dreamguide.cli import main
     from dreamguide.toyworld.model import BUNDLED_MODEL_DIR

@@ -191,6 +191,34 @@ class ConsistencyShaping:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def parse_fields(text: str) -> dict:
+        """From the command line: ``schedule=cosine-decrease,floor=0.25`` -> the fields given, as a dict.
+
+        Numbers are read as floats and ``none`` as None (no cap); the values are checked when a
+        ``ConsistencyShaping`` is built from them (merged over a tuned file's, or the defaults).
+        """
+        known = [f.name for f in fields(ConsistencyShaping)]
+        values: dict = {}
+        for part in text.split(","):
+            key, sep, value = (s.strip() for s in part.partition("="))
+            if not sep or key not in known:
+                raise ValueError(f"bad shaping setting {part.strip()!r} in {text!r}; write key=value pairs of "
+                                 f"{', '.join(known)}, e.g. schedule=cosine-decrease,floor=0.25")
+            if key in values:
+                raise ValueError(f"shaping setting {key!r} is given twice in {text!r}; give it once")
+            if key == "schedule":
+                values[key] = value
+            elif value.lower() == "none":
+                values[key] = None
+            else:
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"shaping {key}={value!r} must be a number (or none for no cap), "
+                                     f"e.g. {key}=0.5") from None
+        return values
+
     @classmethod
     def from_dict(cls, values: dict, source: str = "shaping") -> ConsistencyShaping:
         """Build from a mapping (a config table); an unknown key is an error naming it and ``source``."""

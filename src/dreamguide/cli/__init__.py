@@ -25,6 +25,23 @@ MODEL_CONFIG_HELP = ("for a single-file --model: the folder (or hub id) of a dif
                      "for its configs and tokenizers (default: its architecture's reference model, from the hub "
                      "cache when offline)")
 
+SHAPING_HELP = ("when and how strongly the consistency term acts: key=value pairs of ConsistencyShaping, e.g. "
+                "schedule=cosine-decrease,floor=0.25 (w_cons falls along a half cosine to a quarter of itself; "
+                "docs/METHOD.md), none for no cap (default: constant, every step)")
+
+
+def shaping_switches(text: str | None, over=None):
+    """``--shaping`` text over ``over`` (a ``ConsistencyShaping``, e.g. a tuned file's): the merged switches,
+    None when neither is given; a bad setting is a ValueError naming the flag."""
+    from dreamguide.guidance import ConsistencyShaping
+
+    if text is None:
+        return over
+    try:
+        return ConsistencyShaping(**{**(over.to_dict() if over else {}), **ConsistencyShaping.parse_fields(text)})
+    except ValueError as error:
+        raise ValueError(f"--shaping {text!r}: {error}") from None
+
 
 class CommandError(Exception):
     """Bad input found by a command: printed as ``error: ...`` without a traceback."""

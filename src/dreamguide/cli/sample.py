@@ -23,7 +23,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from dreamguide import guidance
-    from dreamguide.cli import MODEL_CONFIG_HELP
+    from dreamguide.cli import MODEL_CONFIG_HELP, SHAPING_HELP
     from dreamguide.config import defaults
     from dreamguide.sampling import SCHEDULERS, SampleSettings
 
@@ -74,6 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"PR rule for k (default {pr.normalization})")
     guide.add_argument("--pr-rescale", type=float, help=f"PR rescale factor lambda (default {pr.rescale})")
     guide.add_argument("--pr-eps", type=float, help=f"PR epsilon (default {pr.eps})")
+    guide.add_argument("--shaping", metavar="KEY=VALUE,...", help=SHAPING_HELP)
     steps = guide.add_mutually_exclusive_group()
     steps.add_argument(
         "--personalized-steps", metavar="SCHEDULE",
@@ -169,6 +170,7 @@ def _clear_earlier_run(output) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """``SampleSettings`` from the flags that were given; the others keep the dataclass defaults."""
+    from dreamguide.cli import shaping_switches
     from dreamguide.config import given
     from dreamguide.guidance import ParallelRescaling
     from dreamguide.sampling import SampleSettings
@@ -181,6 +183,7 @@ def settings_from_args(args: argparse.Namespace):
 
         tuned = load_tuned(args.settings)
         pr = {**tuned.pop("pr").to_dict(), **pr}
+    shaping = shaping_switches(getattr(args, "shaping", None), tuned.pop("shaping", None))
     return SampleSettings(
         prompt=args.prompt,
         **tuned
@@ -198,6 +201,7 @@ def settings_from_args(args: argparse.Namespace):
             w_text=args.w_text,
             w_cons=args.w_cons,
             pr=ParallelRescaling(**pr) if pr else None,
+            shaping=shaping,
             personalized_steps=_personalized_steps(args),
             scheduler=args.scheduler,
             trace=args.trace,

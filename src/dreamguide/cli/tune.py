@@ -23,7 +23,7 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from dreamguide.cli import MODEL_CONFIG_HELP
+    from dreamguide.cli import MODEL_CONFIG_HELP, SHAPING_HELP
 
     parser = subparsers.add_parser(
         "tune",
@@ -55,6 +55,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        "e.g. w_cons 0,0.75,1.5,2.25,3,4.5)")
     sweep.add_argument("--w-text", type=float, help="text guidance weight when it is not the knob (default 7.5)")
     sweep.add_argument("--w-cons", type=float, help="consistency weight when it is not the knob (default 3.0)")
+    sweep.add_argument("--shaping", metavar="KEY=VALUE,...", help=SHAPING_HELP)
     sweep.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     sweep.add_argument("--seeds", default="0,1", help="seeds per prompt (default 0,1)")
     sweep.add_argument("--prompts-per-set", type=int, default=4,
@@ -80,7 +81,7 @@ def _values(text: str | None) -> tuple[float, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dreamguide.cli import CommandError
+    from dreamguide.cli import CommandError, shaping_switches
     from dreamguide.config import given
     from dreamguide.tune import TuneSettings, model_workbench, toyworld_workbench, tune
 
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
                            "model needs none")
     settings = TuneSettings(mode=args.mode, values=_values(args.values), steps=args.steps, seeds=args.seeds,
                             prompts_per_set=args.prompts_per_set, batch_size=args.batch_size, height=args.height,
-                            width=args.width, **given(w_text=args.w_text, w_cons=args.w_cons))
+                            width=args.width, **given(w_text=args.w_text, w_cons=args.w_cons,
+                                                      shaping=shaping_switches(args.shaping)))
     if args.toyworld_subject:
         if (args.device or "cpu") == "cpu":
             from dreamguide.cpu_threads import use_idle_cores
