@@ -167,10 +167,13 @@ def test_a_config_without_its_baseline_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("run, config", [("run2", "toyworld-frontier-adaptive.toml"),
-                                         ("run3", "toyworld-frontier-steps.toml")])
+                                         ("run3", "toyworld-frontier-steps.toml"),
+                                         ("run4", "toyworld-frontier-4.toml"),
+                                         ("heldout", "toyworld-frontier-heldout.toml")])
 def test_a_stored_gpu_run_reads_back_to_its_recorded_analysis(tmp_path, run, config):
-    """docs/results/frontier/run2 and run3 (unfinished rules, per-knob pairs with PR on every step): the
-    manifests the GPU run wrote give the recorded frontier.json."""
+    """docs/results/frontier/run2 to run4 and heldout (unfinished rules, per-knob pairs with PR on every
+    step, floored schedules, held-out prompts and seeds): the manifests the GPU run wrote give the
+    recorded frontier.json."""
     import json
     import tarfile
 
