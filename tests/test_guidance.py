@@ -357,6 +357,10 @@ def test_bad_shaping_is_rejected(kwargs, match):
 def test_shaping_serializes_and_rejects_unknown_keys():
     shaping = ConsistencyShaping(schedule="cosine-decrease", start=0.1, spread_cap=0.5, parallel_target=-0.5)
     assert ConsistencyShaping.from_dict(shaping.to_dict()) == shaping
+    # the floor is written only when set: records made before it existed read and compare equal
+    assert "floor" not in shaping.to_dict()
+    floored = ConsistencyShaping(schedule="cosine-decrease", floor=0.25)
+    assert floored.to_dict()["floor"] == 0.25 and ConsistencyShaping.from_dict(floored.to_dict()) == floored
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['tau'\] in run\.toml \[shaping\]; valid keys: schedule"):
         ConsistencyShaping.from_dict({"tau": 0.5}, "run.toml [shaping]")
 

@@ -189,7 +189,12 @@ class ConsistencyShaping:
         return w_cons * shape
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; one added after the first records (``floor``) is written only when it is not its
+        default, so earlier records (a run folder's run.json, settings.json, tuned.json) stay equal."""
+        data = asdict(self)
+        if data["floor"] == 0.0:
+            del data["floor"]
+        return data
 
     @staticmethod
     def parse_fields(text: str) -> dict:
