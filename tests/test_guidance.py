@@ -305,13 +305,16 @@ def test_schedule_floor_keeps_a_share_of_w_cons():
     p = _predictions(24)
     for schedule in SCHEDULES:
         for progress in (0.0, 0.2, 0.45, 0.8, 1.0):
-            plain = ConsistencyShaping(schedule=schedule, stop=0.9)
-            # floor 0 is the schedule itself, bit for bit; floor 1 is a constant weight inside the interval
-            assert ConsistencyShaping(schedule=schedule, stop=0.9, floor=0.0).weight(3.0, progress) == \
-                plain.weight(3.0, progress)
-            inside = 3.0 if progress <= 0.9 else 0.0
-            assert ConsistencyShaping(schedule=schedule, stop=0.9, floor=1.0).weight(3.0, progress) == inside
-            want = 3.0 * (0.25 + 0.75 * SCHEDULES[schedule](progress / 0.9)) if progress <= 0.9 else 0.0
+            inside = progress <= 0.9
+            # floor 0 is the schedule itself, bit for bit
+            assert ConsistencyShaping(schedule=schedule, stop=0.9, floor=0.0).weight(3.0, progress) == (
+                3.0 * SCHEDULES[schedule](progress / 0.9) if inside else 0.0)
+            if schedule == "constant":
+                continue  # a floor needs a schedule that moves (test_bad_shaping_is_rejected)
+            # floor 1 is a constant weight inside the interval; between, the share is kept
+            assert ConsistencyShaping(schedule=schedule, stop=0.9, floor=1.0).weight(3.0, progress) == (
+                3.0 if inside else 0.0)
+            want = 3.0 * (0.25 + 0.75 * SCHEDULES[schedule](progress / 0.9)) if inside else 0.0
             assert ConsistencyShaping(schedule=schedule, stop=0.9, floor=0.25).weight(3.0, progress) == \
                 pytest.approx(want, abs=1e-12)
     # a decreasing schedule with floor 0.5 ends at half the weight: the last step is consistency at w_cons / 2
@@ -347,6 +350,7 @@ def test_progress_out_of_range_is_rejected():
         ({"pr_from": -0.5}, r"ConsistencyShaping\.pr_from .* \[0, 1\].*e\.g\. pr_from="),
         ({"floor": 1.5}, r"ConsistencyShaping\.floor is a fraction \(of w_cons .*1 = constant\).*got 1\.5; e\.g\. floor="),
         ({"floor": None}, r"ConsistencyShaping\.floor must be a finite number, got None"),
+        ({"floor": 0.5}, r"floor \(0\.5\) acts only with a schedule that moves.*e\.g\. schedule='cosine-decrease'"),
     ],
 )
 def test_bad_shaping_is_rejected(kwargs, match):

@@ -282,12 +282,39 @@ def compare_with_earlier_results(old: dict, new: dict) -> tuple[int, list]:
     return compared, mismatches
 
 
-def test_no_adapter_to_fine_tune_starts_no_pool(monkeypatch):
-    # with adapters_from nothing is fine-tuned: several workers must not ask for a pool of 0 processes
+def test_adapters_from_with_several_workers_starts_no_empty_pool(tmp_path, monkeypatch):
+    # with adapters_from nothing is fine-tuned: several workers must not ask for a pool of 0 processes.
+    # The pools run in this process here (a stand-in that refuses 0 processes, as multiprocessing does).
     import multiprocessing
 
-    from dreamguide.toyworld import reproduce
+    from dreamguide.toyworld.personalize import adapter_dir
+    from dreamguide.toyworld.reproduce import generate
 
-    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: (_ for _ in ()).throw(AssertionError("pool")))
-    assert reproduce._pool_map(len, [], workers=13) == []
-    assert reproduce._pool_map(len, [{"a": 1}], workers=1) == [1]
+    pools = []
+
+    class InlinePool:
+        def __init__(self, processes):
+            if processes < 1:
+                raise ValueError("Number of processes must be at least 1")
+            pools.append(processes)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, function, jobs, chunksize=1):
+            return [function(job) for job in jobs]
+
+    class InlineContext:
+        Pool = InlinePool
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: InlineContext())
+    adapters = tmp_path / "adapters"
+    shutil.copytree(adapter_dir("sks", "dreambooth"), adapters / "sks-dreambooth")
+    experiment = _tiny_experiment(["sks"], adapters=("dreambooth",))
+    record = generate(experiment, tmp_path / "out", plans=["main"], workers=2, device="cpu", adapters_from=adapters,
+                      log=lambda *a: None)
+    assert pools == [2]  # the sampling shards only: no pool for the fine-tuning of no adapter
+    assert record["images"] > 0 and not record["pending_groups"]

@@ -214,12 +214,25 @@ def test_shaping_flag_merges_over_the_file_and_names_itself_in_errors(tmp_path):
     flags = [*base, "--shaping", "schedule=cosine-decrease,norm_bound=none,spread_cap=0.5"]
     settings = settings_from_args(build_parser(flags).parse_args(flags))
     assert settings.shaping == ConsistencyShaping(schedule="cosine-decrease", spread_cap=0.5)
-    for text, match in [("floor", r"--shaping 'floor': bad shaping setting 'floor'.*e\.g\. schedule=cosine"),
-                        ("tau=1", r"bad shaping setting 'tau=1' in 'tau=1'; write key=value pairs of schedule, start, stop, floor"),
-                        ("floor=0.2,floor=0.3", r"'floor' is given twice"),
-                        ("floor=high", r"shaping floor='high' must be a number"),
-                        ("floor=2", r"--shaping 'floor=2': ConsistencyShaping\.floor is a fraction"),
-                        ("schedule=cosine", r"unknown consistency schedule 'cosine'")]:
+    flags = [*base, "--shaping", "schedule=linear-decrease,floor=0.25,spread_cap=NONE"]
+    assert settings_from_args(build_parser(flags).parse_args(flags)).shaping == ConsistencyShaping(
+        schedule="linear-decrease", floor=0.25)
+    for text, match in [
+        ("floor", r"--shaping 'floor': shaping key 'floor' has no value in 'floor'; write floor=VALUE, e\.g\."),
+        ("schedule=", r"shaping key 'schedule' has no value"),
+        ("tau=1", r"unknown shaping key 'tau' in 'tau=1'; valid keys: schedule, start, stop, floor"),
+        (" ", r"no shaping settings given; write key=value pairs, e\.g\. schedule=cosine-decrease"),
+        ("schedule=linear-decrease,", r"empty item in 'schedule=linear-decrease,' \(a stray comma\?\)"),
+        ("floor=0.2,floor=0.3", r"'floor' is given twice"),
+        ("floor=high", r"shaping floor='high' must be a number, e\.g\. floor=0\.5"),
+        ("start=none", r"shaping start='none' must be a number, e\.g\."),
+        ("norm_bound=x", r"norm_bound='x' must be a number \(or none for no cap\)"),
+        ("schedule=linear-decrease,floor=2", r"--shaping '.*': ConsistencyShaping\.floor is a fraction"),
+        ("floor=0.5", r"floor \(0\.5\) acts only with a schedule that moves"),
+        ("start=0.5,stop=0.2", r"start \(0\.5\) must be below stop \(0\.2\)"),
+        ("floor=nan", r"floor must be a finite number, got nan"),
+        ("schedule=cosine", r"unknown consistency schedule 'cosine'"),
+    ]:
         flags = [*base, "--shaping", text]
         with pytest.raises(ValueError, match=match):
             settings_from_args(build_parser(flags).parse_args(flags))
@@ -237,7 +250,20 @@ def test_tune_sweeps_with_the_shaping_flag(tmp_path, monkeypatch):
     settings = seen["settings"]
     assert settings.shaping == ConsistencyShaping(schedule="cosine-decrease", floor=0.25)
     assert settings.values == (1.5, 3.0, 6.0) and settings.knob == "w_cons"
-    assert all(settings.guide_kwargs(v)["shaping"] == settings.shaping for v in settings.values)
+    # what run.json and tuned.json record
+    assert settings.to_dict()["shaping"]["floor"] == 0.25
+    assert settings.guide_kwargs(3.0)["shaping"].weight(3.0, 1.0) == 0.75
+
+
+def test_tune_refuses_a_shaping_key_that_is_the_swept_knob(tmp_path, capsys):
+    from dreamguide.cli import main
+
+    code = main(["tune", "--toyworld-subject", "sks", "--mode", "spread-capped", "--shaping", "spread_cap=0.3",
+                 "--output", str(tmp_path / "t")])
+    assert code == 2
+    assert ("--shaping sets spread_cap, the knob that mode 'spread-capped' sweeps; give its values with "
+            "--values instead") in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
 
 
 def test_sample_settings_end_to_end_on_the_toy_world(tmp_path):

@@ -114,7 +114,9 @@ class ConsistencyShaping:
 
     Schedule (every mode with a consistency term): the term is on for steps whose progress
     lies in [``start``, ``stop``] (0 = first step, 1 = last, both ends included) and off
-    elsewhere; inside, w_cons is multiplied by ``schedule`` at u = (progress - start) / (stop - start).
+    elsewhere; inside, w_cons is multiplied by ``floor + (1 - floor) schedule(u)`` at
+    u = (progress - start) / (stop - start): ``floor`` 0 is the schedule itself, and a decreasing
+    schedule with floor F falls from w_cons to F w_cons instead of to 0.
 
     Rules (each read only by its mode; ``None`` or the default leaves that mode's output equal
     to the mode it reduces to):
@@ -151,6 +153,11 @@ class ConsistencyShaping:
                     f"ConsistencyShaping.{name} is a fraction ({FRACTIONS[name]}) and must lie in [0, 1], "
                     f"got {value}; e.g. {name}={example}"
                 )
+        if self.floor and self.schedule == "constant":
+            raise ValueError(
+                f"ConsistencyShaping.floor ({self.floor}) acts only with a schedule that moves (the constant "
+                f"one keeps w_cons everywhere); choose one, e.g. schedule='cosine-decrease', floor={self.floor}"
+            )
         if not self.start < self.stop:
             raise ValueError(
                 f"ConsistencyShaping.start ({self.start}) must be below stop ({self.stop}): the "
@@ -195,34 +202,6 @@ class ConsistencyShaping:
         if data["floor"] == 0.0:
             del data["floor"]
         return data
-
-    @staticmethod
-    def parse_fields(text: str) -> dict:
-        """From the command line: ``schedule=cosine-decrease,floor=0.25`` -> the fields given, as a dict.
-
-        Numbers are read as floats and ``none`` as None (no cap); the values are checked when a
-        ``ConsistencyShaping`` is built from them (merged over a tuned file's, or the defaults).
-        """
-        known = [f.name for f in fields(ConsistencyShaping)]
-        values: dict = {}
-        for part in text.split(","):
-            key, sep, value = (s.strip() for s in part.partition("="))
-            if not sep or key not in known:
-                raise ValueError(f"bad shaping setting {part.strip()!r} in {text!r}; write key=value pairs of "
-                                 f"{', '.join(known)}, e.g. schedule=cosine-decrease,floor=0.25")
-            if key in values:
-                raise ValueError(f"shaping setting {key!r} is given twice in {text!r}; give it once")
-            if key == "schedule":
-                values[key] = value
-            elif value.lower() == "none":
-                values[key] = None
-            else:
-                try:
-                    values[key] = float(value)
-                except ValueError:
-                    raise ValueError(f"shaping {key}={value!r} must be a number (or none for no cap), "
-                                     f"e.g. {key}=0.5") from None
-        return values
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "shaping") -> ConsistencyShaping:

@@ -25,9 +25,53 @@ MODEL_CONFIG_HELP = ("for a single-file --model: the folder (or hub id) of a dif
                      "for its configs and tokenizers (default: its architecture's reference model, from the hub "
                      "cache when offline)")
 
-SHAPING_HELP = ("when and how strongly the consistency term acts: key=value pairs of ConsistencyShaping, e.g. "
-                "schedule=cosine-decrease,floor=0.25 (w_cons falls along a half cosine to a quarter of itself; "
-                "docs/METHOD.md), none for no cap (default: constant, every step)")
+SHAPING_HELP = ("when and how strongly the consistency term acts: key=value pairs of ConsistencyShaping "
+                "(schedule, start, stop, floor, spread_cap, norm_bound, magnitude_ratio, magnitude_power, "
+                "parallel_target, pr_from), e.g. schedule=cosine-decrease,floor=0.25: w_cons falls along a half "
+                "cosine to a quarter of itself (docs/METHOD.md); schedules: constant, linear-increase, "
+                "linear-decrease, cosine-increase, cosine-decrease; 'none' lifts a cap (spread_cap, norm_bound, "
+                "magnitude_ratio) (default: constant w_cons at every step)")
+
+#: The ConsistencyShaping fields that take None (no cap).
+_SHAPING_CAPS = ("spread_cap", "norm_bound", "magnitude_ratio")
+
+
+def parse_shaping(text: str) -> dict:
+    """``--shaping`` text (``schedule=cosine-decrease,floor=0.25``) -> the fields given, as a dict.
+
+    Numbers are read as floats, ``none`` as None for a cap; the values are checked when a
+    ``ConsistencyShaping`` is built from them. Errors name the item and the fix.
+    """
+    from dataclasses import fields
+
+    from dreamguide.guidance import ConsistencyShaping
+
+    known = [f.name for f in fields(ConsistencyShaping)]
+    example = "e.g. schedule=cosine-decrease,floor=0.25"
+    if not text.strip():
+        raise ValueError(f"no shaping settings given; write key=value pairs, {example}")
+    values: dict = {}
+    for part in text.split(","):
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not key and not sep:
+            raise ValueError(f"empty item in {text!r} (a stray comma?); write key=value pairs, {example}")
+        if key not in known:
+            raise ValueError(f"unknown shaping key {key!r} in {text!r}; valid keys: {', '.join(known)}")
+        if not sep or not value:
+            raise ValueError(f"shaping key {key!r} has no value in {text!r}; write {key}=VALUE, {example}")
+        if key in values:
+            raise ValueError(f"shaping key {key!r} is given twice in {text!r}; give it once")
+        if key == "schedule":
+            values[key] = value
+        elif value.lower() == "none" and key in _SHAPING_CAPS:
+            values[key] = None
+        else:
+            try:
+                values[key] = float(value)
+            except ValueError:
+                lift = " (or none for no cap)" if key in _SHAPING_CAPS else ""
+                raise ValueError(f"shaping {key}={value!r} must be a number{lift}, e.g. {key}=0.5") from None
+    return values
 
 
 def shaping_switches(text: str | None, over=None):
@@ -38,7 +82,7 @@ def shaping_switches(text: str | None, over=None):
     if text is None:
         return over
     try:
-        return ConsistencyShaping(**{**(over.to_dict() if over else {}), **ConsistencyShaping.parse_fields(text)})
+        return ConsistencyShaping(**{**(over.to_dict() if over else {}), **parse_shaping(text)})
     except ValueError as error:
         raise ValueError(f"--shaping {text!r}: {error}") from None
 
