@@ -624,6 +624,18 @@ def test_a_full_disk_says_no_space_left_and_where_and_keeps_the_old_file(tmp_pat
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["settings.json"]
 
 
+def test_other_errors_leave_the_atomic_writers_unchanged_with_their_cause(tmp_path):
+    from dreamguide import atomic
+
+    for writer in (lambda: atomic.atomic_open(tmp_path / "a.json", "w"), lambda: atomic.atomic_directory(tmp_path / "d")):
+        cause = KeyError("which")
+        with pytest.raises(FileNotFoundError) as raised:
+            with writer():
+                raise FileNotFoundError("missing input") from cause
+        assert raised.value.__cause__ is cause
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_truncated_weight_file_in_a_model_folder_is_named(tmp_path):
     import shutil
 

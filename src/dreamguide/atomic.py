@@ -22,13 +22,15 @@ class DiskFull(OSError):
     """No space left where a file was being written; the message names the place (nothing was replaced)."""
 
 
-def _disk_full(error: OSError, target: Path) -> OSError:
-    if error.errno != errno.ENOSPC:
-        return error
+def _disk_full(error: OSError, target: Path) -> DiskFull:
     usage = shutil.disk_usage(target.parent if target.parent.exists() else Path.cwd())
     return DiskFull(errno.ENOSPC, f"no space left on the device holding {target.parent} (writing {target.name}; "
                     f"{usage.free // 2**20} MiB free); free space or write elsewhere, then run again: nothing "
                     "already written was changed")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
 
 
 def current_umask() -> int:
@@ -65,11 +67,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(handle.fileno())
         os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        raise _disk_full(error, path) from error
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if _is_disk_full(error):
+            raise _disk_full(error, path) from error
         raise
 
 
@@ -94,11 +95,10 @@ def atomic_directory(directory: str | os.PathLike) -> Iterator[Path]:
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _disk_full(error, directory) from error
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(error):
+            raise _disk_full(error, directory) from error
         raise
 
 
