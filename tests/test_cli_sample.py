@@ -268,6 +268,11 @@ def test_output_folder_is_checked_before_sampling_and_another_run_is_not_mixed_i
     out = tmp_path / "run"
     assert main([*args, "--seeds", "0-2", "--output", str(out)]) == 0
     assert main([*args, "--seeds", "0-2", "--output", str(out)]) == 0  # the same run again: allowed
+    # a record written before a setting existed (here personalized_steps) reads its default: the same run
+    record = json.loads((out / "settings.json").read_text())
+    del record["settings"]["personalized_steps"]
+    (out / "settings.json").write_text(json.dumps(record))
+    assert main([*args, "--seeds", "0-2", "--output", str(out)]) == 0
     assert main([*args, "--seeds", "5", "--output", str(out)]) == 2
     assert "holds the images of another run (settings.json differs in seeds)" in capsys.readouterr().err
     assert main([*args, "--seeds", "5", "--output", str(out), "--overwrite"]) == 0

@@ -131,15 +131,16 @@ def check_output_folder(output, settings, overwrite: bool = False) -> bool:
     record = output / "settings.json"
     images = sorted(p.name for p in output.glob("*.png"))
     if record.is_file():
-        try:
-            earlier = json.loads(record.read_text(encoding="utf-8")).get("settings", {})
-        except (OSError, ValueError):
+        try:  # compared as settings, not as text: a record made before a setting existed reads its default
+            earlier = type(settings).from_dict(json.loads(record.read_text(encoding="utf-8")).get("settings", {}))
+        except (OSError, ValueError, TypeError):
             earlier = None
-        if earlier == settings.to_dict():
+        if earlier == settings:
             return False  # the same run again: the same files are rewritten in place
         if overwrite:
             return True
-        changed = sorted(k for k in settings.to_dict() if earlier is None or earlier.get(k) != settings.to_dict()[k])
+        ours, theirs = settings.to_dict(), earlier.to_dict() if earlier is not None else {}
+        changed = sorted(k for k in ours if theirs.get(k) != ours[k])
         raise CommandError(
             f"--output {output} holds the images of another run (settings.json differs in {', '.join(changed)}); "
             "pass --overwrite to replace them, or choose a new folder"
