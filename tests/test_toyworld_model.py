@@ -185,6 +185,11 @@ def test_cli_personalize_checkpoints_resumes_and_refuses_to_overwrite(tmp_path, 
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert run(tmp_path / "resumed", "--steps", "1", "--overwrite") == 0
     assert [p.name for p in sorted((tmp_path / "resumed").glob("checkpoint-*"))] == ["checkpoint-1"]
+    # an unfinished run (checkpoints, no adapter yet) is kept unless --overwrite
+    (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").unlink()
+    assert run(tmp_path / "resumed", "--steps", "2") == 2
+    assert "holds checkpoints of an unfinished run; pass --resume to continue it" in capsys.readouterr().err
+    assert [p.name for p in sorted((tmp_path / "resumed").glob("checkpoint-*"))] == ["checkpoint-1"]
 
 
 def test_personalize_refuses_a_model_that_is_not_a_toy_world_model(tiny_sd15_dir, tmp_path):

@@ -108,7 +108,7 @@ def personalize(
     ``model_path``, is loaded; it must be a toy-world model). ``result.model`` carries the adapter
     (``ADAPTER_NAME``) afterwards. ``checkpoint_every`` > 0 writes resumable checkpoints like
     ``dreamguide train``; ``resume="latest"`` continues the newest one. ``overwrite=False`` refuses an
-    ``out`` that already holds an adapter (unless resuming).
+    ``out`` that already holds an adapter or an unfinished run's checkpoints (unless resuming).
     """
     import time
 
@@ -125,7 +125,11 @@ def personalize(
     if resume is None:
         from dreamguide.training.checkpoints import list_checkpoints
 
-        for _, folder in list_checkpoints(out):  # an earlier run's checkpoints: this run replaces that run
+        earlier = list_checkpoints(out)
+        if earlier and not overwrite:
+            raise ValueError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                             "--overwrite to start over, or choose another --out")
+        for _, folder in earlier:  # an earlier run's checkpoints: this run replaces that run
             shutil.rmtree(folder)
     if model is None:
         model = load_toyworld_model(model_path, device=device)
