@@ -120,6 +120,7 @@ def test_rules_become_one_plan_each_with_their_knob_as_weights_or_variants():
     (dict(name="r", knob="shaping.nope", values=(1.0, 2.0)), "names no field of ConsistencyShaping"),
     (dict(name="r", knob="shaping.stop", values=(0.5, 1.5)), "stop"),
     (dict(name="r", knob="speed", values=(1.0, 2.0)), "must be w_cons, w_text"),
+    (dict(name="r", mode="nope", values=(1.0, 2.0)), "unknown guidance mode 'nope'; choose one of cfg"),
 ])
 def test_bad_rules_are_refused_with_the_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):

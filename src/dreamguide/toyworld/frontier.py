@@ -54,7 +54,8 @@ class FrontierRule:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or "@" in self.name:
             raise ValueError(f"a rule needs a plain name (no '/' or '@'), got {self.name!r}")
-        if self.personalized_steps != EVERY_STEP and not get_mode(self.mode).has_consistency:
+        mode = get_mode(self.mode)  # an unknown mode is an error naming the valid ones
+        if self.personalized_steps != EVERY_STEP and not mode.has_consistency:
             raise ValueError(f"rule {self.name!r}: personalized_steps changes only modes with a consistency term, "
                              f"and {self.mode!r} has none; drop it or use e.g. mode = \"parallel-rescaled\"")
         if len(self.values) < 2 or len(set(self.values)) != len(self.values):
