@@ -39,7 +39,7 @@ from dreamguide.models import TextConditioning, load_model, parse_dtype
 from dreamguide.token_files import add_tokens
 from dreamguide.training import checkpoints as ckpt
 from dreamguide.training.batches import CaptionConditioning, ImageLatents, TrainingBatches
-from dreamguide.training.config import ConfigError, TrainConfig, save_config
+from dreamguide.training.config import ConfigError, TrainConfig, save_config, train_config_from_dict
 from dreamguide.training.data import (
     TrainImage,
     check_caption_lengths,
@@ -260,7 +260,11 @@ def _check_resumed_config(output_dir: Path, config: TrainConfig) -> None:
     stored_path = output_dir / CONFIG_FILE
     if not stored_path.is_file():
         return  # a run of an earlier version: nothing to compare with
-    stored = dotted(read_toml(stored_path))
+    raw = read_toml(stored_path)
+    try:  # read as a config, so a key added after the run was started takes its default
+        stored = dotted(train_config_from_dict(raw, str(stored_path), validate=False).to_dict())
+    except ConfigError:
+        stored = dotted(raw)  # a key this version no longer has: compared as written
     current = dotted(config.to_dict())
     changed = {key: (stored.get(key), current.get(key)) for key in sorted(set(stored) | set(current))
                if stored.get(key) != current.get(key)}
