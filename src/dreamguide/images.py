@@ -83,6 +83,11 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files in ``folder`` (by suffix, :data:`dreamguide.filenames.IMAGE_SUFFIXES`), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def read_images(
     paths: Sequence[str | os.PathLike], skip_unreadable: bool = False
 ) -> tuple[list[Image.Image], list[Path], list[tuple[Path, str]]]:

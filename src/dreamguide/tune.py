@@ -179,13 +179,16 @@ def toyworld_workbench(subject: str = "sks", method: str = "dreambooth", prompts
 
 
 def reference_files(folder) -> list[Path]:
-    """The image files of a reference folder (png, jpg, jpeg, webp), sorted; none is a FileNotFoundError."""
+    """The image files of a reference folder, sorted; a missing folder or none is a FileNotFoundError."""
+    from dreamguide.filenames import IMAGE_SUFFIXES
+    from dreamguide.images import image_files
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"reference folder {folder} does not exist; pass the folder of the subject's photos")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    files = image_files(folder)
     if not files:
-        raise FileNotFoundError(f"no images (png, jpg, jpeg, webp) in the reference folder {folder}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the reference folder {folder}")
     return files
 
 
@@ -213,9 +216,8 @@ def model_workbench(model: str, *, token: str, class_word: str, references, lora
     The metric backbones and the reference photos are loaded first, so a missing one fails before
     the diffusion model is loaded or anything sampled.
     """
-    import torch
-    from PIL import Image
-
+    from dreamguide.images import read_images
+    from dreamguide.models import parse_device
     from dreamguide.sampling import Sampler
 
     if not (lora or embeddings):
@@ -224,10 +226,9 @@ def model_workbench(model: str, *, token: str, class_word: str, references, lora
         raise ValueError("tuning a model needs the subject's token and class word, e.g. --token '<sks>' "
                          "--class-word dog")
     files = reference_files(references)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(parse_device(device))
     scorer = load_scorer(backbones, device)
-    photos = [Image.open(p).convert("RGB") for p in files]
-    refs = scorer.embed_references(photos)
+    refs = scorer.embed_references(read_images(files)[0])
     sampler = Sampler.from_pretrained(model, lora=lora, embeddings=embeddings, token=token, dtype=dtype,
                                       device=device, model_config=model_config)
     cases = [(name, template.format(f"{token} {class_word}"), template.format(class_word))

@@ -48,12 +48,13 @@ def _image_files(items, what: str):
     from pathlib import Path
 
     from dreamguide.filenames import IMAGE_SUFFIXES
+    from dreamguide.images import image_files
 
     files = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files(path)
             if not found:
                 raise FileNotFoundError(f"{what} folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files += found

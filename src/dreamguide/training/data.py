@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from dreamguide.filenames import IMAGE_SUFFIXES
-from dreamguide.images import ImageReadError
+from dreamguide.images import ImageReadError, image_files
 from dreamguide.images import open_rgb as _open_rgb
 from dreamguide.prompts import base_prompt, contains_token
 
@@ -60,7 +60,7 @@ def list_images(folder: str | Path, what: str = "instance") -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{what} image folder {folder} does not exist; set data.{what}_dir to a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise DataError(
             f"{what} image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); "

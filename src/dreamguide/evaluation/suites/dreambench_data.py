@@ -137,12 +137,14 @@ def load_dreambench(root: str | Path, subjects: list[str] | tuple[str, ...] | No
     unknown = [s for s in chosen if s not in classes]
     if unknown:
         raise ValueError(f"subject(s) {unknown} are not in {root / PROMPT_FILE}; known: {', '.join(classes)}")
+    from dreamguide.images import image_files
+
     table = {}
     for name in chosen:
         folder = root / name
         if not folder.is_dir():
             raise FileNotFoundError(f"DreamBench subject {name!r}: folder {folder} is missing")
-        images = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        images = tuple(image_files(folder))
         if not images:
             raise FileNotFoundError(f"DreamBench subject {name!r}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
         table[name] = DreamBenchSubject(name, classes[name], classes[name] in LIVE_CLASSES, images)
