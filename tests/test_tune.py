@@ -261,8 +261,8 @@ def test_tune_refuses_a_shaping_key_that_is_the_swept_knob(tmp_path, capsys):
     code = main(["tune", "--toyworld-subject", "sks", "--mode", "spread-capped", "--shaping", "spread_cap=0.3",
                  "--output", str(tmp_path / "t")])
     assert code == 2
-    assert ("--shaping sets spread_cap, the knob that mode 'spread-capped' sweeps; give its values with "
-            "--values instead") in capsys.readouterr().err
+    assert ("shaping.spread_cap is the knob mode 'spread-capped' sweeps, so its values set it: leave it out of "
+            "the shaping switches and give them as the sweep's values, e.g. --values") in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
 
 

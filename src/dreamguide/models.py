@@ -35,8 +35,6 @@ from dreamguide.atomic import atomic_directory
 logger = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("sdxl", "sd", "pixel")
-#: Suffixes that make ``load_model`` read a path as a single-file checkpoint (pickle ones are refused).
-CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".pkl")
 PIXEL_CLASS_NAME = "PixelTextToImage"
 
 #: Names accepted for a dtype (``parse_dtype``), besides a ``torch.dtype`` itself.
@@ -342,12 +340,12 @@ def load_model(
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from dreamguide import single_file
+
     text = os.fspath(id_or_path)
     local = Path(text).expanduser()
     checkpoint = None
-    if local.is_file() or local.suffix.lower() in CHECKPOINT_SUFFIXES:
-        from dreamguide import single_file
-
+    if local.is_file() or local.suffix.lower() in single_file.CHECKPOINT_SUFFIXES:
         checkpoint, local = local, single_file.check_checkpoint(local, config)
         if variant:
             raise ValueError(f"variant {variant!r} picks weight files of a model folder; the single-file "
@@ -355,9 +353,7 @@ def load_model(
     elif config is not None:
         raise ValueError(f"a model config ({os.fspath(config)}) is for single-file checkpoints; {text} is a model "
                          "folder or hub id, which brings its own configs: leave the model config out")
-    if local.exists():
-        if not local.is_dir():
-            raise FileNotFoundError(f"{local} is a file; load_model needs a model folder (with model_index.json)")
+    if local.exists():  # a folder: every file took the checkpoint branch
         index_file = local / "model_index.json"
         index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.exists() else {}
         folders = {p.name for p in local.iterdir() if p.is_dir()}
@@ -400,17 +396,16 @@ def load_model(
         )
     default_scheduler = scheduler_class.from_config(scheduler_config)
     tokenizers = [component("tokenizer", CLIPTokenizer)]
+    if kind == "sdxl":
+        tokenizers.append(component("tokenizer_2", CLIPTokenizer))
     if checkpoint is None:
         text_encoders = [component("text_encoder", CLIPTextModel, **common)]
         vae = None
         if kind == "sdxl":
-            tokenizers.append(component("tokenizer_2", CLIPTokenizer))
             text_encoders.append(component("text_encoder_2", CLIPTextModelWithProjection, **common))
         if kind != "pixel":
             vae = component("vae", diffusers.AutoencoderKL, **common)
     else:
-        if kind == "sdxl":
-            tokenizers.append(component("tokenizer_2", CLIPTokenizer))
         unet, vae, text_encoders = single_file.load_weights(checkpoint, local, kind, dtype, tokenizers,
                                                             default_scheduler)
     model = DiffusionModel(

@@ -43,6 +43,8 @@ CONFIG_FILES: tuple[str, ...] = ("model_index.json", "*/config.json", "scheduler
 
 #: Suffixes of pickle checkpoints, which are refused.
 PICKLE_SUFFIXES: tuple[str, ...] = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+#: Suffixes that make ``models.load_model`` read a path as a single-file checkpoint (pickle ones are refused).
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".safetensors", *PICKLE_SUFFIXES)
 
 _UNET = "model.diffusion_model."
 _VAE = ("first_stage_model.", "vae.")

@@ -91,6 +91,10 @@ class TuneSettings:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         set_("mode", guidance.get_mode(self.mode).name)
         knob = self.knob
+        group, _, name = knob.partition(".")
+        if name and getattr(getattr(self, group), name) != getattr(type(getattr(self, group))(), name):
+            raise ValueError(f"{knob} is the knob mode {self.mode!r} sweeps, so its values set it: leave it out of "
+                             f"the {group} switches and give them as the sweep's values, e.g. --values 0.25,0.5,1")
         values = tuple(self.values) or DEFAULT_VALUES.get(knob, ())
         if not values:
             raise ValueError(f"mode {self.mode!r} has knob {knob!r}, which has no default values; "
@@ -361,7 +365,7 @@ def tune(bench: Workbench, settings: TuneSettings, output, *, identity_floor: fl
             if on_point is not None:
                 on_point(point)
     points.sort(key=lambda p: p["value"])
-    return write_results(output, run, points, identity_floor, log)
+    return write_results(output, settings, run, points, identity_floor, log)
 
 
 def choose(points: list[dict], identity_floor: float | None = None) -> tuple[int, str]:
@@ -373,21 +377,18 @@ def choose(points: list[dict], identity_floor: float | None = None) -> tuple[int
     return best_above_floor(text, identity, identity_floor), f"identity-floor {identity_floor:g}"
 
 
-def write_results(output: Path, run: dict, points: list[dict], identity_floor: float | None, log=print) -> dict:
+def write_results(output: Path, tuning: TuneSettings, run: dict, points: list[dict], identity_floor: float | None,
+                  log=print) -> dict:
     from dreamguide.atomic import atomic_write_text
 
-    settings = run["settings"]
     index, rule = choose(points, identity_floor)
     best = points[index]
-    tuning = TuneSettings(mode=settings["mode"], values=tuple(settings["values"]), w_text=settings["w_text"],
-                          w_cons=settings["w_cons"], pr=ParallelRescaling(**settings["pr"]),
-                          shaping=ConsistencyShaping.from_dict(settings["shaping"]))
     kwargs = tuning.guide_kwargs(best["value"])
     tuned = {"mode": tuning.mode, "w_text": kwargs["w_text"], "w_cons": kwargs["w_cons"],
              "pr": kwargs["pr"].to_dict(), "shaping": kwargs["shaping"].to_dict(),
              "tune": {"knob": tuning.knob, "value": best["value"], "chosen_by": rule,
                       "text_alignment": best["text_alignment"], "identity": best["identity"],
-                      "subject": run["subject"], "steps": settings["steps"]}}
+                      "subject": run["subject"], "steps": tuning.steps}}
     record = {**run, "knob": tuning.knob, "points": points, "chosen": {"index": index, "by": rule,
                                                                         "value": best["value"]}}
     atomic_write_text(output / TUNE_FILE, json.dumps(record, indent=1) + "\n")

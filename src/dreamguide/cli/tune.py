@@ -90,18 +90,6 @@ def run(args: argparse.Namespace) -> int:
     if args.model_config and not args.model:
         raise CommandError("--model-config is the config folder of a single-file --model; the toy world's "
                            "model needs none")
-    if args.shaping is not None:
-        from dreamguide.cli import parse_shaping
-        from dreamguide.guidance import get_mode
-
-        knob = get_mode(args.mode).knob
-        try:
-            swept = [key for key in parse_shaping(args.shaping) if f"shaping.{key}" == knob]
-        except ValueError as error:
-            raise CommandError(f"--shaping {args.shaping!r}: {error}") from None
-        if swept:
-            raise CommandError(f"--shaping sets {swept[0]}, the knob that mode {args.mode!r} sweeps; give its "
-                               f"values with --values instead, e.g. --values 0.25,0.5,1")
     settings = TuneSettings(mode=args.mode, values=_values(args.values), steps=args.steps, seeds=args.seeds,
                             prompts_per_set=args.prompts_per_set, batch_size=args.batch_size, height=args.height,
                             width=args.width, **given(w_text=args.w_text, w_cons=args.w_cons,

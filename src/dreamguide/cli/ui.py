@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         from pathlib import Path
 
-        from dreamguide.models import CHECKPOINT_SUFFIXES
+        from dreamguide.single_file import CHECKPOINT_SUFFIXES
 
         if Path(args.model).suffix.lower() in CHECKPOINT_SUFFIXES:
             from dreamguide.single_file import check_checkpoint

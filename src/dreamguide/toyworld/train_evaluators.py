@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dreamguide.images import write_json
 from dreamguide.toyworld.evaluators import (
     ATTRIBUTES,
     WEIGHTS_DIR,
@@ -389,19 +390,9 @@ def train_all(out: str | Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), log=prin
                   f"torch {torch.__version__}",
         "command": f"python -m dreamguide.toyworld.train_evaluators --seed {recipe.seed}",
     }
-    _write_json(record, out / "validation.json")
+    write_json(out / "validation.json", record)
     log(json.dumps(figures, indent=2))
     return record
-
-
-def _write_json(record: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
-        handle.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def attribute_table(figures: dict) -> str:
@@ -437,7 +428,7 @@ def validate_only(weights: str | Path, samples: int, seed: int, out_json: str | 
         "command": f"python -m dreamguide.toyworld.train_evaluators --validate-only --samples {samples} "
                    f"--validation-seed {seed}",
     }
-    _write_json(record, Path(out_json))
+    write_json(out_json, record)
     log(attribute_table(figures))
     log(f"wrote {out_json}")
     return record
