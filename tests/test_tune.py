@@ -124,7 +124,7 @@ def test_resume_after_a_kill_gives_the_same_result(bench, full_run, tmp_path, mo
 
 def test_a_folder_of_other_settings_is_refused(bench, full_run):
     out = full_run[0]
-    with pytest.raises(ValueError, match=r"other settings \(differing: settings\).*another --output"):
+    with pytest.raises(ValueError, match=r"holds a different tuning run \(changed: settings\).*another --output"):
         tune_module.tune(bench, TuneSettings(**{**TINY, "values": (0.0, 3.0)}), out, progress=False)
 
 

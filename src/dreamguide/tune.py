@@ -295,19 +295,11 @@ def _read_points(path: Path) -> list[dict]:
 
 def _check_run(output: Path, run: dict) -> None:
     """Tie ``output`` to ``run``; a folder made with other settings is refused, naming what differs."""
-    from dreamguide.atomic import atomic_write_text
+    from dreamguide.evaluation.runner import check_run_file
 
-    path = output / RUN_FILE
-    if path.is_file():
-        found = json.loads(path.read_text(encoding="utf-8"))
-        if found != run:
-            differ = sorted(k for k in set(found) | set(run) if found.get(k) != run.get(k))
-            raise ValueError(f"{output} holds a tuning run with other settings (differing: {', '.join(differ)}); "
-                             f"rerun with the same settings to resume it, or choose another --output folder")
-        return
-    if (output / POINTS_FILE).exists():
+    if not (output / RUN_FILE).is_file() and (output / POINTS_FILE).exists():
         raise ValueError(f"{output / POINTS_FILE} exists without {RUN_FILE}; choose another --output folder")
-    atomic_write_text(path, json.dumps(run, indent=1) + "\n")
+    check_run_file(output, run, what="tuning run", fix="choose another --output folder")
 
 
 def _means(rows: list[dict]) -> dict:

@@ -169,8 +169,10 @@ def _generate_groups(world: World, chunk: list[list[Job]], skipped: dict[tuple[s
     return [], []
 
 
-def _check_run_file(output: Path, description: dict, write: bool) -> None:
-    """Refuse an output folder that holds another run; the main process writes run.json for a new one."""
+def check_run_file(output: Path, description: dict, write: bool = True, what: str = "run",
+                   fix: str = "choose a new output folder") -> None:
+    """Refuse an output folder whose run.json describes another run (naming the keys that differ); write
+    run.json for a new one when ``write`` (the main process)."""
     path = output / "run.json"
     text = json.dumps(description, indent=2, sort_keys=True) + "\n"
     if path.exists():
@@ -178,8 +180,8 @@ def _check_run_file(output: Path, description: dict, write: bool) -> None:
         if existing != json.loads(text):
             changed = sorted(k for k in set(existing) | set(description) if existing.get(k) != description.get(k))
             raise RunMismatch(
-                f"{output} holds a different run (changed: {', '.join(changed)}); "
-                f"resume with the same settings or choose a new output folder"
+                f"{output} holds a different {what} (changed: {', '.join(changed)}); "
+                f"resume with the same settings or {fix}"
             )
     elif write:
         atomic_write_text(path, text)
@@ -237,7 +239,7 @@ def run_shard(
     world.prepare()  # every input check and every backbone load happens before generation
     description = {"world": world.name, "world_config": world.describe(), "plan": plan.to_dict()}
     output.mkdir(parents=True, exist_ok=True)
-    _check_run_file(output, description, write=process_index == 0)
+    check_run_file(output, description, write=process_index == 0)
     jobs = build_jobs(world, plan)
     groups = shard(group_jobs(jobs), process_index, num_processes)
     manifest = output / "manifest" / f"rank-{process_index}.jsonl"

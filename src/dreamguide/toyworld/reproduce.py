@@ -395,7 +395,7 @@ def import_stored_run(folder, experiment: ToyExperiment, log=print) -> int:
     from PIL import Image
 
     from dreamguide.evaluation.protocol import Generated, uses_consistency
-    from dreamguide.evaluation.runner import _append_record, _check_run_file, _store, build_jobs, group_id, group_jobs
+    from dreamguide.evaluation.runner import _append_record, _store, check_run_file, build_jobs, group_id, group_jobs
     from dreamguide.guidance import get_mode
 
     folder = Path(folder)
@@ -444,7 +444,7 @@ def import_stored_run(folder, experiment: ToyExperiment, log=print) -> int:
         if not done:
             continue
         out.mkdir(parents=True, exist_ok=True)
-        _check_run_file(out, {"world": world.name, "world_config": world.describe(), "plan": run.to_dict()}, True)
+        check_run_file(out, {"world": world.name, "world_config": world.describe(), "plan": run.to_dict()}, True)
         for group, indices in done:
             stored_rows = []
             for job, index in zip(group, indices):
