@@ -56,8 +56,11 @@ def test_parse_and_dict_round_trip():
     parsed = PersonalizedSteps.parse("every=4, stop=0.7, reuse=extrapolate, carry=parts")
     assert parsed == PersonalizedSteps(every=4, stop=0.7, reuse="extrapolate", carry="parts")
     assert PersonalizedSteps.from_dict(json.loads(json.dumps(parsed.to_dict()))) == parsed
-    with pytest.raises(ValueError, match=r"bad personalized-steps setting 'evry=3'.*every=3,reuse=hold"):
+    with pytest.raises(ValueError, match=r"unknown personalized-steps key 'evry' in 'evry=3'; valid keys: every, "
+                                         r"start, stop, reuse, carry, e\.g\. every=3,reuse=hold"):
         PersonalizedSteps.parse("evry=3")
+    with pytest.raises(ValueError, match=r"personalized-steps key 'every' has no value in 'stop=0.5,every'; write every=VALUE"):
+        PersonalizedSteps.parse("stop=0.5,every")
     with pytest.raises(ValueError, match=r"every='x' must be a positive integer"):
         PersonalizedSteps.parse("every=x")
     with pytest.raises(ValueError, match=r"stop='late' must be a number"):

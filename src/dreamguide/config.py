@@ -131,6 +131,29 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<config>", pref
         raise ConfigError(f"{source}: {prefix or cls.__name__}: {error}") from None
 
 
+def key_value_pairs(text: str, known: typing.Sequence[str], what: str, example: str) -> dict[str, str]:
+    """``"a=1,b=x"`` (a command-line flag's value) -> ``{"a": "1", "b": "x"}``, the values as text.
+
+    Errors name the item and the fix (``what`` names the flag's settings, ``example`` is a valid
+    value): no pairs at all, a stray comma, an unknown key, a key without a value, a key given twice.
+    """
+    if not text.strip():
+        raise ValueError(f"no {what} settings given; write key=value pairs, e.g. {example}")
+    values: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = (s.strip() for s in part.partition("="))
+        if not key and not sep:
+            raise ValueError(f"empty item in {text!r} (a stray comma?); write key=value pairs, e.g. {example}")
+        if key not in known:
+            raise ValueError(f"unknown {what} key {key!r} in {text!r}; valid keys: {', '.join(known)}, e.g. {example}")
+        if not sep or not value:
+            raise ValueError(f"{what} key {key!r} has no value in {text!r}; write {key}=VALUE, e.g. {example}")
+        if key in values:
+            raise ValueError(f"{what} key {key!r} is given twice in {text!r}; give it once")
+        values[key] = value
+    return values
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.steps=10"`` -> ``("train.steps", 10)``; the value is read as TOML, else as a plain string."""
     if "=" not in text:

@@ -139,16 +139,11 @@ class PersonalizedSteps:
             return cls()
         if text.isdigit():
             return cls(every=int(text))
+        from dreamguide.config import key_value_pairs
+
         values: dict = {}
-        for part in text.split(","):
-            key, sep, value = (s.strip() for s in part.partition("="))
-            if key in values:
-                raise ValueError(f"personalized-steps setting {key!r} is given twice in {text!r}; give it once")
-            if not sep or key not in {f.name for f in fields(cls)}:
-                raise ValueError(
-                    f"bad personalized-steps setting {part!r} in {text!r}; write key=value pairs of "
-                    f"{', '.join(f.name for f in fields(cls))}, e.g. every=3,reuse=hold"
-                )
+        given = key_value_pairs(text, [f.name for f in fields(cls)], "personalized-steps", "every=3,reuse=hold")
+        for key, value in given.items():
             if key == "every":
                 if not value.isdigit():
                     raise ValueError(f"personalized-steps every={value!r} must be a positive integer, e.g. every=3")

@@ -44,23 +44,13 @@ def parse_shaping(text: str) -> dict:
     """
     from dataclasses import fields
 
+    from dreamguide.config import key_value_pairs
     from dreamguide.guidance import ConsistencyShaping
 
-    known = [f.name for f in fields(ConsistencyShaping)]
-    example = "e.g. schedule=cosine-decrease,floor=0.25"
-    if not text.strip():
-        raise ValueError(f"no shaping settings given; write key=value pairs, {example}")
+    given = key_value_pairs(text, [f.name for f in fields(ConsistencyShaping)], "shaping",
+                            "schedule=cosine-decrease,floor=0.25")
     values: dict = {}
-    for part in text.split(","):
-        key, sep, value = (s.strip() for s in part.partition("="))
-        if not key and not sep:
-            raise ValueError(f"empty item in {text!r} (a stray comma?); write key=value pairs, {example}")
-        if key not in known:
-            raise ValueError(f"unknown shaping key {key!r} in {text!r}; valid keys: {', '.join(known)}")
-        if not sep or not value:
-            raise ValueError(f"shaping key {key!r} has no value in {text!r}; write {key}=VALUE, {example}")
-        if key in values:
-            raise ValueError(f"shaping key {key!r} is given twice in {text!r}; give it once")
+    for key, value in given.items():
         if key == "schedule":
             values[key] = value
         elif value.lower() == "none" and key in _SHAPING_CAPS:
