@@ -25,12 +25,19 @@ MODEL_CONFIG_HELP = ("for a single-file --model: the folder (or hub id) of a dif
                      "for its configs and tokenizers (default: its architecture's reference model, from the hub "
                      "cache when offline)")
 
-SHAPING_HELP = ("when and how strongly the consistency term acts: key=value pairs of ConsistencyShaping "
-                "(schedule, start, stop, floor, spread_cap, norm_bound, magnitude_ratio, magnitude_power, "
-                "parallel_target, pr_from), e.g. schedule=cosine-decrease,floor=0.25: w_cons falls along a half "
-                "cosine to a quarter of itself (docs/METHOD.md); schedules: constant, linear-increase, "
-                "linear-decrease, cosine-increase, cosine-decrease; 'none' lifts a cap (spread_cap, norm_bound, "
-                "magnitude_ratio) (default: constant w_cons at every step)")
+def shaping_help() -> str:
+    """The ``--shaping`` help, from ``ConsistencyShaping``'s fields and the schedules (imports torch: call it
+    from a sub-command's ``add_parser``)."""
+    from dataclasses import fields
+
+    from dreamguide.guidance import SCHEDULES, ConsistencyShaping
+
+    return (f"when and how strongly the consistency term acts: key=value pairs of ConsistencyShaping "
+            f"({', '.join(f.name for f in fields(ConsistencyShaping))}), e.g. schedule=cosine-decrease,floor=0.25: "
+            f"w_cons falls along a half cosine to a quarter of itself (docs/METHOD.md); schedules: "
+            f"{', '.join(SCHEDULES)}; 'none' lifts a cap ({', '.join(_SHAPING_CAPS)}) (default: constant w_cons "
+            f"at every step)")
+
 
 #: The ConsistencyShaping fields that take None (no cap).
 _SHAPING_CAPS = ("spread_cap", "norm_bound", "magnitude_ratio")

@@ -23,7 +23,7 @@ example:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from dreamguide import guidance
-    from dreamguide.cli import MODEL_CONFIG_HELP, SHAPING_HELP
+    from dreamguide.cli import MODEL_CONFIG_HELP, shaping_help
     from dreamguide.config import defaults
     from dreamguide.sampling import SCHEDULERS, SampleSettings
 
@@ -74,7 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"PR rule for k (default {pr.normalization})")
     guide.add_argument("--pr-rescale", type=float, help=f"PR rescale factor lambda (default {pr.rescale})")
     guide.add_argument("--pr-eps", type=float, help=f"PR epsilon (default {pr.eps})")
-    guide.add_argument("--shaping", metavar="KEY=VALUE,...", help=SHAPING_HELP)
+    guide.add_argument("--shaping", metavar="KEY=VALUE,...", help=shaping_help())
     steps = guide.add_mutually_exclusive_group()
     steps.add_argument(
         "--personalized-steps", metavar="SCHEDULE",

@@ -23,7 +23,11 @@ examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from dreamguide.cli import MODEL_CONFIG_HELP, SHAPING_HELP
+    from dreamguide.cli import MODEL_CONFIG_HELP, shaping_help
+    from dreamguide.config import defaults
+    from dreamguide.tune import DEFAULT_VALUES, TuneSettings
+
+    default = defaults(TuneSettings)
 
     parser = subparsers.add_parser(
         "tune",
@@ -50,17 +54,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     subject.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="model weights dtype")
 
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--mode", default="consistency", help="guidance mode whose knob is swept (default consistency)")
-    sweep.add_argument("--values", help="comma-separated knob values (default: six per knob, "
-                       "e.g. w_cons 0,0.75,1.5,2.25,3,4.5)")
-    sweep.add_argument("--w-text", type=float, help="text guidance weight when it is not the knob (default 7.5)")
-    sweep.add_argument("--w-cons", type=float, help="consistency weight when it is not the knob (default 3.0)")
-    sweep.add_argument("--shaping", metavar="KEY=VALUE,...", help=SHAPING_HELP)
-    sweep.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    sweep.add_argument("--seeds", default="0,1", help="seeds per prompt (default 0,1)")
-    sweep.add_argument("--prompts-per-set", type=int, default=4,
-                       help="prompts from each of the normal and stylized sets (default 4)")
-    sweep.add_argument("--batch-size", type=int, default=8, help="images per batched forward (default 8)")
+    sweep.add_argument("--mode", help=f"guidance mode whose knob is swept (default {default['mode']})")
+    sweep.add_argument("--values", help="comma-separated knob values (default: six per knob, e.g. w_cons "
+                       f"{','.join(f'{v:g}' for v in DEFAULT_VALUES['w_cons'])})")
+    sweep.add_argument("--w-text", type=float,
+                       help=f"text guidance weight when it is not the knob (default {default['w_text']})")
+    sweep.add_argument("--w-cons", type=float,
+                       help=f"consistency weight when it is not the knob (default {default['w_cons']})")
+    sweep.add_argument("--shaping", metavar="KEY=VALUE,...", help=shaping_help())
+    sweep.add_argument("--steps", type=int, help=f"denoising steps (default {default['steps']})")
+    sweep.add_argument("--seeds", help=f"seeds per prompt (default {','.join(map(str, default['seeds']))})")
+    sweep.add_argument("--prompts-per-set", type=int, help="prompts from each of the normal and stylized sets "
+                       f"(default {default['prompts_per_set']})")
+    sweep.add_argument("--batch-size", type=int,
+                       help=f"images per batched forward (default {default['batch_size']})")
     sweep.add_argument("--height", type=int, help="image height (default: the model's native size)")
     sweep.add_argument("--width", type=int, help="image width (default: the model's native size)")
     sweep.add_argument("--identity-floor", type=float,
@@ -90,22 +97,22 @@ def run(args: argparse.Namespace) -> int:
     if args.model_config and not args.model:
         raise CommandError("--model-config is the config folder of a single-file --model; the toy world's "
                            "model needs none")
-    settings = TuneSettings(mode=args.mode, values=_values(args.values), steps=args.steps, seeds=args.seeds,
-                            prompts_per_set=args.prompts_per_set, batch_size=args.batch_size, height=args.height,
-                            width=args.width, **given(w_text=args.w_text, w_cons=args.w_cons,
-                                                      shaping=shaping_switches(args.shaping)))
+    settings = TuneSettings(values=_values(args.values), height=args.height, width=args.width,
+                            **given(mode=args.mode, steps=args.steps, seeds=args.seeds,
+                                    prompts_per_set=args.prompts_per_set, batch_size=args.batch_size,
+                                    w_text=args.w_text, w_cons=args.w_cons, shaping=shaping_switches(args.shaping)))
     if args.toyworld_subject:
         if (args.device or "cpu") == "cpu":
             from dreamguide.cpu_threads import use_idle_cores
 
             use_idle_cores(args.threads)
-        bench = toyworld_workbench(args.toyworld_subject, args.method, args.prompts_per_set,
+        bench = toyworld_workbench(args.toyworld_subject, args.method, settings.prompts_per_set,
                                    device=args.device or "cpu")
     else:
         if not args.references:
             raise CommandError("--references (a folder of the subject's photos) is needed to score identity")
         bench = model_workbench(args.model, token=args.token, class_word=args.class_word, references=args.references,
-                                lora=args.lora, embeddings=args.embeddings, prompts_per_set=args.prompts_per_set,
+                                lora=args.lora, embeddings=args.embeddings, prompts_per_set=settings.prompts_per_set,
                                 device=args.device, dtype=args.dtype, model_config=args.model_config)
     tune(bench, settings, args.output, identity_floor=args.identity_floor, progress=not args.no_progress)
     return 0
