@@ -144,7 +144,7 @@ class Workbench:
     source: dict
 
 
-def _spread(items: Sequence, n: int) -> list:
+def spread(items: Sequence, n: int) -> list:
     """``n`` items evenly spaced over ``items`` (all of them if there are no more than ``n``)."""
     if n >= len(items):
         return list(items)
@@ -168,7 +168,7 @@ def toyworld_workbench(subject: str = "sks", method: str = "dreambooth", prompts
     evaluators = evaluators or ToyEvaluators.load()
     references = reference_images(found)
     cases = [(name, template.format(f"{token} {found.cls}"), template.format(found.cls))
-             for name in ("normal", "stylized") for template in _spread(PROMPT_SETS[name], prompts_per_set)]
+             for name in ("normal", "stylized") for template in spread(PROMPT_SETS[name], prompts_per_set)]
 
     def score(images, base_prompts):
         pixels = from_pil(images)
@@ -236,7 +236,7 @@ def model_workbench(model: str, *, token: str, class_word: str, references, lora
     sampler = Sampler.from_pretrained(model, lora=lora, embeddings=embeddings, token=token, dtype=dtype,
                                       device=device, model_config=model_config)
     cases = [(name, template.format(f"{token} {class_word}"), template.format(class_word))
-             for name, templates in MODEL_PROMPTS.items() for template in _spread(templates, prompts_per_set)]
+             for name, templates in MODEL_PROMPTS.items() for template in spread(templates, prompts_per_set)]
 
     def score(images, base_prompts):
         rows = scorer.score(images, list(base_prompts), refs)

@@ -205,7 +205,7 @@ def _moves_with_w_cons(mode: str) -> bool:
     """Whether ``mode`` has a consistency term, so w_cons moves it along a curve."""
     from dreamguide.guidance import get_mode
 
-    return get_mode(mode).knob == "w_cons"
+    return get_mode(mode).has_consistency
 
 
 def tradeoff_points(rows: list[dict]) -> list[dict]:

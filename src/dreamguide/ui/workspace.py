@@ -339,7 +339,8 @@ class Workspace:
         default values: ``modes``); a subject other than a toy-world subject's bundled adapter is a
         ``GENERAL`` error giving the ``dreamguide tune`` command to run instead.
         """
-        from dreamguide.tune import PLOT_FILE, TUNED_FILE, DEFAULT_VALUES, TuneSettings, _spread, toyworld_workbench
+        from dreamguide.guidance import get_mode
+        from dreamguide.tune import PLOT_FILE, TUNED_FILE, DEFAULT_VALUES, TuneSettings, spread, toyworld_workbench
         from dreamguide.tune import tune as run_tune
         from dreamguide.ui.forms import sample_settings
 
@@ -355,7 +356,7 @@ class Workspace:
         tuning = found.check("modes", lambda: TuneSettings(
             mode=mode, w_text=settings.w_text, w_cons=settings.w_cons, pr=settings.pr, shaping=settings.shaping,
             steps=settings.steps, seeds=settings.seeds[:1], prompts_per_set=prompts_per_set,
-            values=tuple(values or _spread(DEFAULT_VALUES.get(_knob(mode), ()), TUNE_VALUES))))
+            values=tuple(values or spread(DEFAULT_VALUES.get(get_mode(mode).knob, ()), TUNE_VALUES))))
         found.raise_if_any()
         bench = toyworld_workbench(subject, method, prompts_per_set=prompts_per_set,
                                    device=self.device or "cpu")
@@ -540,12 +541,6 @@ class Workspace:
         self.job = job
         job.start()
         return job
-
-
-def _knob(mode: str) -> str:
-    from dreamguide.guidance import get_mode
-
-    return get_mode(mode).knob
 
 
 def _tune_elsewhere(workspace: Workspace) -> str:
